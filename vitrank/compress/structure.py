@@ -1,0 +1,171 @@
+"""What vitrank can compress: reading a timm ViT's structure into a fingerprint.
+
+The fingerprint (block shapes, token counts, the parameters outside the blocks) is all
+that the cost models need, and it is what a saved configuration is checked against
+before it is applied to a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a timm Vision Transformer that vitrank knows how to compress."""
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    name: str  # module path, e.g. "blocks.3"
+    dim: int  # embedding width d
+    num_heads: int
+    head_dim: int
+    mlp_hidden: int
+    qkv_bias: bool
+    proj_bias: bool
+    fc1_bias: bool
+    fc2_bias: bool
+    qk_norm: bool  # per-head LayerNorm on q and k (rules out head-level factorization)
+    # Parameters of the block that no operator touches (norms, layer scales, qk norms).
+    fixed_params: int
+
+    @property
+    def attn_inner(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    architecture: str  # timm model class (and name when known)
+    num_tokens: int  # tokens entering the first block, prefix tokens included
+    num_prefix_tokens: int  # cls + distillation + register tokens (never merged)
+    patch_dim: int  # in_chans * patch_h * patch_w
+    num_classes: int
+    head_inputs: int  # 1 for a token head, 2 for a distilled model's two heads
+    other_params: int  # parameters outside the blocks (embeddings, final norm, heads)
+    blocks: tuple[BlockShape, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Fingerprint:
+        blocks = tuple(BlockShape(**b) for b in data["blocks"])
+        return cls(**{**data, "blocks": blocks})
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe_difference(self, other: Fingerprint) -> str:
+        """One line naming the first thing that differs, for error messages."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        for key in mine:
+            if key == "blocks":
+                continue
+            if mine[key] != theirs[key]:
+                return f"{key}: {mine[key]!r} != {theirs[key]!r}"
+        if len(self.blocks) != len(other.blocks):
+            return f"number of blocks: {len(self.blocks)} != {len(other.blocks)}"
+        for a, b in zip(self.blocks, other.blocks, strict=True):
+            if a != b:
+                for key, value in asdict(a).items():
+                    if value != getattr(b, key):
+                        return f"{a.name}.{key}: {value!r} != {getattr(b, key)!r}"
+        return "identical"
+
+
+def _count(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters())
+
+
+def _block_shape(name: str, block: nn.Module) -> BlockShape:
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block
+
+    if type(block) is not Block:
+        raise UnsupportedModelError(
+            f"{name} is a {type(block).__name__}; vitrank compresses timm "
+            "vision_transformer.Block blocks (pre-norm attention + MLP)."
+        )
+    attn, mlp = block.attn, block.mlp
+    if type(attn) is not Attention:
+        raise UnsupportedModelError(
+            f"{name}.attn is a {type(attn).__name__}; vitrank supports timm's Attention."
+        )
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear):
+        raise UnsupportedModelError(
+            f"{name}.mlp is a {type(mlp).__name__}; vitrank supports timm's Mlp "
+            "(fc1 -> activation -> fc2), not gated or convolutional MLPs."
+        )
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity) or not isinstance(
+        getattr(mlp, "norm", nn.Identity()), nn.Identity
+    ):
+        raise UnsupportedModelError(
+            f"{name} uses an inner scale norm (attention or MLP), which vitrank does not support."
+        )
+    if getattr(attn, "gate", None) is not None:
+        raise UnsupportedModelError(
+            f"{name}.attn is gated (sigmoid output gate), which vitrank does not support."
+        )
+    dim = attn.qkv.in_features
+    qk_norm = not isinstance(attn.q_norm, nn.Identity)
+    touched = [attn.qkv, attn.proj, mlp.fc1, mlp.fc2]
+    fixed = _count(block) - sum(_count(m) for m in touched)
+    return BlockShape(
+        name=name,
+        dim=dim,
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        mlp_hidden=mlp.fc1.out_features,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        fc1_bias=mlp.fc1.bias is not None,
+        fc2_bias=mlp.fc2.bias is not None,
+        qk_norm=qk_norm,
+        fixed_params=fixed,
+    )
+
+
+def inspect_vit(model: nn.Module, name: str | None = None) -> Fingerprint:
+    """Read a timm VisionTransformer's structure; raise `UnsupportedModelError` otherwise."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    label = name or type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"{label} ({type(model).__name__}) is not a timm VisionTransformer. vitrank "
+            "compresses timm ViTs: vit_*, deit_* (incl. distilled), models with register "
+            "tokens or average pooling, e.g. deit_small_patch16_224."
+        )
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise UnsupportedModelError(f"{label} has no `blocks` sequence of transformer blocks.")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(
+            f"{label} pools with attention (global_pool='map'); vitrank supports 'token' and "
+            "'avg' pooling."
+        )
+    shapes = tuple(_block_shape(f"blocks.{i}", b) for i, b in enumerate(blocks))
+    embed = model.patch_embed
+    proj = embed.proj
+    patch_dim = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    num_patches = embed.num_patches
+    heads = 2 if getattr(model, "head_dist", None) is not None else 1
+    return Fingerprint(
+        architecture=name or type(model).__name__,
+        num_tokens=num_patches + model.num_prefix_tokens,
+        num_prefix_tokens=model.num_prefix_tokens,
+        patch_dim=patch_dim,
+        num_classes=model.num_classes,
+        head_inputs=heads,
+        other_params=_count(model) - _count(blocks),
+        blocks=shapes,
+    )
