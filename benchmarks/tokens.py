@@ -1,0 +1,234 @@
+"""Token merging: FLOPs, measured CPU throughput and (on digits) accuracy per schedule.
+
+For the digits teacher and a random-weight deit_small_patch16_224 at 224 px, each merge
+schedule (per-block merge ratios; constant and decreasing) is applied with dense
+attention and MLP, and compared with its teacher in the same run: FLOPs at batch 1
+(torch's FlopCounterMode on the real models), throughput at batch 1 and 32 (median of
+repeated runs after warm-up, teacher and merged model timed alternately so both see the
+same machine load, torch threads fixed) and, on digits, validation accuracy.
+
+    python benchmarks/tokens.py                 # writes benchmarks/results/tokens.json
+    python benchmarks/tokens.py --quick         # fewer repeats, to check it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitrank.compress.apply import apply_specs
+from vitrank.compress.spec import BlockSpec, token_schedule
+from vitrank.compress.structure import inspect_vit
+
+RESULTS = Path(__file__).parent / "results" / "tokens.json"
+
+
+def _decreasing(top: float, depth: int) -> list[float]:
+    """Ratios falling linearly from ``top`` in the first block towards 0 after the last."""
+    return [round(top * (1 - i / depth), 4) for i in range(depth)]
+
+
+def schedules(depth: int, digits: bool) -> dict[str, list[float]]:
+    if digits:  # 16 patch tokens: ratios that merge whole tokens
+        return {
+            "constant-0.125": [0.125] * depth,
+            "constant-0.25": [0.25] * depth,
+            "decreasing-0.5": _decreasing(0.5, depth),
+            "first-block-0.5": [0.5] + [0.0] * (depth - 1),
+        }
+    return {
+        "constant-0.05": [0.05] * depth,
+        "constant-0.09": [0.09] * depth,
+        "constant-0.15": [0.15] * depth,
+        "decreasing-0.12": _decreasing(0.12, depth),
+        "decreasing-0.25": _decreasing(0.25, depth),
+    }
+
+
+def count_flops(model: nn.Module, images: torch.Tensor) -> int:
+    # The fused CPU attention kernel is invisible to FlopCounterMode; the math path runs
+    # the same attention as matmuls that it counts.
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            model(images)
+    return counter.get_total_flops()
+
+
+def _seconds(model: nn.Module, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(images)
+    return time.perf_counter() - start
+
+
+def paired_throughput(
+    teacher: nn.Module, merged: nn.Module, images: torch.Tensor, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Images per second of both models, timed alternately; the ratio is merged / teacher."""
+    times: dict[str, list[float]] = {"teacher": [], "merged": []}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            teacher(images)
+            merged(images)
+        for repeat in range(repeats):
+            # Alternate who goes first so neither always runs on a warmer cache.
+            order = ("teacher", "merged") if repeat % 2 == 0 else ("merged", "teacher")
+            for name in order:
+                times[name].append(_seconds(teacher if name == "teacher" else merged, images))
+    batch = images.shape[0]
+    teacher_ips = batch / statistics.median(times["teacher"])
+    merged_ips = batch / statistics.median(times["merged"])
+    return {
+        "teacher_images_per_s": round(teacher_ips, 2),
+        "merged_images_per_s": round(merged_ips, 2),
+        "ratio": round(merged_ips / teacher_ips, 3),
+    }
+
+
+def run_model(
+    name: str,
+    teacher: nn.Module,
+    input_size: tuple[int, int, int],
+    ratios_by_schedule: dict[str, list[float]],
+    repeats: dict[int, int],
+    val=None,
+) -> dict:
+    from evaluators.accuracy import evaluate_accuracy
+
+    fingerprint = inspect_vit(teacher)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {batch: torch.randn(batch, *input_size, generator=generator) for batch in repeats}
+    teacher_flops = count_flops(teacher, inputs[1][:1])
+    result: dict = {
+        "model": name,
+        "input_size": list(input_size),
+        "tokens": fingerprint.num_tokens,
+        "num_prefix_tokens": fingerprint.num_prefix_tokens,
+        "teacher_flops": teacher_flops,
+        "schedules": {},
+    }
+    if val is not None:
+        result["teacher_accuracy"] = round(evaluate_accuracy(teacher, val, progress=False), 4)
+    for schedule, ratios in ratios_by_schedule.items():
+        merged = apply_specs(teacher, [BlockSpec(merge_ratio=r) for r in ratios], None).eval()
+        flops = count_flops(merged, inputs[1][:1])
+        row: dict = {
+            "merge_ratios": ratios,
+            "tokens_per_block": token_schedule(
+                ratios, fingerprint.num_tokens, fingerprint.num_prefix_tokens
+            ),
+            "flops": flops,
+            "flops_ratio": round(flops / teacher_flops, 4),
+        }
+        for batch, count in repeats.items():
+            warmup = 3 if batch == 1 else 1
+            row[f"throughput_batch{batch}"] = paired_throughput(
+                teacher, merged, inputs[batch], warmup, count
+            )
+        if val is not None:
+            row["accuracy"] = round(evaluate_accuracy(merged, val, progress=False), 4)
+        result["schedules"][schedule] = row
+        _print_row(name, schedule, row)
+    return result
+
+
+def _print_row(model: str, schedule: str, row: dict) -> None:
+    parts = [f"{model:>14} {schedule:>16}  FLOPs x{row['flops_ratio']:.3f}"]
+    for key, value in row.items():
+        if key.startswith("throughput_batch"):
+            parts.append(f"b{key.removeprefix('throughput_batch')} x{value['ratio']:.2f}")
+    if "accuracy" in row:
+        parts.append(f"acc {row['accuracy']:.4f}")
+    print("  ".join(parts), flush=True)
+
+
+def machine(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    parser.add_argument("--repeats-batch1", type=int, default=30)
+    parser.add_argument("--repeats-batch32", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="3 repeats each; not for figures")
+    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    repeats = {1: args.repeats_batch1, 32: args.repeats_batch32}
+    if args.quick:
+        repeats = {1: 3, 32: 3}
+    report: dict = {
+        "machine": machine(torch.get_num_threads()),
+        "repeats": repeats,
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "models": [],
+    }
+
+    if not args.skip_digits:
+        from vitrank import load_workload
+
+        workload = load_workload("digits-vit")
+        depth = len(workload.model.blocks)
+        report["models"].append(
+            run_model(
+                "digits-vit",
+                workload.model,
+                workload.input_size,
+                schedules(depth, digits=True),
+                repeats,
+                val=workload.val,
+            )
+        )
+
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    report["models"].append(
+        run_model(
+            "deit_small_patch16_224 (random weights)",
+            deit,
+            (3, 224, 224),
+            schedules(len(deit.blocks), digits=False),
+            repeats,
+        )
+    )
+    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Top-1 accuracy of a classifier on a whole split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
+
+# Show a progress bar on its own only when the split is long enough to wait for.
+_AUTO_PROGRESS_BATCHES = 50
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> float:
+    """Top-1 accuracy of `model` over every (image, label) of `data`, in [0, 1].
+
+    `data` is a dataset of (image, label) pairs or a loader of batches. The model runs
+    in eval mode under `torch.inference_mode` on `device` and is left in the mode it had;
+    `progress=None` shows a bar only for long splits.
+    """
+    loader = as_loader(data, batch_size)
+    total_batches = num_batches(loader)
+    if progress is None:
+        progress = total_batches is not None and total_batches > _AUTO_PROGRESS_BATCHES
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    try:
+        with torch.inference_mode(), progress_bar("accuracy", total_batches, progress) as advance:
+            for batch in loader:
+                images, labels = images_and_labels(batch)
+                logits = model(images.to(device))
+                correct += int((logits.argmax(-1).cpu() == labels).sum())
+                seen += labels.numel()
+                advance()
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("accuracy needs at least one labelled image, but the data is empty.")
+    return correct / seen

@@ -1,0 +1,242 @@
+"""Knowledge-distillation fine-tuning of a compressed model from its teacher.
+
+The loss is alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) plus
+(1 - alpha) * cross-entropy with the labels (Hinton et al. 2015; the T^2 keeps the soft
+term's gradients on the scale of the hard one). AdamW, linear warm-up then cosine decay
+per step, top-1 on the validation split after every epoch, the best epoch's weights
+restored at the end. Runs plain or inside a Ray Tune trial (`finetune_trainable`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
+from evaluators.accuracy import evaluate_accuracy
+
+
+@dataclass
+class FinetuneResult:
+    best_accuracy: float  # validation top-1 of the weights left in the model
+    best_epoch: int  # 0 when no epoch beat the model as it came in
+    initial_accuracy: float  # validation top-1 before fine-tuning
+    # One dict per epoch (epoch 0 = before training): epoch, train_loss, val_accuracy, lr, seconds.
+    history: list[dict[str, float]] = field(default_factory=list)
+    state_dict: dict[str, Tensor] = field(default_factory=dict)  # best weights, on the CPU
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    alpha: float,
+) -> Tensor:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)."""
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor per step: linear 0 -> 1 over the warm-up, then cosine 1 -> 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def finetune(
+    student: nn.Module,
+    teacher: nn.Module,
+    train: Dataset | DataLoader | Iterable,
+    val: Dataset | DataLoader | Iterable,
+    epochs: int = 3,
+    lr: float = 5e-4,
+    weight_decay: float = 0.05,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+    batch_size: int = 64,
+    warmup: float = 0.1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    report: Callable[[dict[str, float]], None] | None = None,
+) -> FinetuneResult:
+    """Distil `teacher` into `student` in place; the best epoch's weights are left in it.
+
+    `alpha` weighs the soft (distillation) term, `warmup` is the fraction of all steps
+    spent warming the learning rate up. `report(metrics)` is called after every epoch
+    (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call gives the same
+    weights. The global random state is left as it was.
+    """
+    if epochs < 1:
+        raise ValueError(f"`epochs >= 1` must hold, but got {epochs=}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`0 <= alpha <= 1` must hold, but got {alpha=}.")
+    if temperature <= 0:
+        raise ValueError(f"`temperature > 0` must hold, but got {temperature=}.")
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"`0 <= warmup < 1` must hold, but got {warmup=}.")
+    device = torch.device(device)
+    student_home, teacher_home = _device_of(student), _device_of(teacher)
+    teacher_was_training = teacher.training
+    train_loader = as_loader(train, batch_size, shuffle=True, seed=seed)
+    val_loader = as_loader(val, batch_size)
+    steps_per_epoch = num_batches(train_loader)
+    if steps_per_epoch is None:
+        raise ValueError("fine-tuning needs a sized training set or loader (len() must work).")
+    total_steps = epochs * steps_per_epoch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        student.to(device)
+        teacher.to(device).eval()
+        parameters = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, max(1, round(warmup * total_steps)))
+        )
+
+        def evaluate() -> float:
+            return evaluate_accuracy(student, val_loader, batch_size, device, progress=False)
+
+        initial = evaluate()
+        best_accuracy, best_epoch, best_state = initial, 0, _cpu_state(student)
+        history = [dict(epoch=0, train_loss=math.nan, val_accuracy=initial, lr=0.0, seconds=0.0)]
+        try:
+            with progress_bar("fine-tune", total_steps, progress) as advance:
+                for epoch in range(1, epochs + 1):
+                    start = time.perf_counter()
+                    student.train()
+                    loss_sum, seen = 0.0, 0
+                    for batch in train_loader:
+                        images, labels = images_and_labels(batch)
+                        images, labels = images.to(device), labels.to(device)
+                        with torch.no_grad():
+                            teacher_logits = teacher(images)
+                        loss = distillation_loss(
+                            student(images), teacher_logits, labels, temperature, alpha
+                        )
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        schedule.step()
+                        value = loss.item()
+                        loss_sum += value * labels.numel()
+                        seen += labels.numel()
+                        advance(description=f"fine-tune epoch {epoch}/{epochs} loss {value:.4f}")
+                    accuracy = evaluate()
+                    if accuracy > best_accuracy:
+                        best_accuracy, best_epoch = accuracy, epoch
+                        best_state = _cpu_state(student)
+                    metrics = dict(
+                        epoch=epoch,
+                        train_loss=loss_sum / max(seen, 1),
+                        val_accuracy=accuracy,
+                        lr=optimizer.param_groups[0]["lr"],
+                        seconds=time.perf_counter() - start,
+                    )
+                    history.append(metrics)
+                    if report is not None:
+                        report({**metrics, "best_accuracy": best_accuracy})
+        finally:
+            student.eval()
+            teacher.to(teacher_home).train(teacher_was_training)
+        student.load_state_dict(best_state)
+        student.to(student_home)
+    return FinetuneResult(
+        best_accuracy=best_accuracy,
+        best_epoch=best_epoch,
+        initial_accuracy=initial,
+        history=history,
+        state_dict=best_state,
+    )
+
+
+def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
+    """A Ray Tune function trainable: fine-tune one saved compressed model, report per epoch.
+
+    Everything is loaded from plain values in `config`, so the function pickles by name:
+    `student_dir` (a model saved by `vitrank.save`, required), `workload` / `model` /
+    `data` (the teacher and data, as `vitrank.load_workload` takes them), optional
+    `output_dir` (the fine-tuned model is saved there with its final metrics), and any
+    `finetune` keyword (`epochs`, `lr`, `temperature`, `alpha`, `batch_size`, `seed`,
+    `device`, ...). Outside a Tune session the metrics are only returned.
+    """
+    import vitrank
+    from vitrank import api
+
+    config = dict(config)
+    student_dir = config.pop("student_dir", None)
+    if student_dir is None:
+        raise ValueError("`finetune_trainable` needs config['student_dir'], a saved model dir.")
+    output_dir = config.pop("output_dir", None)
+    workload = vitrank.load_workload(
+        config.pop("workload", "digits-vit"),
+        model=config.pop("model", None),
+        data=config.pop("data", None),
+        pretrained=config.pop("pretrained", False),
+    )
+    loaded = api.load(student_dir)
+    student = loaded[0] if isinstance(loaded, tuple) else loaded
+    config.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    config.setdefault("progress", False)
+    result = finetune(
+        student, workload.model, workload.train, workload.val, report=_tune_report(), **config
+    )
+    final = {
+        "best_accuracy": result.best_accuracy,
+        "best_epoch": float(result.best_epoch),
+        "initial_accuracy": result.initial_accuracy,
+    }
+    if output_dir is not None:
+        api.save(student, Path(output_dir))
+    return final
+
+
+def _tune_report() -> Callable[[dict[str, float]], None] | None:
+    """`ray.tune.report` inside a Tune session, else None."""
+    try:
+        from ray import tune
+        from ray.tune import get_context
+    except ImportError:
+        return None
+    # Outside a session the trial id is None (with a warning that says so; not needed here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if get_context().get_trial_id() is None:
+                return None
+        except RuntimeError:
+            return None
+    return lambda metrics: tune.report(dict(metrics))

@@ -1,0 +1,544 @@
+"""Proxies: how good a candidate compression is, without fine-tuning it.
+
+Two proxies, looked up by name (`create_proxy("spectral", inputs)`):
+
+- ``spectral``: Σ_l w_l · f_l, where f_l is the fraction of layer l's output energy a
+  candidate throws away, read from the factor cache's closed-form errors (low rank and
+  head-level ranks), from the calibration importance of pruned units, or from the share of
+  tokens merged. No forward pass: a score is a few list look-ups per block.
+- ``logits``: the candidate is built from the cached factors (slices, no SVD) and run on a
+  fixed held-out batch; KL(teacher ‖ candidate), top-1 agreement with the teacher and
+  accuracy. The teacher's logits and its activations entering every block are computed
+  once, so a candidate runs only from its first compressed block on.
+
+The spectral proxy's weights w_l come from `measure_sensitivity`: the logit KL when only
+term l is compressed at a reference level, divided by that level's fraction f_l, so that
+Σ_l w_l · f_l is a first-order estimate of the candidate's KL.
+
+Term keys (the keys of a sensitivity dict), per block i: the factor cache's layer keys
+"blocks.{i}.attn.qkv", ".attn.proj", ".attn.qk", ".attn.vo", ".mlp.fc1", ".mlp.fc2", plus
+"blocks.{i}.attn.heads" (head pruning), "blocks.{i}.mlp.hidden" (hidden-unit pruning) and
+"blocks.{i}.merge" (token merging).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
+from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+
+if TYPE_CHECKING:
+    from spaces import CompressionConfig
+    from vitrank.compress.factorize import FactorCache
+    from vitrank.compress.stats import CalibrationStats
+
+
+@dataclass
+class ProxyInputs:
+    """Everything a proxy may need; each proxy takes what it uses."""
+
+    teacher: nn.Module
+    factors: FactorCache
+    stats: CalibrationStats | None = None
+    heldout_images: Tensor | None = None  # a fixed batch the calibration did not see
+    heldout_labels: Tensor | None = None
+    sensitivity: dict[str, float] | None = None  # spectral weights per term key
+
+
+class Proxy(abc.ABC):
+    """A cheap estimate of a candidate's quality; `metric` names the value to minimise."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def from_inputs(cls, inputs: ProxyInputs) -> Proxy:
+        """Build the proxy from the shared inputs (what `create_proxy` calls)."""
+
+    @abc.abstractmethod
+    def evaluate(self, config: CompressionConfig) -> dict[str, float]:
+        """Scores of one candidate; holds at least `metric`."""
+
+    def score(self, config: CompressionConfig) -> float:
+        return self.evaluate(config)[self.metric]
+
+
+PROXIES: dict[str, type[Proxy]] = {}
+
+
+def register_proxy(cls: type[Proxy]) -> type[Proxy]:
+    PROXIES[cls.name] = cls
+    return cls
+
+
+def proxy_names() -> tuple[str, ...]:
+    return tuple(sorted(PROXIES))
+
+
+def get_proxy(name: str) -> type[Proxy]:
+    if name not in PROXIES:
+        raise ValueError(f"Unknown proxy {name!r}; known proxies: {', '.join(proxy_names())}.")
+    return PROXIES[name]
+
+
+def create_proxy(name: str, inputs: ProxyInputs) -> Proxy:
+    """The proxy registered as `name`, built from `inputs`."""
+    return get_proxy(name).from_inputs(inputs)
+
+
+def _check_factor_kind(config: CompressionConfig, factors: FactorCache) -> None:
+    kind = "whitened" if factors.whitening else "plain"
+    if config.svd != kind:
+        raise ValueError(
+            f"The config asks for svd={config.svd!r} factors, but the factor cache holds "
+            f"{kind!r} ones; build the cache with whitening={config.svd == 'whitened'}."
+        )
+
+
+# -- spectral ---------------------------------------------------------------------------
+
+
+def _weighted(fractions: Iterable[float], weight: float) -> list[float]:
+    return [weight * f for f in fractions]
+
+
+def _rank_fractions(factors: FactorCache, key: str, zero_is_dense: bool) -> list[float]:
+    """f[r] = discarded / total output energy at rank r (r = 0..max_rank)."""
+    errors = factors.errors(key).double()
+    energy = float(errors[0])
+    fractions = (errors / energy).tolist() if energy > 0 else [0.0] * len(errors)
+    if zero_is_dense:
+        fractions[0] = 0.0  # lowrank rank 0 keeps the Linear dense
+    return fractions
+
+
+def _pruned_fractions(scores: Tensor) -> list[float]:
+    """f[k] = share of the squared importance removed when the top k units are kept.
+
+    Squared, so that like the spectral terms it is a share of output energy.
+    """
+    mass = scores.double().square().sort(descending=True).values
+    kept = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
+    total = float(kept[-1])
+    if total <= 0:
+        return [0.0] * len(kept)
+    return (1.0 - kept / total).clamp_min(0.0).tolist()
+
+
+@dataclass
+class _BlockTables:
+    # Weighted fractions indexed by rank / kept count; None where the op is unavailable.
+    qkv: list[float]
+    proj: list[float]
+    qk: list[float] | None
+    vo: list[float]
+    fc1: list[float]
+    fc2: list[float]
+    heads: list[float] | None
+    hidden: list[float] | None
+    merge: float
+
+
+@register_proxy
+class SpectralProxy(Proxy):
+    """Σ_l w_l · (discarded energy_l / total energy_l); no forward pass.
+
+    Per block: low-rank Linears and head-level products use the factor cache's
+    closed-form errors at the chosen rank; pruning uses the share of the squared
+    calibration importance (`prune.mlp_unit_scores` / `prune.head_scores`) that is removed,
+    which needs `teacher` and `stats`; token merging uses the share of the block's
+    mergeable tokens merged away. `sensitivity` maps term keys to w_l (missing keys and
+    `sensitivity=None` weigh 1). Every table is precomputed, so `evaluate` is a few list
+    look-ups per block.
+    """
+
+    name = "spectral"
+    metric = "spectral"
+
+    def __init__(
+        self,
+        factors: FactorCache,
+        sensitivity: dict[str, float] | None = None,
+        *,
+        teacher: nn.Module | None = None,
+        stats: CalibrationStats | None = None,
+    ) -> None:
+        self.factors = factors
+        self.sensitivity = dict(sensitivity or {})
+        shapes = inspect_vit(teacher).blocks if teacher is not None else None
+        with torch.no_grad():
+            self._tables = [
+                self._block_tables(i, teacher, shapes[i] if shapes else None, stats)
+                for i in range(factors.num_blocks)
+            ]
+
+    def _weight(self, index: int, term: str) -> float:
+        return float(self.sensitivity.get(f"blocks.{index}.{term}", 1.0))
+
+    def _block_tables(
+        self,
+        i: int,
+        teacher: nn.Module | None,
+        shape: BlockShape | None,
+        stats: CalibrationStats | None,
+    ) -> _BlockTables:
+        def ranks(name: str, dense_at_zero: bool) -> list[float]:
+            fractions = _rank_fractions(self.factors, f"blocks.{i}.{name}", dense_at_zero)
+            return _weighted(fractions, self._weight(i, name))
+
+        heads = hidden = None
+        if teacher is not None and shape is not None and stats is not None:
+            from vitrank.compress.prune import head_scores, mlp_unit_scores
+
+            block = teacher.blocks[i]
+            head = head_scores(
+                block.attn.proj.weight, stats.head_abs_mean[i], shape.num_heads, shape.head_dim
+            )
+            unit = mlp_unit_scores(block.mlp.fc2.weight, stats.hidden_abs_mean[i])
+            heads = _weighted(_pruned_fractions(head), self._weight(i, "attn.heads"))
+            hidden = _weighted(_pruned_fractions(unit), self._weight(i, "mlp.hidden"))
+        return _BlockTables(
+            qkv=ranks("attn.qkv", True),
+            proj=ranks("attn.proj", True),
+            qk=None if i in self.factors.qk_norm_blocks else ranks("attn.qk", False),
+            vo=ranks("attn.vo", False),
+            fc1=ranks("mlp.fc1", True),
+            fc2=ranks("mlp.fc2", True),
+            heads=heads,
+            hidden=hidden,
+            merge=self._weight(i, "merge"),
+        )
+
+    @classmethod
+    def from_inputs(cls, inputs: ProxyInputs) -> SpectralProxy:
+        sensitivity = inputs.sensitivity
+        if sensitivity is None and inputs.heldout_images is not None:
+            sensitivity = measure_sensitivity(
+                inputs.teacher, inputs.factors, inputs.stats, inputs.heldout_images
+            )
+        return cls(inputs.factors, sensitivity, teacher=inputs.teacher, stats=inputs.stats)
+
+    def evaluate(self, config: CompressionConfig) -> dict[str, float]:
+        _check_factor_kind(config, self.factors)
+        return {"spectral": self.score_specs(config.blocks, config.fingerprint)}
+
+    def score(self, config: CompressionConfig) -> float:
+        _check_factor_kind(config, self.factors)
+        return self.score_specs(config.blocks, config.fingerprint)
+
+    def score_specs(self, specs: Sequence[BlockSpec], fingerprint: Fingerprint) -> float:
+        """The score of per-block specs (what `evaluate` computes for a config)."""
+        if len(specs) != len(self._tables):
+            raise ValueError(
+                f"`len(blocks) == {len(self._tables)}` (blocks in the factor cache) must hold, "
+                f"but got {len(specs)}."
+            )
+        prefix = fingerprint.num_prefix_tokens
+        tokens = fingerprint.num_tokens
+        total = 0.0
+        for i, spec in enumerate(specs):
+            tables = self._tables[i]
+            attn, mlp = spec.attn, spec.mlp
+            op = attn.op
+            if op == "lowrank":
+                total += tables.qkv[attn.qkv_rank] + tables.proj[attn.proj_rank]
+            elif op == "heads":
+                if tables.qk is None:
+                    raise ValueError(f"blocks.{i}: head-level factorization is off (qk_norm).")
+                total += tables.qk[attn.qk_rank] + tables.vo[attn.vo_rank]
+            elif op == "prune":
+                total += self._pruning(tables.heads, i)[attn.heads_kept]
+            op = mlp.op
+            if op == "lowrank":
+                total += tables.fc1[mlp.fc1_rank] + tables.fc2[mlp.fc2_rank]
+            elif op == "prune":
+                total += self._pruning(tables.hidden, i)[mlp.hidden_kept]
+            if spec.merge_ratio:
+                merged = merge_count(spec.merge_ratio, tokens, prefix)
+                if merged:
+                    total += tables.merge * merged / (tokens - prefix)
+                    tokens -= merged
+        return total
+
+    @staticmethod
+    def _pruning(table: list[float] | None, index: int) -> list[float]:
+        if table is None:
+            raise ValueError(
+                f"blocks.{index}: the spectral proxy scores pruning by calibration importance, "
+                "so `teacher` and `stats` must be given to SpectralProxy."
+            )
+        return table
+
+
+# -- logits -----------------------------------------------------------------------------
+
+
+def _embed(model: nn.Module, images: Tensor) -> Tensor:
+    """Tokens entering the first block: timm VisionTransformer.forward_features up to blocks."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+def _head(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Logits from the last block's tokens: the rest of timm's forward."""
+    return model.forward_head(model.norm(tokens))
+
+
+@register_proxy
+class LogitsProxy(Proxy):
+    """KL(teacher ‖ candidate), top-1 agreement and accuracy on a fixed held-out batch.
+
+    The candidate is `apply_specs(teacher, config.blocks, factors, stats)` (factor slices,
+    no SVD). Blocks before the first compressed one are the teacher's, so the run starts
+    from the teacher's cached activations there (kept for every block while they fit in
+    `cache_bytes`). `heldout_labels=None` leaves accuracy out.
+    """
+
+    name = "logits"
+    metric = "kl"
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        factors: FactorCache | None,
+        stats: CalibrationStats | None,
+        heldout_images: Tensor,
+        heldout_labels: Tensor | None = None,
+        batch_size: int = 256,
+        cache_bytes: int = 512 * 2**20,
+    ) -> None:
+        if len(heldout_images) == 0:
+            raise ValueError("The logits proxy needs at least one held-out image, but got none.")
+        if heldout_labels is not None and len(heldout_labels) != len(heldout_images):
+            raise ValueError(
+                f"one label per held-out image is needed, but got {len(heldout_labels)} labels "
+                f"for {len(heldout_images)} images."
+            )
+        self.teacher = teacher.eval()
+        self.factors = factors
+        self.stats = stats
+        self.batch_size = batch_size
+        self.fingerprint = inspect_vit(teacher)
+        parameter = next(teacher.parameters())
+        images = heldout_images.to(device=parameter.device, dtype=parameter.dtype)
+        self._chunks = list(images.split(batch_size))
+        self.labels = None if heldout_labels is None else heldout_labels.to(parameter.device)
+        depth = len(self.fingerprint.blocks)
+        # states[k][c]: chunk c's tokens entering block k (k = depth: leaving the last block).
+        self._states: list[list[Tensor]] = []
+        logits = []
+        with torch.inference_mode():
+            for chunk in self._chunks:
+                x = _embed(teacher, chunk)
+                for k in range(depth + 1):
+                    if k == len(self._states):
+                        self._states.append([])
+                    self._states[k].append(x)
+                    if k < depth:
+                        x = teacher.blocks[k](x)
+                logits.append(_head(teacher, x))
+            self.teacher_log_probs = F.log_softmax(torch.cat(logits), dim=-1)
+            self.teacher_top1 = self.teacher_log_probs.argmax(-1)
+        per_state = sum(t.numel() * t.element_size() for t in self._states[0])
+        keep = max(1, min(depth + 1, cache_bytes // max(per_state, 1)))
+        # Beyond the budget only block 0's input is kept (the run then starts there).
+        self._cached = [k < keep for k in range(depth + 1)]
+        for k in range(keep, depth + 1):
+            self._states[k] = []
+
+    @classmethod
+    def from_inputs(cls, inputs: ProxyInputs) -> LogitsProxy:
+        if inputs.heldout_images is None:
+            raise ValueError("The logits proxy needs `heldout_images`, but got None.")
+        return cls(
+            inputs.teacher, inputs.factors, inputs.stats, inputs.heldout_images,
+            inputs.heldout_labels,
+        )  # fmt: skip
+
+    def evaluate(self, config: CompressionConfig) -> dict[str, float]:
+        if config.fingerprint is not self.fingerprint and config.fingerprint != self.fingerprint:
+            config.check_compatible(self.fingerprint)
+        if self.factors is not None:
+            _check_factor_kind(config, self.factors)
+        return self.evaluate_specs(config.blocks)
+
+    def build(self, specs: Sequence[BlockSpec]) -> nn.Module:
+        """The candidate model (a new model; the teacher is untouched)."""
+        from vitrank.compress.apply import apply_specs
+
+        return apply_specs(self.teacher, specs, self.factors, self.stats)
+
+    def evaluate_specs(self, specs: Sequence[BlockSpec]) -> dict[str, float]:
+        """KL, agreement (and accuracy) of the candidate built from per-block specs."""
+        specs = tuple(specs)
+        first = next((i for i, s in enumerate(specs) if not s.is_dense), len(specs))
+        start = max(k for k in range(first + 1) if self._cached[k])
+        with torch.inference_mode():
+            if start == len(specs):  # nothing compressed: the teacher itself
+                log_probs = self.teacher_log_probs
+            else:
+                candidate = self.build(specs)
+                log_probs = torch.cat(
+                    [
+                        F.log_softmax(self._run(candidate, start, x), dim=-1)
+                        for x in self._states[start]
+                    ]
+                )
+            teacher = self.teacher_log_probs
+            kl = (teacher.exp() * (teacher - log_probs)).sum(-1).mean()
+            top1 = log_probs.argmax(-1)
+            result = {
+                "kl": max(float(kl), 0.0),
+                "agreement": float((top1 == self.teacher_top1).double().mean()),
+            }
+            if self.labels is not None:
+                result["accuracy"] = float((top1 == self.labels).double().mean())
+        return result
+
+    @staticmethod
+    def _run(candidate: nn.Module, start: int, x: Tensor) -> Tensor:
+        size = None  # no token is merged before the first compressed block
+        for block in candidate.blocks[start:]:
+            x, size, _ = block(x, size, None)
+        return _head(candidate, x)
+
+
+# -- sensitivity ------------------------------------------------------------------------
+
+
+def _reference_terms(
+    teacher: nn.Module,
+    factors: FactorCache,
+    stats: CalibrationStats | None,
+    reference: float,
+    merge_ratio: float,
+) -> list[tuple[str, int, BlockSpec]]:
+    """(term key, block index, the block's spec compressing only that term)."""
+    shapes = inspect_vit(teacher).blocks
+    terms = []
+
+    def rank(key: str) -> int:
+        return max(1, round(reference * factors.max_rank(key)))
+
+    for i, shape in enumerate(shapes):
+        key = f"blocks.{i}"
+        dh = shape.head_dim
+        parts: list[tuple[str, AttentionSpec | MlpSpec | float]] = [
+            ("attn.qkv", AttentionSpec("lowrank", qkv_rank=rank(f"{key}.attn.qkv"))),
+            ("attn.proj", AttentionSpec("lowrank", proj_rank=rank(f"{key}.attn.proj"))),
+            ("attn.vo", AttentionSpec("heads", qk_rank=dh, vo_rank=rank(f"{key}.attn.vo"))),
+            ("mlp.fc1", MlpSpec("lowrank", fc1_rank=rank(f"{key}.mlp.fc1"))),
+            ("mlp.fc2", MlpSpec("lowrank", fc2_rank=rank(f"{key}.mlp.fc2"))),
+            ("merge", merge_ratio),
+        ]
+        if i not in factors.qk_norm_blocks:
+            parts.append(
+                ("attn.qk", AttentionSpec("heads", qk_rank=rank(f"{key}.attn.qk"), vo_rank=dh))
+            )
+        if stats is not None:
+            kept_heads = min(shape.num_heads - 1, max(1, round(reference * shape.num_heads)))
+            kept_hidden = min(shape.mlp_hidden - 1, max(1, round(reference * shape.mlp_hidden)))
+            if shape.num_heads > 1:
+                parts.append(("attn.heads", AttentionSpec("prune", heads_kept=kept_heads)))
+            parts.append(("mlp.hidden", MlpSpec("prune", hidden_kept=kept_hidden)))
+        for term, part in parts:
+            if isinstance(part, AttentionSpec):
+                spec = BlockSpec(attn=part)
+            elif isinstance(part, MlpSpec):
+                spec = BlockSpec(mlp=part)
+            else:
+                spec = BlockSpec(merge_ratio=part)
+            terms.append((f"{key}.{term}", i, spec))
+    return terms
+
+
+def measure_sensitivity(
+    teacher: nn.Module,
+    factors: FactorCache,
+    stats: CalibrationStats | None,
+    images: Tensor,
+    *,
+    reference: float = 0.5,
+    merge_ratio: float = 0.25,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Per-term weight w_l = KL(teacher ‖ only l compressed) / f_l at a reference level.
+
+    Each term is compressed alone at `reference` of its full rank (or of its heads or
+    hidden units when pruned; tokens merged at `merge_ratio`) and the KL is measured on
+    `images` (not the calibration images). f_l is the spectral fraction at that level,
+    so w_l · f_l reproduces the measured KL there. Pruning terms need `stats`.
+    """
+    if not 0.0 < reference < 1.0:
+        raise ValueError(f"`0 < reference < 1` must hold, but got {reference=}.")
+    fingerprint = inspect_vit(teacher)
+    depth = len(fingerprint.blocks)
+    logits = LogitsProxy(teacher, factors, stats, images, batch_size=batch_size)
+    unit = SpectralProxy(factors, None, teacher=teacher, stats=stats)
+    sensitivity = {}
+    for term, index, spec in _reference_terms(teacher, factors, stats, reference, merge_ratio):
+        specs = [BlockSpec()] * depth
+        specs[index] = spec
+        fraction = unit.score_specs(specs, fingerprint)
+        if fraction <= 1e-12:  # nothing discarded at the reference (e.g. no token merged)
+            continue
+        kl = logits.evaluate_specs(specs)["kl"]
+        sensitivity[term] = kl / fraction
+    return sensitivity
+
+
+# -- held-out data ----------------------------------------------------------------------
+
+
+def heldout_batch(workload: Any, size: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A fixed batch of training images that calibration did not use: (images, labels).
+
+    `workload.calib` must be a `Subset` of `workload.train` (as `load_workload` makes it);
+    the batch is a seeded random choice of the remaining training images.
+    """
+    from torch.utils.data import Subset
+
+    train, calib = workload.train, workload.calib
+    if not isinstance(calib, Subset) or calib.dataset is not train:
+        raise ValueError("`workload.calib` must be a Subset of `workload.train`.")
+    excluded = set(int(i) for i in calib.indices)
+    remaining = np.array([i for i in range(len(train)) if i not in excluded])
+    if len(remaining) == 0:
+        raise ValueError(
+            f"every one of the {len(train)} training images is a calibration image; use a "
+            "smaller calib_size to leave held-out images for the proxy."
+        )
+    chosen = np.sort(
+        np.random.default_rng(seed).permutation(remaining)[: min(size, len(remaining))]
+    )
+    items = [train[int(i)] for i in chosen]
+    images = torch.stack([torch.as_tensor(image) for image, _ in items])
+    labels = torch.as_tensor([int(label) for _, label in items])
+    return images, labels
+
+
+__all__ = [
+    "PROXIES",
+    "LogitsProxy",
+    "Proxy",
+    "ProxyInputs",
+    "SpectralProxy",
+    "create_proxy",
+    "get_proxy",
+    "heldout_batch",
+    "measure_sensitivity",
+    "proxy_names",
+    "register_proxy",
+]

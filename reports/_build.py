@@ -1,0 +1,340 @@
+"""`build(run_dir)`: report.html, summary.md and the trials tables of one run; `compare(...)`."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from . import _data, _figures
+from ._run import RunData, load_run, winners_table
+
+
+class ReportPaths(NamedTuple):
+    html: Path
+    summary: Path
+    parquet: Path
+    csv: Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    from search._rundir import atomic_write_text
+
+    atomic_write_text(path, text)
+
+
+def objectives(run: RunData) -> tuple[str, str]:
+    """The run's (score, cost) objectives: pareto.json's, else run.yaml's budget kind."""
+    named = run.pareto.get("objectives")
+    if isinstance(named, (list, tuple)) and len(named) == 2:
+        return str(named[0]), str(named[1])
+    if run.settings.get("budget_latency") is not None:
+        return "proxy", "latency_ms"
+    return "proxy", "params"
+
+
+def _fingerprint(run: RunData) -> Any:
+    for winner in run.winners:
+        if winner.config is not None:
+            return winner.config.fingerprint
+    if "config" in run.trials.columns and len(run.trials):
+        from spaces import CompressionConfig
+
+        return CompressionConfig.from_json(str(run.trials["config"].iloc[0])).fingerprint
+    return None
+
+
+def teacher_costs(run: RunData) -> dict[str, float]:
+    """The teacher's params and FLOPs (from the fingerprint), plus what pareto.json records."""
+    from spaces import dense_flops, dense_params
+
+    costs: dict[str, float] = {}
+    fingerprint = _fingerprint(run)
+    if fingerprint is not None:
+        costs.update(params=float(dense_params(fingerprint)), flops=float(dense_flops(fingerprint)))
+    recorded = run.pareto.get("teacher")
+    if isinstance(recorded, dict):
+        costs.update({k: v for k, v in recorded.items() if isinstance(v, (int, float))})
+    return costs
+
+
+def budget_limit(run: RunData, cost: str) -> float | None:
+    """The budget in the units of `cost` (params, FLOPs or ms), when the run was budgeted in it."""
+    recorded = run.pareto.get("budget")
+    if isinstance(recorded, dict) and recorded.get("limit") is not None:
+        kind = {"latency": "latency_ms"}.get(str(recorded.get("kind")), recorded.get("kind"))
+        return float(recorded["limit"]) if kind == cost else None
+    settings = run.settings
+    if cost == "latency_ms" and settings.get("budget_latency") is not None:
+        return float(settings["budget_latency"])
+    fraction_key = {"params": "budget_params", "flops": "budget_flops"}.get(cost)
+    if fraction_key is None or settings.get(fraction_key) is None:
+        return None
+    if cost == "params" and settings.get("budget_flops") is not None:
+        return None
+    from spaces import parse_budget
+
+    budget = parse_budget(str(settings[fraction_key]), kind=cost)
+    if budget.absolute:
+        return float(budget.value)
+    dense = teacher_costs(run).get(cost)
+    return budget.value * dense if dense else None
+
+
+def _measured(trials: pd.DataFrame, column: str) -> bool:
+    return column in trials.columns and bool(np.isfinite(trials[column].astype(float)).any())
+
+
+def _figures_html(figures: Sequence[tuple[str, Any]]) -> str:
+    parts = []
+    for index, (heading, figure) in enumerate(figures):
+        body = figure.to_html(
+            full_html=False,
+            include_plotlyjs=index == 0,  # plotly.js once, embedded: the page opens offline
+            div_id=f"figure-{index}",
+            config={"displaylogo": False},
+        )
+        parts.append(f"<section><h2>{html.escape(heading)}</h2>{body}</section>")
+    return "\n".join(parts)
+
+
+def _page(title: str, intro: str, figures: Sequence[tuple[str, Any]], tables: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
+section{{margin-bottom:2em}}</style></head>
+<body><h1>{html.escape(title)}</h1>{intro}
+{_figures_html(figures)}
+{tables}
+</body></html>
+"""
+
+
+def build(run_dir: str | Path, out: str | Path | None = None) -> ReportPaths:
+    """Write report.html, summary.md, trials.parquet and trials.csv of one run (into `out`)."""
+    run = load_run(run_dir)
+    out = Path(out) if out is not None else run.root
+    out.mkdir(parents=True, exist_ok=True)
+    score, cost = objectives(run)
+    winners = winners_table(run)
+    figures: list[tuple[str, Any]] = []
+    axes = [cost] + [c for c in ("params", "latency_ms") if c != cost and _measured(run.trials, c)]
+    for x in axes:
+        if not _measured(run.trials, x):
+            continue
+        data = _data.front_data(run.trials, x, score, winners, budget_limit(run, x))
+        figures.append(
+            (
+                f"Pareto front: {score} vs {x}",
+                _figures.front_figure(data, f"{run.name}: {score} vs {x}"),
+            )
+        )
+    configs = {
+        label: winner.config
+        for label, winner in zip(winners.get("label", []), run.winners, strict=False)
+        if winner.config is not None
+    }
+    grid = _data.block_map_grid(_data.block_map(configs))
+    if grid.rows:
+        figures.append(
+            ("Winners' choices per block", _figures.block_map_figure(grid, "fraction kept"))
+        )
+    fidelity = _data.proxy_fidelity(winners, proxy=score)
+    if fidelity.n:
+        figures.append(
+            ("Proxy vs fine-tuned accuracy", _figures.fidelity_figure(fidelity, "winners"))
+        )
+    trace = _data.hypervolume_over_trials(run.trials, (score, cost))
+    figures.append(
+        ("Hypervolume of the front over trials", _figures.hypervolume_figure(trace, "hypervolume"))
+    )
+
+    summary = summary_markdown(run, winners, (score, cost), fidelity)
+    intro = f"<p>{len(run.trials)} trials, {int(run.trials['feasible'].sum())} feasible; " + (
+        f"Kendall τ (proxy vs fine-tuned accuracy) {fidelity.kendall_tau:+.2f}.</p>"
+        if math.isfinite(fidelity.kendall_tau)
+        else "</p>"
+    )
+    tables = f"<h2>Summary</h2><pre>{html.escape(summary)}</pre>"
+    paths = ReportPaths(
+        out / "report.html", out / "summary.md", out / "trials.parquet", out / "trials.csv"
+    )
+    _atomic_write_text(paths.html, _page(f"vitrank report: {run.name}", intro, figures, tables))
+    _atomic_write_text(paths.summary, summary)
+    # The search owns its run's trials.parquet (a resume appends to it): never rewrite it.
+    own = paths.parquet.resolve() == (run.root / "trials.parquet").resolve()
+    write_trials(run.trials, paths.parquet, paths.csv, parquet_too=not own)
+    return paths
+
+
+def write_trials(
+    trials: pd.DataFrame, parquet: Path, csv: Path, *, parquet_too: bool = True
+) -> None:
+    """The flat trials table (without the report's hover text) as CSV, and Parquet if asked."""
+    from search._rundir import atomic_write_bytes
+
+    table = trials.drop(columns=["hover"], errors="ignore")
+    if parquet_too:
+        atomic_write_bytes(parquet, table.to_parquet(index=False))
+    _atomic_write_text(csv, table.to_csv(index=False))
+
+
+def _number(value: Any, kind: str = "count") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if kind == "percent":
+        return f"{float(value):.2%}"
+    if kind == "ms":
+        return f"{float(value):.3g}"
+    if kind == "float":
+        return f"{float(value):.4g}"
+    return f"{float(value):,.0f}"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_markdown(
+    run: RunData, winners: pd.DataFrame, objectives: tuple[str, str], fidelity: _data.FidelityData
+) -> str:
+    """The run's settings, winners against the teacher and baselines, and how to reuse them."""
+    teacher = teacher_costs(run)
+    header = ["model", "accuracy", "params", "FLOPs", "latency (ms)", "speed-up", "proxy"]
+
+    def row(name: str, record: dict[str, Any]) -> list[str]:
+        latency = record.get("latency_ms")
+        base = teacher.get("latency_ms")
+        speedup = (
+            f"{base / latency:.2f}×"
+            if isinstance(latency, (int, float)) and base and latency and math.isfinite(latency)
+            else "–"
+        )
+        params = record.get("params")
+        share = f" ({params / teacher['params']:.0%})" if params and teacher.get("params") else ""
+        return [
+            name,
+            _number(record.get("accuracy"), "percent"),
+            _number(params) + share,
+            _number(record.get("flops")),
+            _number(latency, "ms"),
+            speedup,
+            _number(record.get("proxy"), "float"),
+        ]
+
+    rows = [row("teacher", teacher)]
+    for record in winners.to_dict("records"):
+        record = dict(record, accuracy=record.get("finetuned_accuracy"))
+        rows.append(
+            row(f"{record['label']} (trial {record.get('number')}, {record['id']})", record)
+        )
+    if "baseline" in run.trials.columns:
+        baselines = run.trials[run.trials["baseline"].fillna("").astype(str) != ""]
+        for record in baselines.to_dict("records"):
+            feasible = "" if record.get("feasible") else ", infeasible"
+            rows.append(
+                row(f"baseline {record['baseline']} (trial {record['number']}{feasible})", record)
+            )
+
+    settings = (
+        "\n".join(f"- {key}: `{value}`" for key, value in run.settings.items()) or "- (no run.yaml)"
+    )
+    lines = [
+        f"# vitrank run `{run.name}`",
+        "",
+        f"{len(run.trials)} trials, {int(run.trials['feasible'].sum())} feasible; objectives "
+        f"{objectives[0]} and {objectives[1]} (both minimised).",
+    ]
+    if math.isfinite(fidelity.kendall_tau):
+        lines.append(
+            f"Proxy fidelity over {fidelity.n} winners: Kendall τ {fidelity.kendall_tau:+.2f}, "
+            f"Spearman ρ {fidelity.spearman_rho:+.2f}."
+        )
+    lines += ["", "## Settings", "", settings, "", "## Winners, teacher and baselines", ""]
+    lines += [_markdown_table(header, rows), ""]
+    lines += ["Accuracy of winners is after fine-tuning; latency is measured, not predicted.", ""]
+    lines += ["## Reuse", ""]
+    model_option = _model_option(run.settings)
+    for record in winners.to_dict("records"):
+        directory = Path(record["directory"])
+        lines += [
+            f"- {record['label']}: config `{directory / 'config.json'}`, model `{directory}`",
+            f"  - `vitrank apply {directory / 'config.json'}{model_option} --out compressed-{record['id']}`",
+            f"  - `vitrank eval {directory}`",
+            f"  - `vitrank export {directory} --onnx {record['id']}.onnx`",
+        ]
+    if winners.empty:
+        lines.append("- no winners were saved (run `vitrank finetune RUN_DIR --top K`).")
+    lines.append(f"- re-run the search: `vitrank search --config {run.root / 'run.yaml'}`")
+    return "\n".join(lines) + "\n"
+
+
+def _model_option(settings: dict[str, Any]) -> str:
+    text = ""
+    for key in ("workload", "model", "data"):
+        if settings.get(key):
+            text += f" --{key} {settings[key]}"
+    return text
+
+
+def compare(run_dirs: Sequence[str | Path], out: str | Path) -> ReportPaths:
+    """Several runs on one front (one colour per run), with a shared-reference hypervolume."""
+    runs = [load_run(d) for d in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        names = [str(run.root) for run in runs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    score, cost = objectives(runs[0])
+    for run in runs[1:]:
+        if objectives(run) != (score, cost):
+            raise ValueError(
+                f"Runs compared on one front must share their objectives, but {run.name} has "
+                f"{objectives(run)} and {runs[0].name} has {(score, cost)}."
+            )
+    fronts = [
+        (
+            name,
+            _data.front_data(run.trials, cost, score, winners_table(run), budget_limit(run, cost)),
+        )
+        for name, run in zip(names, runs, strict=True)
+    ]
+    everything = pd.concat(
+        [run.trials.assign(run=name) for name, run in zip(names, runs, strict=True)]
+    )
+    reference = _data.reference_point(everything, (score, cost))
+    rows = []
+    for name, run in zip(names, runs, strict=True):
+        trace = _data.hypervolume_over_trials(run.trials, (score, cost), reference)
+        front = _data.pareto_front(run.trials, (score, cost))
+        rows.append(
+            [
+                name,
+                str(len(run.trials)),
+                str(int(run.trials["feasible"].sum())),
+                str(int(front.sum())),
+                _number(trace.hypervolume[-1] if len(trace.hypervolume) else math.nan, "float"),
+            ]
+        )
+    table = _markdown_table(["run", "trials", "feasible", "front", "hypervolume"], rows)
+    summary = (
+        f"# vitrank comparison\n\nObjectives {score} and {cost}; hypervolume against the shared "
+        f"reference ({reference[0]:.4g}, {reference[1]:.4g}).\n\n{table}\n"
+    )
+    figures = [("Pareto fronts", _figures.compare_figure(fronts, f"{score} vs {cost}"))]
+    paths = ReportPaths(
+        out / "report.html", out / "summary.md", out / "trials.parquet", out / "trials.csv"
+    )
+    title = "vitrank comparison: " + ", ".join(names)
+    _atomic_write_text(paths.html, _page(title, "", figures, f"<pre>{html.escape(summary)}</pre>"))
+    _atomic_write_text(paths.summary, summary)
+    write_trials(everything, paths.parquet, paths.csv)
+    return paths

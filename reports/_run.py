@@ -1,0 +1,205 @@
+"""Reading a run directory (`runs/<name>/`, see search's `RunDir`) into tables.
+
+Everything a report shows comes from the files a search leaves behind: run.yaml,
+trials.parquet, pareto.json and winners/<id>/{config.json, metrics.json}. Nothing is
+recomputed here except what the files imply (the budget line in the cost's units).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import yaml
+
+# Names a value may have in metrics files, first one wins; the report uses the key.
+_ALIASES = {
+    "number": ("number", "trial", "trial_number"),
+    "finetuned_accuracy": ("finetuned_accuracy", "best_accuracy", "accuracy"),
+    "initial_accuracy": ("initial_accuracy", "accuracy_before", "compressed_accuracy"),
+    "latency_ms": ("latency_ms", "latency", "measured_latency_ms"),
+}
+
+
+class Winner(NamedTuple):
+    id: str  # the folder name under winners/
+    directory: Path
+    config: Any  # spaces.CompressionConfig, or None when config.json is missing
+    metrics: dict[str, Any]
+
+
+class RunData(NamedTuple):
+    root: Path
+    name: str
+    settings: dict[str, Any]  # run.yaml
+    trials: pd.DataFrame  # one row per trial, flat columns
+    pareto: dict[str, Any]  # pareto.json
+    winners: list[Winner]
+
+
+def _pick(data: dict[str, Any], key: str) -> Any:
+    for name in _ALIASES.get(key, (key,)):
+        if name in data and data[name] is not None:
+            return data[name]
+    return None
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested metrics as flat `a.b` keys (tables have flat columns)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
+
+
+def load_run(root: str | Path) -> RunData:
+    """Every file of a run directory a report reads; missing optional files read as empty."""
+    from spaces import CompressionConfig
+
+    root = Path(root)
+    trials_path = root / "trials.parquet"
+    if not root.is_dir():
+        raise FileNotFoundError(f"Run directory {root} does not exist; pass the --out of a search.")
+    if not trials_path.is_file():
+        raise FileNotFoundError(
+            f"{root} has no trials.parquet; is it a search's run directory (runs/<name>/)? "
+            "A search that was stopped early writes it with `vitrank search --resume`."
+        )
+    settings: dict[str, Any] = {}
+    if (root / "run.yaml").is_file():
+        settings = yaml.safe_load((root / "run.yaml").read_text()) or {}
+    pareto: dict[str, Any] = {}
+    if (root / "pareto.json").is_file():
+        loaded = json.loads((root / "pareto.json").read_text())
+        pareto = loaded if isinstance(loaded, dict) else {"front": loaded}
+    winners = []
+    for directory in sorted((root / "winners").glob("*/")):
+        if not directory.is_dir():
+            continue
+        config = None
+        if (directory / "config.json").is_file():
+            config = CompressionConfig.load(directory / "config.json")
+        metrics = {}
+        if (directory / "metrics.json").is_file():
+            metrics = json.loads((directory / "metrics.json").read_text())
+        winners.append(Winner(directory.name, directory, config, metrics))
+    return RunData(
+        root, root.name, settings, trials_table(pd.read_parquet(trials_path)), pareto, winners
+    )
+
+
+def trials_table(raw: pd.DataFrame) -> pd.DataFrame:
+    """The trials table with the columns a report relies on: number, feasible, hover."""
+    table = raw.copy()
+    if "number" not in table.columns:
+        for alias in _ALIASES["number"]:
+            if alias in table.columns:
+                table = table.rename(columns={alias: "number"})
+                break
+        else:
+            table["number"] = range(len(table))
+    if "feasible" not in table.columns:
+        if "violation" in table.columns:
+            table["feasible"] = table["violation"].astype(float) <= 0
+        else:
+            table["feasible"] = True
+    if "state" in table.columns:
+        # A failed or pruned trial has no scores to place on the front.
+        table.loc[table["state"].astype(str).str.upper() != "COMPLETE", "feasible"] = False
+    table["hover"] = [trial_summary(row) for row in table.to_dict("records")]
+    return table.sort_values("number").reset_index(drop=True)
+
+
+_SUMMARY_SKIP = {"hover", "config", "number", "state"}
+
+
+def trial_summary(row: dict[str, Any]) -> str:
+    """What hovering a trial shows: its number, scores and its config in a few lines."""
+    lines = [f"<b>trial {row.get('number', '?')}</b>"]
+    if row.get("baseline"):
+        lines[0] += f" (baseline {row['baseline']})"
+    for key in ("proxy", "params", "flops", "latency_ms", "violation"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            lines.append(f"{key}: {_format(value)}")
+    if row.get("summary"):
+        lines.append(str(row["summary"]).replace("\n", "<br>"))
+    elif row.get("config"):
+        lines.append(config_summary(row["config"]))
+    return "<br>".join(lines)
+
+
+def config_summary(config: Any, width: int = 4) -> str:
+    """Per-block choices in a few short lines: 'b0 heads 4/4 | mlp prune 96 | merge .25'."""
+    from spaces import CompressionConfig
+
+    if isinstance(config, str):
+        try:
+            config = CompressionConfig.from_json(config)
+        except ValueError:
+            return config[:200]
+    if isinstance(config, dict):
+        config = CompressionConfig.from_dict(config)
+    parts = []
+    for index, block in enumerate(config.blocks):
+        attn, mlp = block.attn, block.mlp
+        text = f"b{index}: "
+        text += {
+            "dense": "attn dense",
+            "lowrank": f"attn lr {attn.qkv_rank}/{attn.proj_rank}",
+            "heads": f"heads {attn.qk_rank}/{attn.vo_rank}",
+            "prune": f"heads kept {attn.heads_kept}",
+        }.get(attn.op, attn.op)
+        text += {
+            "dense": ", mlp dense",
+            "lowrank": f", mlp lr {mlp.fc1_rank}/{mlp.fc2_rank}",
+            "prune": f", mlp kept {mlp.hidden_kept}",
+        }.get(mlp.op, f", {mlp.op}")
+        if block.merge_ratio:
+            text += f", merge {block.merge_ratio:g}"
+        parts.append(text)
+    return "<br>".join(parts)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def winners_table(run: RunData) -> pd.DataFrame:
+    """One row per winner: its id, trial number, label, scores and fine-tuned accuracy."""
+    rows = []
+    for index, winner in enumerate(run.winners):
+        metrics = _flat(winner.metrics)
+        row: dict[str, Any] = {"id": winner.id, "label": f"W{index + 1}"}
+        row.update(metrics)
+        for key in _ALIASES:
+            row[key] = _pick(metrics, key)
+        if row["number"] is None and winner.config is not None:
+            row["number"] = winner.config.provenance.get("trial")
+        row["directory"] = str(winner.directory)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return pd.DataFrame(columns=["id", "label", "number", "finetuned_accuracy"])
+    for column in ("finetuned_accuracy", "initial_accuracy", "latency_ms"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    # Scores the search gave the winner's trial, where the metrics file does not repeat them.
+    if "number" in table and table["number"].notna().all():
+        table["number"] = table["number"].astype(int)
+        known = run.trials.set_index("number")
+        for column in ("proxy", "params", "flops"):
+            if column in known.columns:
+                missing = table[column].isna() if column in table else pd.Series(True, table.index)
+                table.loc[missing, column] = table.loc[missing, "number"].map(known[column])
+    return table

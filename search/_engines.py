@@ -1,0 +1,200 @@
+"""Engines that run trials against one Optuna study: in-process Optuna, or Ray Tune.
+
+Both take the same `EngineJob`: a define-by-run function (suggests a point, records its
+costs and constraints on the Optuna trial) and an evaluation function (scores the point
+from the sampled parameters). Both are module-level callables or `functools.partial`s of
+them, so Ray Tune can pickle them; heavy state (teacher, factors) is loaded lazily in each
+process from the run directory, never pickled per trial.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+# Keys a define-by-run function returns next to the sampled parameters; they reach the
+# evaluation function (and the Tune trial's config) but are not Optuna parameters.
+TRIAL_ID_KEY = "__trial_id__"
+METRICS_ATTR = "metrics"
+_REPORT_KEY = "vitrank_metrics"
+
+
+@dataclass
+class EngineJob:
+    storage_url: str  # sqlite:///…/study.db
+    study_name: str
+    metrics: tuple[str, ...]  # result keys told to Optuna, all minimised
+    define: Callable[[Any], dict[str, Any]]  # (optuna trial) -> constants
+    evaluate: Callable[[dict[str, Any]], dict[str, float]]  # (params + constants) -> metrics
+    sampler: optuna.samplers.BaseSampler
+    n_trials: int  # trials to run in this session
+    tune_dir: Path | None = None  # Ray Tune's storage_path
+    session: str = "session-0"  # Ray Tune experiment name of this session
+    ray_address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    on_trial_done: Callable[[], None] | None = None  # driver side, after each finished trial
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def storage(url: str) -> optuna.storages.RDBStorage:
+    import optuna
+
+    # A generous sqlite timeout: Ray's driver and the table writer share the file.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def open_study(job: EngineJob) -> optuna.Study:
+    import optuna
+
+    return optuna.create_study(
+        storage=storage(job.storage_url),
+        study_name=job.study_name,
+        directions=["minimize"] * len(job.metrics),
+        sampler=job.sampler,
+        load_if_exists=True,
+    )
+
+
+def _objective(trial: optuna.Trial, job: EngineJob) -> list[float]:
+    constants = job.define(trial)
+    metrics = job.evaluate({**trial.params, **constants})
+    trial.set_user_attr(METRICS_ATTR, metrics)
+    return [metrics[name] for name in job.metrics]
+
+
+def run_optuna(job: EngineJob) -> None:
+    """`study.optimize` in this process, one trial at a time."""
+    import functools
+
+    study = open_study(job)
+    callbacks = []
+    if job.on_trial_done is not None:
+        done = job.on_trial_done
+        callbacks.append(lambda study, trial: done())
+    study.optimize(
+        functools.partial(_objective, job=job),
+        n_trials=job.n_trials,
+        callbacks=callbacks,
+        gc_after_trial=False,
+        show_progress_bar=False,
+    )
+
+
+def _tune_trial(config: dict[str, Any], evaluate: Callable[[dict[str, Any]], dict]) -> None:
+    from ray import tune
+
+    metrics = evaluate(config)
+    # The flat keys are what OptunaSearch tells Optuna; the nested copy is what the
+    # recorder stores on the Optuna trial.
+    tune.report({**metrics, _REPORT_KEY: metrics})
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Start (or join, with `address`) Ray once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A single-machine session needs no token; this silences Ray's warning about it.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+
+
+def _recorder(job: EngineJob) -> Any:
+    from ray.tune import Callback
+
+    class StudyRecorder(Callback):
+        """Stores each trial's full metrics on its Optuna trial, before OptunaSearch tells it."""
+
+        def __init__(self) -> None:
+            self._storage = storage(job.storage_url)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[override]
+            trial_id = trial.config.get(TRIAL_ID_KEY)
+            if trial_id is None:
+                return
+            metrics = result.get(_REPORT_KEY)
+            if metrics is None:
+                return
+            self._storage.set_trial_user_attr(trial_id, METRICS_ATTR, metrics)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[override]
+            if job.on_trial_done is not None:
+                job.on_trial_done()
+
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[override]
+            if job.on_trial_done is not None:
+                job.on_trial_done()
+
+    return StudyRecorder()
+
+
+def run_ray(job: EngineJob) -> None:
+    """Ray Tune's Tuner with OptunaSearch on the same study; actors are reused."""
+    # Tune's per-trial CSV/JSON/TensorBoard loggers cost more than our trials do.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    init_ray(job.ray_address)
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    concurrent = job.max_concurrent or max(1, int(cpus // job.cpus_per_trial))
+    searcher = OptunaSearch(
+        space=job.define,
+        metric=list(job.metrics),
+        mode=["min"] * len(job.metrics),
+        sampler=job.sampler,
+        storage=storage(job.storage_url),
+        study_name=job.study_name,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_trial, evaluate=job.evaluate),
+        {"cpu": job.cpus_per_trial, "gpu": job.gpus_per_trial},
+    )
+    assert job.tune_dir is not None, "the ray engine needs `tune_dir`"
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=job.n_trials,
+            max_concurrent_trials=concurrent,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=job.session,
+            storage_path=str(Path(job.tune_dir).resolve()),
+            verbose=0,
+            callbacks=[_recorder(job)],
+            log_to_file=False,
+        ),
+    )
+    tuner.fit()
+
+
+ENGINES: dict[str, Callable[[EngineJob], None]] = {"optuna": run_optuna, "ray": run_ray}
+
+
+def run_engine(name: str, job: EngineJob) -> None:
+    if name not in ENGINES:
+        raise ValueError(f"Unknown engine {name!r}; known: {', '.join(ENGINES)}.")
+    if job.n_trials > 0:
+        ENGINES[name](job)

@@ -1,0 +1,134 @@
+"""The run directory: where a search keeps everything, written atomically, one writer at a time."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class RunLockedError(RuntimeError):
+    """Another search is writing this run directory."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename over `path`.
+
+    A reader (or a search killed half-way) sees the old file or the new one, never half.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+class RunDir:
+    """Paths of one run (`runs/<name>/`) and its single-writer lock."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._lock_fd: int | None = None
+
+    # The layout of the design ("Run directory").
+    @property
+    def settings(self) -> Path:
+        return self.root / "run.yaml"
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def storage_url(self) -> str:
+        return f"sqlite:///{self.study_db.resolve()}"
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials.parquet"
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / "pareto.json"
+
+    @property
+    def winners(self) -> Path:
+        return self.root / "winners"
+
+    @property
+    def cache(self) -> Path:
+        """Calibration statistics and factors, computed once per run."""
+        return self.root / "cache"
+
+    @property
+    def baselines(self) -> Path:
+        """Baseline configurations (JSON), enqueued as the first trials."""
+        return self.root / "baselines"
+
+    @property
+    def tune(self) -> Path:
+        """Ray Tune's experiment storage (RunConfig.storage_path)."""
+        return self.root / "tune"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".lock"
+
+    def exists(self) -> bool:
+        return self.settings.exists()
+
+    def acquire(self) -> None:
+        """Take the directory's lock or raise `RunLockedError` naming the holder.
+
+        `flock` is released by the kernel when the holder dies (even by SIGKILL), so a
+        killed search never leaves a stale lock behind.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunLockedError(
+                    f"{self.root} is being written by another search (pid {holder}); "
+                    "wait for it to finish or choose another --name/--out."
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        os.fsync(fd)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunDir:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

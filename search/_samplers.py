@@ -1,0 +1,71 @@
+"""Optuna samplers by name. `baseline:NAME` is not a sampler: it runs one baseline alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import optuna
+
+
+def _tpe(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    # Multivariate TPE models the per-block knobs jointly; `constant_liar` keeps
+    # concurrent Ray trials from proposing the same point.
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
+    )
+
+
+def _nsga2(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def _gp(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.GPSampler(seed=seed)
+
+
+def _random(seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "nsga2": _nsga2,
+    "gp": _gp,
+    "random": _random,
+}
+
+BASELINE_PREFIX = "baseline:"
+
+
+def baseline_of(sampler: str) -> str | None:
+    """The baseline's name for `baseline:NAME`, else None."""
+    return sampler[len(BASELINE_PREFIX) :] if sampler.startswith(BASELINE_PREFIX) else None
+
+
+def make_sampler(name: str, seed: int = 0) -> optuna.samplers.BaseSampler:
+    """A fresh sampler; `baseline:NAME` gets a random sampler (it never samples)."""
+    if baseline_of(name) is not None:
+        from search.baselines import BASELINES
+
+        if baseline_of(name) not in BASELINES:
+            raise ValueError(
+                f"Unknown baseline {baseline_of(name)!r}; known: "
+                f"{', '.join(BASELINE_PREFIX + b for b in BASELINES)}."
+            )
+        return _random(seed)
+    if name not in SAMPLERS:
+        raise ValueError(
+            f"Unknown sampler {name!r}; known: {', '.join(SAMPLERS)} "
+            f"or {BASELINE_PREFIX}NAME for a baseline."
+        )
+    return SAMPLERS[name](seed)

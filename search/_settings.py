@@ -1,0 +1,153 @@
+"""Every setting of a search, from defaults, a YAML file and the command line.
+
+The resolved settings are written to the run directory as `run.yaml`; passing that file
+back with `--config` starts the same run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENGINES = ("ray", "optuna")
+PROXIES = ("logits", "spectral")
+PARAMETRIZATIONS = ("raw", "budgeted")
+DEFAULT_OPS = ("lowrank", "heads", "tokens", "prune")
+
+
+@dataclass
+class SearchSettings:
+    # What to compress: a named workload, or a timm model (name or local dir) + images.
+    workload: str | None = "digits-vit"
+    model: str | None = None
+    data: str | None = None
+    pretrained: bool = False
+    calib_size: int = 256
+    # Budget: exactly one kind is active; a params budget is the default.
+    budget_params: str | None = "0.5"  # fraction of the teacher (0.5) or a count ("11M")
+    budget_latency: float | None = None  # milliseconds at `batch` on `device`
+    budget_flops: float | None = None  # fraction of the teacher's FLOPs
+    batch: int = 1
+    device: str = "cpu"
+    # What is searched and how a candidate is scored.
+    ops: tuple[str, ...] = DEFAULT_OPS
+    granularity: int = 8
+    proxy: str = "logits"
+    parametrization: str = "raw"
+    # How the search runs.
+    trials: int = 60
+    sampler: str = "tpe"  # tpe | nsga2 | gp | random | baseline:NAME
+    baselines: bool = True  # enqueue the baselines' configs as the first trials
+    seed: int = 0
+    engine: str = "ray"
+    ray_address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    # Winners: the top K of the feasible front, fine-tuned by distillation.
+    finetune_top: int = 2
+    finetune_epochs: int = 2
+    compensate: bool = True  # error compensation of winners before fine-tuning
+    # Where the run lives: `<out>/<name>/`.
+    out: str = "runs"
+    name: str | None = None
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # reserved for forward compatibility
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ops, str):
+            self.ops = tuple(op.strip() for op in self.ops.split(",") if op.strip())
+        else:
+            self.ops = tuple(self.ops)
+        if self.budget_params is not None:
+            self.budget_params = str(self.budget_params)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"`engine` must be one of {ENGINES}, but got {self.engine=}.")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"`proxy` must be one of {PROXIES}, but got {self.proxy=}.")
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"`parametrization` must be one of {PARAMETRIZATIONS}, "
+                f"but got {self.parametrization=}."
+            )
+        if self.trials < 1:
+            raise ValueError(f"`trials >= 1` must hold, but got {self.trials=}.")
+        if self.finetune_top < 0 or self.finetune_epochs < 0:
+            raise ValueError(
+                "`finetune_top >= 0` and `finetune_epochs >= 0` must hold, but got "
+                f"{self.finetune_top=}, {self.finetune_epochs=}."
+            )
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError(
+                "`cpus_per_trial > 0` and `gpus_per_trial >= 0` must hold, but got "
+                f"{self.cpus_per_trial=}, {self.gpus_per_trial=}."
+            )
+        active = [
+            name
+            for name in ("budget_latency", "budget_flops")
+            if getattr(self, name) is not None
+        ]
+        if len(active) > 1:
+            raise ValueError(f"Give at most one of --budget-latency/--budget-flops, got {active}.")
+
+    @property
+    def objectives(self) -> tuple[str, str]:
+        """The two minimised objectives: the proxy and the budgeted cost."""
+        return ("proxy", "latency_ms" if self.budget_latency is not None else "params")
+
+    @property
+    def budget_text(self) -> str:
+        """The budget in the syntax of `spaces.parse_budget`."""
+        if self.budget_latency is not None:
+            return f"{self.budget_latency}ms@{self.batch}/{self.device}"
+        if self.budget_flops is not None:
+            return f"flops:{self.budget_flops}"
+        return str(self.budget_params)
+
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        source = self.workload or Path(self.model or "model").name
+        budget = self.budget_text.replace("/", "-").replace("@", "-").replace(":", "")
+        return f"{source}-{budget}-{self.engine}-s{self.seed}"
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.run_name()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["ops"] = list(self.ops)
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown search settings {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> SearchSettings:
+        """Settings from a YAML file, with `overrides` (not None) on top."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}.")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+
+def resolve_settings(config: str | Path | None = None, **overrides: Any) -> SearchSettings:
+    """Defaults < YAML file < explicit overrides (None means "not given")."""
+    if config is not None:
+        return SearchSettings.load(config, **overrides)
+    return SearchSettings.from_dict({k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,545 @@
+"""Latency tables: per-operator times measured on the target device, summed to predict.
+
+A table holds, for the shapes a space can produce, the median time of each operator a
+compressed block runs — every Linear (dense or one factor of a low-rank pair), the
+attention kernel (fused, or with the proportional-attention size bias once tokens have
+merged), ToMe's matching and merge, the norms and the activation — at a grid of token
+counts, ranks and keeps. `predict_latency` sums a config's operators, interpolating
+linearly between measured ranks and token counts, plus the parts outside the blocks and
+a measured per-model offset (Python and framework overhead: the dense model's measured
+time minus the sum of its operators).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitrank.compress.spec import BlockSpec, token_schedule
+from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+
+from ._config import CompressionConfig
+from ._cost import attention_core, attention_linears, mlp_linears
+from ._space import SearchSpace, build_space
+
+TABLE_VERSION = 1
+
+
+@dataclass
+class LatencyTable:
+    device: str  # torch device the times were measured on
+    batch: int  # images per forward pass
+    threads: int  # torch intra-op threads during measurement
+    fingerprint_digest: str  # the architecture the table is for
+    tokens: list[int]  # token counts every entry was measured at (ascending)
+    # "linear/{in}/{out}", "attend/{heads}/{width}/{fused|sized}", "merge/{dim}",
+    # "norm/{dim}", "gelu/{width}" -> median ms at each token count.
+    entries: dict[str, list[float]]
+    outside_ms: float  # patch embedding, positions, final norm, pooling and head
+    offset_ms: float  # measured dense model minus the sum of its operators
+    dense_ms: float  # measured dense model (built as `apply` builds it)
+    repeats: int = 20
+    warmup: int = 5
+    clock: str = "wall"  # "wall" or "thread" (CPU time of one thread), see `time_ms`
+    machine: dict[str, Any] = field(default_factory=dict)
+    date: str = ""
+    version: int = TABLE_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
+        if data.get("version") != TABLE_VERSION:
+            raise ValueError(
+                f"`version == {TABLE_VERSION}` must hold for a latency table, but got "
+                f"version={data.get('version')!r}; measure the table again."
+            )
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyTable:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: damaged latency table ({error}).") from error
+        return cls.from_dict(data)
+
+    # ---- lookups ---------------------------------------------------------------------
+
+    def _at_tokens(self, key: str, n: int) -> float:
+        return _interp(self.tokens, self.entries[key], n)
+
+    def _lookup(self, family: str, a: float, b: float, rest: str, n: int) -> float:
+        """Time of `family/a/b[/rest]` at n tokens, interpolating over a or b if unmeasured."""
+        suffix = f"/{rest}" if rest else ""
+        key = f"{family}/{_fmt(a)}/{_fmt(b)}{suffix}"
+        if key in self.entries:
+            return self._at_tokens(key, n)
+        same_a, same_b = [], []
+        for other in self.entries:
+            parts = other.split("/")
+            if parts[0] != family or "/".join(parts[3:]) != rest:
+                continue
+            x, y = float(parts[1]), float(parts[2])
+            if x == a:
+                same_a.append((y, other))
+            if y == b:
+                same_b.append((x, other))
+        for points, at in ((same_a, b), (same_b, a)):
+            if len(points) >= 2:
+                points.sort()
+                values = [self._at_tokens(k, n) for _, k in points]
+                return _interp([p for p, _ in points], values, at)
+        raise KeyError(
+            f"The latency table has no measurement near {key}; measure a table for this "
+            "space (spaces.measure_latency_table with the same space)."
+        )
+
+    def linear(self, in_features: int, out_features: int, n: int) -> float:
+        return self._lookup("linear", in_features, out_features, "", n)
+
+    def attend(self, heads: int, qk_dim: int, v_dim: int, sized: bool, n: int) -> float:
+        # Kernel time follows the mean of the query-key and value widths closely enough.
+        width = (qk_dim + v_dim) / 2
+        return self._lookup("attend", heads, width, "sized" if sized else "fused", n)
+
+    def merge(self, dim: int, n: int) -> float:
+        return self._at_tokens(f"merge/{dim}", n)
+
+    def norm(self, dim: int, n: int) -> float:
+        return self._at_tokens(f"norm/{dim}", n)
+
+    def gelu(self, width: int, n: int) -> float:
+        return self._lookup("gelu", width, 0, "", n)
+
+    def glue(self, part: str, op: str, dim: int, n: int, sized: bool = False) -> float:
+        """What a real attention/MLP module takes beyond its operators (reshapes, copies)."""
+        tag = "/sized" if sized else ""
+        key = f"glue/{part}/{op}/{dim}{tag}"
+        return self._at_tokens(key, n) if key in self.entries else 0.0
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _interp(xs: list[float] | list[int], ys: list[float], x: float) -> float:
+    """Piecewise-linear through (xs, ys), extended linearly past the ends, never below 0."""
+    if len(xs) == 1:
+        return ys[0]
+    i = 1
+    while i < len(xs) - 1 and xs[i] < x:
+        i += 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    value = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y0
+    return max(value, 0.0)
+
+
+def _attention_part(
+    table: LatencyTable, shape: BlockShape, spec: BlockSpec, n: int, sized: bool
+) -> float:
+    """The attention module's operators on n tokens (sized: with the size bias)."""
+    linears = attention_linears(shape, spec.attn)
+    total = sum(table.linear(lin.in_features, lin.out_features, n) for lin in linears)
+    core = attention_core(shape, spec.attn)
+    return total + table.attend(core.heads, core.qk_dim, core.v_dim, sized, n)
+
+
+def _mlp_part(table: LatencyTable, shape: BlockShape, spec: BlockSpec, m: int) -> float:
+    linears = mlp_linears(shape, spec.mlp)
+    total = sum(table.linear(lin.in_features, lin.out_features, m) for lin in linears)
+    return total + table.gelu(linears[0].out_features, m)
+
+
+def _block_latency(
+    table: LatencyTable, shape: BlockShape, spec: BlockSpec, n: int, m: int, sized: bool
+) -> float:
+    """One block: attention on n tokens (sized: with the size bias), MLP on m tokens."""
+    dim = shape.dim
+    total = table.norm(dim, n) + _attention_part(table, shape, spec, n, sized)
+    total += table.glue("attn", spec.attn.op, dim, n, sized)
+    if m < n:
+        total += table.merge(dim, n)
+    total += table.norm(dim, m) + _mlp_part(table, shape, spec, m)
+    return total + table.glue("mlp", spec.mlp.op, dim, m)
+
+
+def predict_latency(config: CompressionConfig, table: LatencyTable) -> float:
+    """Predicted milliseconds of one forward pass at the table's batch size and device."""
+    fp = config.fingerprint
+    if fp.digest != table.fingerprint_digest:
+        raise ValueError(
+            f"The latency table was measured for fingerprint {table.fingerprint_digest}, but the "
+            f"config is for {fp.digest} ({fp.architecture}); measure a table for this model."
+        )
+    tokens = config.token_schedule
+    total = table.outside_ms + table.offset_ms
+    for i, (shape, spec) in enumerate(zip(fp.blocks, config.blocks, strict=True)):
+        # Sizes differ (proportional attention) once any earlier block has merged.
+        sized = tokens[i] < tokens[0]
+        total += _block_latency(table, shape, spec, tokens[i], tokens[i + 1], sized)
+    return total
+
+
+# ---- measurement ---------------------------------------------------------------------
+
+
+CLOCKS = ("wall", "thread")
+
+
+def time_ms(
+    fn: Callable[[], Any],
+    device: str | torch.device = "cpu",
+    warmup: int = 5,
+    repeats: int = 20,
+    clock: str = "wall",
+) -> float:
+    """Median milliseconds of `fn()` over `repeats` runs after `warmup` runs.
+
+    ``clock="thread"`` counts the CPU time of the calling thread instead of wall time: on a
+    CPU shared with other jobs it is what the run would take alone, provided torch runs
+    single-threaded (every op then runs in this thread).
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"Unknown clock {clock!r}; known: {list(CLOCKS)}.")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    now = time.thread_time if clock == "thread" else time.perf_counter
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = now()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((now() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _samples(grid: Iterable[int], points: int) -> list[int]:
+    """Up to `points` values of an ascending grid, evenly spread, both ends included."""
+    values = sorted(set(grid))
+    if len(values) <= points:
+        return values
+    picks = {values[round(i * (len(values) - 1) / (points - 1))] for i in range(points)}
+    return sorted(picks)
+
+
+def _token_grid(fingerprint: Fingerprint, space: SearchSpace, points: int) -> list[int]:
+    most = [max(c.merge_ratios) for c in space.blocks]
+    fewest = token_schedule(most, fingerprint.num_tokens, fingerprint.num_prefix_tokens)[-1]
+    top = fingerprint.num_tokens
+    if fewest == top:
+        return [top]
+    grid = {round(fewest + i * (top - fewest) / (points - 1)) for i in range(points)}
+    return sorted(grid)
+
+
+def _operators(space: SearchSpace, shape: BlockShape, index: int, points: int) -> dict:
+    """Linear shapes, attention kernels and activation widths the block's choices run."""
+    d, inner, hidden, h, dh = (
+        shape.dim,
+        shape.attn_inner,
+        shape.mlp_hidden,
+        shape.num_heads,
+        shape.head_dim,
+    )
+    choice = space.blocks[index]
+    linears = {(d, 3 * inner), (inner, d), (d, hidden), (hidden, d)}
+    attends = {(h, dh)}
+    gelus = {hidden}
+    for r in _samples(choice.qkv_ranks, points):
+        linears |= {(d, r), (r, 3 * inner)}
+    for r in _samples(choice.proj_ranks, points):
+        linears |= {(inner, r), (r, d)}
+    for r in _samples(choice.fc1_ranks, points):
+        linears |= {(d, r), (r, hidden)}
+    for r in _samples(choice.fc2_ranks, points):
+        linears |= {(hidden, r), (r, d)}
+    for r in _samples(set(choice.qk_ranks) | set(choice.vo_ranks), points):
+        linears |= {(d, h * r), (h * r, d)}
+        attends.add((h, r))
+    for k in _samples(choice.heads_kept, points):
+        linears |= {(d, 3 * k * dh), (k * dh, d)}
+        attends.add((k, dh))
+    for k in _samples(choice.hidden_kept, points):
+        linears |= {(d, k), (k, d)}
+        gelus.add(k)
+    return {"linear": linears, "attend": attends, "gelu": gelus}
+
+
+def measure_latency_table(
+    model: nn.Module,
+    fingerprint: Fingerprint | None = None,
+    device: str | torch.device = "cpu",
+    batch: int = 1,
+    threads: int | None = None,
+    space: SearchSpace | None = None,
+    *,
+    token_points: int = 6,
+    rank_points: int = 4,
+    warmup: int = 5,
+    repeats: int = 20,
+    clock: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> LatencyTable:
+    """Measure every operator `space` (default: the full space of `model`) can run.
+
+    Times are medians of `repeats` runs after `warmup`, at `batch` images, with torch's
+    intra-op threads fixed to `threads` (default: the current count), restored afterwards.
+    ``clock="auto"`` counts thread CPU time on a single-threaded CPU (robust to other jobs on
+    a shared machine) and wall time otherwise; see `time_ms`.
+    """
+    from timm.layers import get_act_layer
+
+    from vitrank.compress.apply import apply_specs
+    from vitrank.compress.attention import attend
+    from vitrank.compress.merge import match_tokens, merge_weighted
+    from vitrank.compress.spec import merge_count
+
+    fingerprint = fingerprint or inspect_vit(model)
+    space = space or build_space(fingerprint)
+    if space.fingerprint != fingerprint:
+        raise ValueError(
+            "The space was built for another architecture: "
+            f"{space.fingerprint.describe_difference(fingerprint)}."
+        )
+    device = torch.device(device)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"`threads >= 1` must hold, but got {threads=}.")
+        torch.set_num_threads(threads)
+    used_threads = torch.get_num_threads()
+    if clock == "auto":
+        clock = "thread" if device.type == "cpu" and used_threads == 1 else "wall"
+    timer = functools.partial(time_ms, device=device, warmup=warmup, repeats=repeats, clock=clock)
+    tokens = _token_grid(fingerprint, space, token_points)
+    entries: dict[str, list[float]] = {}
+    dtype = next(model.parameters()).dtype
+
+    def measure(key: str, make: Callable[[int], Callable[[], Any]]) -> None:
+        if key in entries:
+            return
+        entries[key] = [timer(make(n)) for n in tokens]
+        if progress is not None:
+            progress(key)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def measure_module(fn: Callable[..., Any], *shape: int, sized: bool = False) -> list[float]:
+        times = []
+        for n in tokens:
+            x = rand(batch, n, *shape)
+            if sized:
+                log_size = (rand(batch, n).abs() + 1).log()
+                times.append(timer(lambda x=x, s=log_size: fn(x, s)))
+            else:
+                times.append(timer(lambda x=x: fn(x)))
+        return times
+
+    def on_tokens(fn: Callable[[torch.Tensor], Any], width: int) -> Callable[[int], Any]:
+        # A maker: given a token count, a call of `fn` on a fixed random (batch, n, width).
+        return lambda n: functools.partial(fn, rand(batch, n, width))
+
+    try:
+        with torch.inference_mode():
+            for index, shape in enumerate(fingerprint.blocks):
+                ops = _operators(space, shape, index, rank_points)
+                for a, b in sorted(ops["linear"]):
+                    layer = nn.Linear(a, b, device=device, dtype=dtype)
+                    measure(f"linear/{a}/{b}", on_tokens(layer, a))
+                for heads, width in sorted(ops["attend"]):
+                    scale = shape.head_dim**-0.5
+                    for sized in (False, True):
+
+                        def make(n: int, heads=heads, width=width, sized=sized, scale=scale):
+                            q, k, v = (rand(batch, heads, n, width) for _ in range(3))
+                            size = rand(batch, n).abs() + 1 if sized else None
+
+                            def run() -> Any:
+                                log_size = None if size is None else size.log()
+                                return attend(q, k, v, scale, log_size)
+
+                            return run
+
+                        tag = "sized" if sized else "fused"
+                        measure(f"attend/{heads}/{width}/{tag}", make)
+                act = get_act_layer("gelu")()
+                for width in sorted(ops["gelu"]):
+                    measure(f"gelu/{width}/0", on_tokens(act, width))
+                norm = nn.LayerNorm(shape.dim, device=device, dtype=dtype)
+                # A norm and the residual add that follows each sub-layer.
+                measure(f"norm/{shape.dim}", on_tokens(lambda x, norm=norm: x + norm(x), shape.dim))
+
+                def make_merge(n: int, shape=shape) -> Callable[[], Any]:
+                    x, keys = rand(batch, n, shape.dim), rand(batch, n, shape.head_dim)
+                    r = max(1, merge_count(0.1, n, fingerprint.num_prefix_tokens))
+
+                    def run() -> Any:
+                        return merge_weighted(
+                            x, None, match_tokens(keys, r, fingerprint.num_prefix_tokens)
+                        )
+
+                    return run
+
+                if any(max(c.merge_ratios) > 0 for c in space.blocks):
+                    measure(f"merge/{shape.dim}", make_merge)
+            partial = LatencyTable(
+                str(device), batch, used_threads, fingerprint.digest, tokens, entries, 0, 0, 0
+            )
+            for key, values in _measure_glue(model, space, partial, rand, measure_module):
+                entries[key] = values
+                if progress is not None:
+                    progress(key)
+            outside_ms = _outside_ms(model, device, batch, timer)
+            dense = apply_specs(model, [BlockSpec()] * len(fingerprint.blocks), None, None)
+            dense = dense.to(device).eval()
+            images = rand(batch, *_input_shape(model))
+            dense_ms = timer(lambda: dense(images))
+    finally:
+        torch.set_num_threads(previous)
+    table = LatencyTable(
+        device=str(device),
+        batch=batch,
+        threads=used_threads,
+        fingerprint_digest=fingerprint.digest,
+        tokens=tokens,
+        entries=entries,
+        outside_ms=outside_ms,
+        offset_ms=0.0,
+        dense_ms=dense_ms,
+        repeats=repeats,
+        warmup=warmup,
+        clock=clock,
+        machine=machine_info(device),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    table.offset_ms = dense_ms - predict_latency(space.dense(), table)
+    return table
+
+
+def _middle(grids: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    return {key: grid[len(grid) // 2] for key, grid in grids.items()}
+
+
+def _measure_glue(
+    model: nn.Module,
+    space: SearchSpace,
+    table: LatencyTable,
+    rand: Callable[..., torch.Tensor],
+    measure_module: Callable[..., list[float]],
+) -> Iterable[tuple[str, list[float]]]:
+    """Per operator: a real module's time minus the sum of its measured operators.
+
+    The modules are built as `apply` builds them (random weights), one model per operator
+    pair, and timed alone on random tokens, at a middle setting of their grids.
+    """
+    from itertools import zip_longest
+
+    from vitrank.compress.apply import apply_specs
+    from vitrank.compress.spec import AttentionSpec, MlpSpec
+
+    fingerprint = space.fingerprint
+    seen: set[tuple[str, str, int]] = set()
+    for index, (shape, choice) in enumerate(zip(fingerprint.blocks, space.blocks, strict=True)):
+        pairs = zip_longest(choice.attention_ops, choice.mlp_ops, fillvalue="dense")
+        for attn_op, mlp_op in pairs:
+            todo = [("attn", attn_op), ("mlp", mlp_op)]
+            todo = [(part, op) for part, op in todo if (part, op, shape.dim) not in seen]
+            if not todo:
+                continue
+            attn = AttentionSpec(attn_op, **_middle(choice.attention_grids(attn_op)))
+            mlp = MlpSpec(mlp_op, **_middle(choice.mlp_grids(mlp_op)))
+            specs = [BlockSpec() for _ in fingerprint.blocks]
+            specs[index] = BlockSpec(attn, mlp)
+            built = apply_specs(model, specs, None, None, structure_only=True)
+            for layer in built.blocks[index].modules():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()  # structure_only leaves memory uninitialised
+            block = built.blocks[index].to(rand(1).device).eval()
+            for part, op in todo:
+                seen.add((part, op, shape.dim))
+                if part == "attn":
+                    spec = BlockSpec(attn=attn)
+                    merging = f"merge/{shape.dim}" in table.entries
+                    sized_tags = (False, True) if merging else (False,)
+                    for sized in sized_tags:
+                        real = measure_module(block.attn, shape.dim, sized=sized)
+                        parts = [
+                            _attention_part(table, shape, spec, n, sized) for n in table.tokens
+                        ]
+                        tag = "/sized" if sized else ""
+                        yield (
+                            f"glue/attn/{op}/{shape.dim}{tag}",
+                            [r - p for r, p in zip(real, parts, strict=True)],
+                        )
+                else:
+                    spec = BlockSpec(mlp=mlp)
+                    real = measure_module(block.mlp, shape.dim)
+                    parts = [_mlp_part(table, shape, spec, n) for n in table.tokens]
+                    yield (
+                        f"glue/mlp/{op}/{shape.dim}",
+                        [r - p for r, p in zip(real, parts, strict=True)],
+                    )
+
+
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    embed = model.patch_embed
+    height, width = embed.img_size
+    return (embed.proj.in_channels, height, width)
+
+
+def _outside_ms(
+    model: nn.Module, device: torch.device, batch: int, timer: Callable[[Callable], float]
+) -> float:
+    """Everything but the blocks: the model with its blocks swapped for an identity."""
+    blocks = model.blocks
+    images = torch.randn(batch, *_input_shape(model), device=device)
+    was = model.training
+    try:
+        model.blocks = nn.Sequential()
+        model.to(device).eval()
+        return timer(lambda: model(images))
+    finally:
+        model.blocks = blocks
+        model.train(was)
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

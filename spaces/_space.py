@@ -1,0 +1,280 @@
+"""The search space: per block, which operators may run and at which ranks/keeps/ratios.
+
+Rank grids hold only ranks that save parameters (a factorized Linear with rank r has
+r·(in + out) weights, so r < in·out / (in + out)), as multiples of a granularity so factors
+stay hardware-friendly. Per-head ranks (heads op) save whenever r < head_dim; their step is
+`min(granularity, max(1, head_dim // 4))`, so small heads still get a few choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+
+from ._config import CompressionConfig
+from ._cost import count_flops, count_params, dense_flops, dense_params
+
+OPS = ("lowrank", "heads", "tokens", "prune")
+DEFAULT_MERGE_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
+
+
+@dataclass(frozen=True)
+class BlockChoices:
+    """What one block may become; every grid is ascending and holds only saving values."""
+
+    name: str
+    attention_ops: tuple[str, ...]
+    mlp_ops: tuple[str, ...]
+    qkv_ranks: tuple[int, ...] = ()  # attention lowrank
+    proj_ranks: tuple[int, ...] = ()
+    qk_ranks: tuple[int, ...] = ()  # attention heads (per-head ranks)
+    vo_ranks: tuple[int, ...] = ()
+    heads_kept: tuple[int, ...] = ()  # attention prune
+    fc1_ranks: tuple[int, ...] = ()  # mlp lowrank
+    fc2_ranks: tuple[int, ...] = ()
+    hidden_kept: tuple[int, ...] = ()  # mlp prune
+    merge_ratios: tuple[float, ...] = (0.0,)
+
+    def attention_grids(self, op: str) -> dict[str, tuple[int, ...]]:
+        """The AttentionSpec fields an op sets, with their grids."""
+        return {
+            "dense": {},
+            "lowrank": {"qkv_rank": self.qkv_ranks, "proj_rank": self.proj_ranks},
+            "heads": {"qk_rank": self.qk_ranks, "vo_rank": self.vo_ranks},
+            "prune": {"heads_kept": self.heads_kept},
+        }[op]
+
+    def mlp_grids(self, op: str) -> dict[str, tuple[int, ...]]:
+        return {
+            "dense": {},
+            "lowrank": {"fc1_rank": self.fc1_ranks, "fc2_rank": self.fc2_ranks},
+            "prune": {"hidden_kept": self.hidden_kept},
+        }[op]
+
+    def cheapest_parts(self) -> tuple[list[AttentionSpec], list[MlpSpec]]:
+        """Per operator, its spec with every knob at the grid's minimum."""
+        attns = [
+            AttentionSpec(op, **{k: g[0] for k, g in self.attention_grids(op).items()})
+            for op in self.attention_ops
+        ]
+        mlps = [
+            MlpSpec(op, **{k: g[0] for k, g in self.mlp_grids(op).items()}) for op in self.mlp_ops
+        ]
+        return attns, mlps
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    model: str  # timm name the configs rebuild
+    model_args: dict[str, Any] = field(compare=False)
+    fingerprint: Fingerprint = field(repr=False)
+    blocks: tuple[BlockChoices, ...] = field(repr=False)
+    ops: tuple[str, ...] = OPS
+    granularity: int = 8
+    svd: str = "whitened"
+    compensate: bool = False
+
+    def config(
+        self, blocks: tuple[BlockSpec, ...] | list[BlockSpec], **kwargs: Any
+    ) -> CompressionConfig:
+        """A config of this space's model from per-block specs."""
+        kwargs.setdefault("svd", self.svd)
+        kwargs.setdefault("compensate", self.compensate)
+        return CompressionConfig(
+            self.model, dict(self.model_args), self.fingerprint, tuple(blocks), **kwargs
+        )
+
+    def dense(self) -> CompressionConfig:
+        return self.config([BlockSpec() for _ in self.blocks])
+
+    @property
+    def dense_params(self) -> int:
+        return dense_params(self.fingerprint)
+
+    @property
+    def dense_flops(self) -> int:
+        return dense_flops(self.fingerprint)
+
+    def smallest(self, cost: str = "params") -> CompressionConfig:
+        """The config with the fewest params (or FLOPs) the space reaches.
+
+        Params and FLOPs add up over blocks' attention and MLP parts once the token schedule
+        is fixed, and the most merging gives the fewest tokens everywhere, so picking the
+        cheapest part of each block independently is exact.
+        """
+        if cost not in ("params", "flops"):
+            raise ValueError(f"`cost` must be 'params' or 'flops', but got {cost=}.")
+        specs = []
+        for choice in self.blocks:
+            attns, mlps = choice.cheapest_parts()
+            ratio = max(choice.merge_ratios)
+            options = [BlockSpec(a, m, ratio) for a in attns for m in mlps]
+            specs.append(options)
+        # Choose per block by its own cost, other blocks fixed at their first option.
+        chosen = [opts[0] for opts in specs]
+        measure = count_params if cost == "params" else count_flops
+        for i, opts in enumerate(specs):
+            best = min(
+                opts,
+                key=lambda o, i=i: measure(self.config(chosen[:i] + [o] + chosen[i + 1 :])),
+            )
+            chosen[i] = best
+        return self.config(chosen)
+
+    @property
+    def min_params(self) -> int:
+        return count_params(self.smallest("params"))
+
+    @property
+    def min_flops(self) -> int:
+        return count_flops(self.smallest("flops"))
+
+    def describe(self) -> str:
+        """A readable table: one row per block, its operators and grids."""
+
+        def grid(values: tuple) -> str:
+            if not values:
+                return "-"
+            if len(values) <= 4:
+                return ",".join(str(v) for v in values)
+            step = values[1] - values[0]
+            return f"{values[0]}..{values[-1]} step {step:g}"
+
+        header = (
+            f"{'block':<10} {'attention':<26} {'qkv/proj ranks':<32} {'qk/vo ranks':<24} "
+            f"{'heads kept':<16} {'mlp':<20} {'fc1/fc2 ranks':<34} {'hidden kept':<22} merge"
+        )
+        lines = [
+            f"Search space for {self.model} ({len(self.blocks)} blocks, ops={','.join(self.ops)}, "
+            f"granularity={self.granularity})",
+            header,
+            "-" * len(header),
+        ]
+        for c in self.blocks:
+            lines.append(
+                f"{c.name:<10} {'|'.join(c.attention_ops):<26} "
+                f"{grid(c.qkv_ranks) + ' / ' + grid(c.proj_ranks):<32} "
+                f"{grid(c.qk_ranks) + ' / ' + grid(c.vo_ranks):<24} {grid(c.heads_kept):<16} "
+                f"{'|'.join(c.mlp_ops):<20} {grid(c.fc1_ranks) + ' / ' + grid(c.fc2_ranks):<34} "
+                f"{grid(c.hidden_kept):<22} {grid(c.merge_ratios)}"
+            )
+        dp, df = self.dense_params, self.dense_flops
+        mp, mf = self.min_params, self.min_flops
+        lines.append(
+            f"params: dense {dp:,}, smallest reachable {mp:,} ({mp / dp:.1%}); "
+            f"FLOPs: dense {df:,}, smallest reachable {mf:,} ({mf / df:.1%})"
+        )
+        return "\n".join(lines)
+
+
+def saving_ranks(in_features: int, out_features: int, step: int) -> tuple[int, ...]:
+    """Multiples of `step` with r·(in + out) < in·out (factorizing saves parameters)."""
+    ranks = range(step, min(in_features, out_features) + 1, step)
+    return tuple(r for r in ranks if r * (in_features + out_features) < in_features * out_features)
+
+
+def head_rank_step(head_dim: int, granularity: int) -> int:
+    return max(1, min(granularity, head_dim // 4))
+
+
+def _block_choices(
+    shape: BlockShape, ops: tuple[str, ...], granularity: int, merge_ratios: tuple[float, ...]
+) -> BlockChoices:
+    d, inner, hidden, h, dh = (
+        shape.dim,
+        shape.attn_inner,
+        shape.mlp_hidden,
+        shape.num_heads,
+        shape.head_dim,
+    )
+    attention_ops, mlp_ops = ["dense"], ["dense"]
+    grids: dict[str, tuple] = {}
+    if "lowrank" in ops:
+        qkv = saving_ranks(d, 3 * inner, granularity)
+        proj = saving_ranks(inner, d, granularity)
+        if qkv and proj:
+            attention_ops.append("lowrank")
+            grids.update(qkv_ranks=qkv, proj_ranks=proj)
+        fc1 = saving_ranks(d, hidden, granularity)
+        fc2 = saving_ranks(hidden, d, granularity)
+        if fc1 and fc2:
+            mlp_ops.append("lowrank")
+            grids.update(fc1_ranks=fc1, fc2_ranks=fc2)
+    if "heads" in ops and not shape.qk_norm:
+        step = head_rank_step(dh, granularity)
+        per_head = tuple(range(step, dh, step))
+        if per_head:
+            attention_ops.append("heads")
+            grids.update(qk_ranks=per_head, vo_ranks=per_head)
+    if "prune" in ops:
+        if h > 1:
+            attention_ops.append("prune")
+            grids.update(heads_kept=tuple(range(1, h)))
+        kept = tuple(range(granularity, hidden, granularity))
+        if kept:
+            mlp_ops.append("prune")
+            grids.update(hidden_kept=kept)
+    ratios = tuple(sorted(set(merge_ratios))) if "tokens" in ops else (0.0,)
+    return BlockChoices(
+        name=shape.name,
+        attention_ops=tuple(attention_ops),
+        mlp_ops=tuple(mlp_ops),
+        merge_ratios=ratios,
+        **grids,
+    )
+
+
+def build_space(
+    model_or_fingerprint: nn.Module | Fingerprint,
+    ops: tuple[str, ...] | list[str] | str = OPS,
+    granularity: int = 8,
+    merge_ratios: tuple[float, ...] = DEFAULT_MERGE_RATIOS,
+    *,
+    model_name: str | None = None,
+    model_args: dict[str, Any] | None = None,
+    svd: str = "whitened",
+    compensate: bool = False,
+) -> SearchSpace:
+    """The search space of a timm ViT (or of its fingerprint).
+
+    `ops` picks the operator families searched (a subset of "lowrank", "heads", "tokens",
+    "prune", or a comma-separated string); dense is always a choice. `model_name` defaults to
+    the timm name the model was created with (or the fingerprint's architecture).
+    """
+    if isinstance(ops, str):
+        ops = tuple(o.strip() for o in ops.split(",") if o.strip())
+    ops = tuple(ops)
+    unknown = [o for o in ops if o not in OPS]
+    if unknown:
+        raise ValueError(f"Unknown operator families {unknown}; known: {list(OPS)}.")
+    if not isinstance(granularity, int) or granularity < 1:
+        raise ValueError(f"`granularity >= 1` must hold, but got {granularity=}.")
+    for ratio in merge_ratios:
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"`0 <= merge_ratio < 1` must hold, but got {ratio=}.")
+    if isinstance(model_or_fingerprint, Fingerprint):
+        fingerprint = model_or_fingerprint
+        name = model_name or fingerprint.architecture
+    else:
+        cfg = getattr(model_or_fingerprint, "pretrained_cfg", None) or {}
+        name = model_name or cfg.get("architecture") or type(model_or_fingerprint).__name__
+        # No name: the fingerprint must match what `inspect_vit(model)` gives elsewhere.
+        fingerprint = inspect_vit(model_or_fingerprint)
+    blocks = tuple(
+        _block_choices(shape, ops, granularity, tuple(merge_ratios)) for shape in fingerprint.blocks
+    )
+    return SearchSpace(
+        model=name,
+        model_args=dict(model_args or {}),
+        fingerprint=fingerprint,
+        blocks=blocks,
+        ops=ops,
+        granularity=granularity,
+        svd=svd,
+        compensate=compensate,
+    )

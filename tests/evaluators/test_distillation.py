@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from evaluators import FinetuneResult, finetune
+from evaluators.finetune import distillation_loss, warmup_cosine
+
+
+def _teacher_labelled_data(teacher, n: int, seed: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        labels = teacher(images).argmax(-1)
+    return TensorDataset(images, labels)
+
+
+def _damaged_copy(teacher, scale: float = 0.6):
+    student = copy.deepcopy(teacher)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in student.blocks:
+            w = block.mlp.fc1.weight
+            w.add_(scale * w.std() * torch.randn(w.shape, generator=generator))
+    return student
+
+
+def test_distillation_loss_terms():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    labels = torch.tensor([0])
+    # Same logits: the soft term vanishes, only alpha's complement of CE is left.
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    loss = distillation_loss(logits, logits, labels, temperature=4.0, alpha=0.25)
+    assert loss.item() == pytest.approx(0.75 * ce.item(), rel=1e-6)
+    other = torch.tensor([[0.0, 2.0, -1.0]])
+    assert distillation_loss(other, logits, labels, 4.0, 1.0).item() > 0
+
+
+def test_warmup_then_cosine_schedule():
+    factor = warmup_cosine(total_steps=10, warmup_steps=2)
+    assert [factor(0), factor(1)] == [0.5, 1.0]
+    assert factor(2) == pytest.approx(1.0)
+    assert factor(6) == pytest.approx(0.5)
+    assert factor(10) == pytest.approx(0.0)
+
+
+def test_finetune_is_deterministic_reports_each_epoch_and_keeps_the_best(tiny_vit):
+    teacher = tiny_vit()
+    train = _teacher_labelled_data(teacher, 96, seed=0)
+    val = _teacher_labelled_data(teacher, 64, seed=1)
+    reports = []
+    runs = []
+    for _ in range(2):
+        student = _damaged_copy(teacher)
+        result = finetune(
+            student,
+            teacher,
+            train,
+            val,
+            epochs=2,
+            lr=2e-3,
+            batch_size=32,
+            progress=False,
+            report=reports.append,
+        )
+        runs.append((student, result))
+    (student_a, result_a), (student_b, result_b) = runs
+    assert isinstance(result_a, FinetuneResult)
+    assert [h["epoch"] for h in result_a.history] == [0, 1, 2]
+    assert [r["epoch"] for r in reports] == [1, 2, 1, 2]
+    assert {"val_accuracy", "train_loss", "lr", "best_accuracy"} <= set(reports[0])
+    for a, b in zip(student_a.state_dict().values(), student_b.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    best = max(h["val_accuracy"] for h in result_a.history)
+    assert result_a.best_accuracy == best
+    assert result_a.history[result_a.best_epoch]["val_accuracy"] == best
+    # The weights left in the model are the best epoch's.
+    from evaluators import evaluate_accuracy
+
+    assert evaluate_accuracy(student_a, val) == pytest.approx(result_a.best_accuracy)
+    assert not teacher.training
+
+
+def test_finetune_validates_arguments(tiny_vit):
+    teacher = tiny_vit()
+    data = _teacher_labelled_data(teacher, 8, seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        finetune(copy.deepcopy(teacher), teacher, data, data, alpha=1.5, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        finetune(copy.deepcopy(teacher), teacher, data, data, epochs=0, progress=False)

@@ -1,0 +1,116 @@
+"""A synthetic run directory in the layout a search writes (see search's `RunDir`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import make_tiny_vit
+
+TEACHER_DEPTH = 3
+
+
+def _configs(count: int, seed: int) -> list:
+    """`count` random but valid configs of a 3-block tiny ViT."""
+    from spaces import CompressionConfig
+
+    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.compress.structure import inspect_vit
+
+    model = make_tiny_vit(depth=TEACHER_DEPTH)
+    fingerprint = inspect_vit(model, "vit_small_patch16_224")
+    rng = np.random.default_rng(seed)
+    shape = fingerprint.blocks[0]
+    attention = [
+        AttentionSpec(),
+        AttentionSpec("lowrank", qkv_rank=8, proj_rank=8),
+        AttentionSpec("heads", qk_rank=4, vo_rank=8),
+        AttentionSpec("prune", heads_kept=1),
+    ]
+    mlp = [MlpSpec(), MlpSpec("lowrank", fc1_rank=8, fc2_rank=16), MlpSpec("prune", hidden_kept=64)]
+    configs = []
+    for _ in range(count):
+        blocks = tuple(
+            BlockSpec(
+                attention[rng.integers(len(attention))],
+                mlp[rng.integers(len(mlp))],
+                float(rng.choice([0.0, 0.25])),
+            )
+            for _ in fingerprint.blocks
+        )
+        configs.append(
+            CompressionConfig("vit_small_patch16_224", {"depth": TEACHER_DEPTH}, fingerprint, blocks)
+        )
+    assert shape.mlp_hidden == 128
+    return configs
+
+
+def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> Path:
+    """A run directory: run.yaml, trials.parquet, pareto.json, winners/<id>/."""
+    from spaces import count_flops, count_params, dense_params
+
+    configs = _configs(trials, seed)
+    dense = dense_params(configs[0].fingerprint)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for number, config in enumerate(configs):
+        params = count_params(config)
+        # A proxy that falls as parameters grow, with noise: a real-looking front.
+        proxy = float((dense / params - 1.0) + 0.3 * rng.random())
+        rows.append(
+            dict(
+                number=number,
+                state="COMPLETE",
+                proxy=proxy,
+                params=params,
+                flops=count_flops(config),
+                latency_ms=float(0.1 + params / dense + 0.01 * rng.random()),
+                violation=(params - 0.8 * dense) / (0.8 * dense),
+                baseline={0: "uniform-whitened", 1: "tome"}.get(number),
+                config=config.to_json(indent=None),
+            )
+        )
+    table = pd.DataFrame(rows)
+    table["feasible"] = table["violation"] <= 0
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.yaml").write_text(
+        yaml.safe_dump(
+            {"workload": "digits-vit", "budget_params": "0.8", "trials": trials, "seed": seed}
+        )
+    )
+    table.to_parquet(root / "trials.parquet", index=False)
+    from reports import pareto_front
+
+    front = table[pareto_front(table, ("proxy", "params"))].sort_values("params")
+    chosen = front["number"].tolist()[:winners]
+    (root / "pareto.json").write_text(
+        json.dumps({"objectives": ["proxy", "params"], "front": front["number"].tolist()})
+    )
+    for rank, number in enumerate(chosen):
+        directory = root / "winners" / f"trial-{number:04d}"
+        directory.mkdir(parents=True)
+        config = configs[number].replace(provenance={"run": root.name, "trial": number})
+        config.save(directory / "config.json")
+        record = table.iloc[number]
+        (directory / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "number": int(number),
+                    "proxy": float(record["proxy"]),
+                    "params": int(record["params"]),
+                    "finetuned_accuracy": 0.9 - 0.05 * rank,
+                    "latency_ms": float(record["latency_ms"]),
+                }
+            )
+        )
+    return root
+
+
+@pytest.fixture
+def synthetic_run(tmp_path: Path) -> Path:
+    return write_run(tmp_path / "run-a")

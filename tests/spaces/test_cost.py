@@ -1,0 +1,92 @@
+"""Params and FLOPs predicted from (config, fingerprint) equal the built model's."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from _spaces_cases import random_specs, variant_model, variant_space
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from spaces import count_flops, count_params, dense_flops, dense_params
+from vitrank.compress.apply import apply_specs
+from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+
+
+def built(model: nn.Module, specs: list[BlockSpec]) -> nn.Module:
+    student = apply_specs(model, specs, None, None, structure_only=True)
+    for layer in student.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()  # structure_only leaves memory uninitialised
+    return student.eval()
+
+
+def measured_flops(model: nn.Module, batch: int) -> int:
+    image = model.patch_embed.img_size
+    x = torch.randn(batch, model.patch_embed.proj.in_channels, *image)
+    # The math SDPA backend decomposes attention into matmuls the counter sees; the fused
+    # CPU kernel is not registered with torch.utils.flop_counter.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
+        model(x)
+    return c.get_total_flops()
+
+
+def test_dense_counts_equal_the_teacher(variant: str) -> None:
+    model = variant_model(variant)
+    space = variant_space(variant)
+    assert dense_params(space.fingerprint) == sum(p.numel() for p in model.parameters())
+    assert count_params(space.dense()) == dense_params(space.fingerprint)
+    assert count_flops(space.dense(), batch=2) == measured_flops(model, 2)
+    assert dense_flops(space.fingerprint) == count_flops(space.dense())
+
+
+def test_random_configs_match_built_models(variant: str) -> None:
+    model = variant_model(variant)
+    space = variant_space(variant)
+    rng = random.Random(variant)
+    merged = 0
+    for _ in range(12):
+        specs = random_specs(space, rng)
+        config = space.config(specs)
+        student = built(model, specs)
+        assert count_params(config) == sum(p.numel() for p in student.parameters()), specs
+        predicted, counted = count_flops(config, batch=2), measured_flops(student, 2)
+        assert abs(predicted - counted) <= 0.01 * counted, (predicted, counted, specs)
+        merged += config.token_schedule[-1] < space.fingerprint.num_tokens
+    assert merged > 0  # token merging was exercised
+
+
+def test_extreme_settings_match(variant: str) -> None:
+    """Full ranks, one head kept, one hidden unit kept, most merging, in every block."""
+    model = variant_model(variant)
+    space = variant_space(variant)
+    shape = space.fingerprint.blocks[0]
+    d, inner = shape.dim, shape.attn_inner
+    attns = [
+        AttentionSpec("lowrank", qkv_rank=min(d, 3 * inner), proj_rank=0),
+        AttentionSpec("prune", heads_kept=1),
+    ]
+    if not shape.qk_norm:
+        attns.append(AttentionSpec("heads", qk_rank=1, vo_rank=shape.head_dim))
+    mlps = [MlpSpec("prune", hidden_kept=1), MlpSpec("lowrank", fc1_rank=0, fc2_rank=1)]
+    for attn in attns:
+        for mlp in mlps:
+            specs = [BlockSpec(attn, mlp, 0.9) for _ in space.blocks]
+            config = space.config(specs)
+            student = built(model, specs)
+            assert count_params(config) == sum(p.numel() for p in student.parameters())
+            assert count_flops(config) == measured_flops(student, 1)
+
+
+def test_merging_lowers_flops_quadratically_in_attention() -> None:
+    space = variant_space("vit")
+    dense = space.dense()
+    merged = space.config([BlockSpec(merge_ratio=0.25) for _ in space.blocks])
+    assert count_params(merged) == count_params(dense)
+    assert count_flops(merged) < count_flops(dense)
+    assert count_flops(dense, batch=3) == 3 * count_flops(dense)
+    with pytest.raises(ValueError, match="batch >= 1"):
+        count_flops(dense, batch=0)

@@ -1,0 +1,227 @@
+"""FactorCache on tiny random ViTs: exact errors on the calibration tokens, slicing only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from evaluators.calibration import calibrate
+from vitrank.compress.factorize import FactorCache
+from vitrank.compress.stats import LINEAR_KEYS
+
+ARCHS = [
+    ("vit_small_patch16_224", {"qkv_bias": True}),
+    ("vit_small_patch16_224", {"qkv_bias": False, "class_token": False, "global_pool": "avg"}),
+    ("deit_tiny_distilled_patch16_224", {}),
+    ("vit_base_patch16_reg4_gap_256", {}),
+]
+
+
+def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _dataset(images: torch.Tensor) -> TensorDataset:
+    return TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+
+
+@torch.no_grad()
+def _inputs(model, images) -> dict[str, torch.Tensor]:
+    """Every block Linear's input tokens (n, in) and each block's attention input (B, N, d)."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(model.blocks):
+        layers = {"attn.qkv": block.attn.qkv, "attn.proj": block.attn.proj}
+        layers.update({"mlp.fc1": block.mlp.fc1, "mlp.fc2": block.mlp.fc2, "attn": block.attn})
+        for name, layer in layers.items():
+
+            def hook(module, args, key=f"blocks.{i}.{name}"):
+                captured[key] = args[0].detach()
+
+            handles.append(layer.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(images)
+    for handle in handles:
+        handle.remove()
+    return captured
+
+
+@pytest.fixture(scope="module")
+def calibrated(request):
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(**{"qkv_bias": True}).double()
+    images = _images()
+    stats = calibrate(model, _dataset(images), batch_size=5, progress=False)
+    return model, images, stats
+
+
+def _close(closed_form: float, measured: float, energy: float) -> bool:
+    """Relative difference <= 1e-6; errors at fp64 round-off level (1e-12 of the layer's
+    energy, e.g. the null direction of a LayerNorm output) count as equal."""
+    return abs(closed_form - measured) <= 1e-6 * measured + 1e-12 * energy
+
+
+@torch.no_grad()
+def test_linear_errors_equal_measured_output_error_on_calibration_tokens(calibrated):
+    model, images, stats = calibrated
+    inputs = _inputs(model, images)
+    for whitening in (True, False):
+        cache = FactorCache(model, stats, whitening=whitening)
+        for i, block in enumerate(model.blocks):
+            layers = dict(zip(LINEAR_KEYS, [block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2]))
+            for name, layer in layers.items():
+                key = f"blocks.{i}.{name}"
+                X = inputs[key].reshape(-1, layer.in_features)
+                for rank in (1, cache.max_rank(key) // 2, cache.max_rank(key) - 1):
+                    down, up, bias = cache.linear(key, rank)
+                    measured = float((X @ (layer.weight - up @ down).T).square().sum() / len(X))
+                    assert _close(cache.error(key, rank), measured, cache.energy(key)), (key, rank)
+
+
+@torch.no_grad()
+def test_head_errors_equal_measured_errors_on_calibration_tokens(calibrated):
+    model, images, stats = calibrated
+    inputs = _inputs(model, images)
+    cache = FactorCache(model, stats)
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        H, dh = attn.num_heads, attn.head_dim
+        x = inputs[f"blocks.{i}.attn"]
+        X = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1).reshape(-1, x.shape[-1] + 1)
+        W = torch.cat([attn.qkv.weight, attn.qkv.bias[:, None]], 1)
+        q = (X @ W[: H * dh].T).reshape(-1, H, dh).transpose(0, 1)
+        k = (X @ W[H * dh : 2 * H * dh].T).reshape(-1, H, dh).transpose(0, 1)
+        logits = q @ k.transpose(-1, -2)
+        for rank in (1, dh - 1):
+            P, Q = cache.qk(i, rank)
+            measured = float((logits - (X @ P) @ (X @ Q).transpose(-1, -2)).square().sum()) / len(X) ** 2
+            key = f"blocks.{i}.attn.qk"
+            assert _close(cache.error(key, rank), measured, cache.energy(key))
+        # value/output: per-head outputs (A_h x) N_h, A_h from timm's explicit attention.
+        qkv = attn.qkv(x).reshape(*x.shape[:2], 3, H, dh).permute(2, 0, 3, 1, 4)
+        A = (qkv[0] @ qkv[1].transpose(-1, -2) * attn.scale).softmax(-1)
+        Ax = A @ x.unsqueeze(1)
+        Wv, Wo = attn.qkv.weight[2 * H * dh :], attn.proj.weight
+        N = Wv.reshape(H, dh, -1).transpose(-1, -2) @ Wo.T.reshape(H, dh, -1)
+        for rank in (1, dh - 1):
+            V, O, _ = cache.vo(i, rank)
+            measured = float((Ax @ (N - V @ O)).square().sum()) / (x.shape[0] * x.shape[1])
+            key = f"blocks.{i}.attn.vo"
+            assert _close(cache.error(key, rank), measured, cache.energy(key))
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ARCHS)
+@torch.no_grad()
+def test_full_rank_products_reproduce_the_attention_exactly(arch, overrides):
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(arch, **overrides).double()
+    images = _images(4)
+    stats = calibrate(model, _dataset(images), progress=False)
+    cache = FactorCache(model, stats)
+    inputs = _inputs(model, images)
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        x = inputs[f"blocks.{i}.attn"]
+        x_bar = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1).unsqueeze(1)
+        P, Q = cache.qk(i, attn.head_dim)
+        A = ((x_bar @ P) @ (x_bar @ Q).transpose(-1, -2) * attn.scale).softmax(-1)
+        V, O, out_bias = cache.vo(i, attn.head_dim)
+        out = (A @ x.unsqueeze(1) @ V @ O).sum(1) + (0 if out_bias is None else out_bias)
+        torch.testing.assert_close(out, attn(x), rtol=1e-9, atol=1e-9)
+        for name in LINEAR_KEYS:
+            key = f"blocks.{i}.{name}"
+            down, up, bias = cache.linear(key, cache.max_rank(key))
+            layer = model.get_submodule(key)
+            torch.testing.assert_close(up @ down, layer.weight, rtol=1e-9, atol=1e-9)
+
+
+def test_whitened_errors_never_above_plain(calibrated):
+    model, _, stats = calibrated
+    whitened, plain = FactorCache(model, stats), FactorCache(model, stats, whitening=False)
+    for key in whitened.keys():
+        w, p = whitened.errors(key), plain.errors(key)
+        assert bool((w <= p * (1 + 1e-9) + 1e-15).all()), key
+        assert whitened.energy(key) == pytest.approx(plain.energy(key), rel=1e-9)
+
+
+def test_no_svd_or_cholesky_after_construction(calibrated, monkeypatch, tmp_path):
+    model, _, stats = calibrated
+    cache = FactorCache(model, stats)
+    calls = []
+    for name in ("svd", "cholesky", "cholesky_ex", "qr", "eigh", "eigvalsh", "svdvals"):
+        original = getattr(torch.linalg, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counted)
+    for key in cache.keys():
+        for rank in range(1 if key.endswith(("qk", "vo")) else 1, cache.max_rank(key) + 1):
+            cache.error(key, rank)
+        cache.spectrum(key)
+    for i in range(len(model.blocks)):
+        cache.qk(i, 3), cache.vo(i, 2), cache.linear(f"blocks.{i}.mlp.fc1", 5)
+    cache.save(tmp_path / "factors.safetensors")
+    loaded = FactorCache.load(tmp_path / "factors.safetensors", model)
+    assert calls == []
+    for key in cache.keys():
+        assert torch.equal(loaded.errors(key), cache.errors(key))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.vo(1, 3), cache.vo(1, 3), strict=True))
+
+
+def test_plain_cache_without_statistics_and_shapes():
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(qkv_bias=False)
+    cache = FactorCache(model, None)
+    assert not cache.whitening
+    W = model.blocks[0].mlp.fc1.weight
+    down, up, bias = cache.linear("blocks.0.mlp.fc1", 7)
+    assert down.shape == (7, 32) and up.shape == (128, 7) and down.dtype == torch.float32
+    sigma = torch.linalg.svdvals(W.detach().double())
+    assert cache.error("blocks.0.mlp.fc1", 7) == pytest.approx(float(sigma[7:].square().sum()), rel=1e-9)
+    P, Q = cache.qk(1, 5)
+    assert P.shape == Q.shape == (2, 33, 5)
+    V, O, out_bias = cache.vo(1, 5)
+    assert V.shape == (2, 32, 5) and O.shape == (2, 5, 32) and out_bias.shape == (32,)
+    assert cache.spectrum("blocks.0.attn.qk").shape == (2, 16)
+
+
+def test_refusals_name_the_rule_and_the_value(calibrated, tmp_path):
+    from tests.conftest import make_tiny_vit
+
+    model, _, stats = calibrated
+    cache = FactorCache(model, stats)
+    with pytest.raises(ValueError, match=r"blocks.0.attn.qk: `1 <= rank <= 16` must hold, but got rank=17"):
+        cache.qk(0, 17)
+    with pytest.raises(ValueError, match="rank <= 32"):
+        cache.linear("blocks.1.mlp.fc2", 33)
+    with pytest.raises(KeyError, match="2 blocks"):
+        cache.linear("blocks.5.mlp.fc2", 3)
+    normed = make_tiny_vit(qk_norm=True)
+    with pytest.raises(ValueError, match="qk_norm"):
+        FactorCache(normed, None).qk(0, 2)
+    cache.save(tmp_path / "f.safetensors")
+    other = make_tiny_vit(seed=1, qkv_bias=True).double()
+    with pytest.raises(ValueError, match="other weights"):
+        FactorCache.load(tmp_path / "f.safetensors", other)
+
+
+def test_non_finite_weights_or_statistics_are_reported(calibrated):
+    model, _, stats = calibrated
+    broken = {k: v.clone() for k, v in stats.gram.items()}
+    broken["blocks.1.mlp.fc1"][2, 3] = float("nan")
+    bad_stats = type(stats)(broken, stats.head_gram, stats.hidden_abs_mean, stats.head_abs_mean)
+    with pytest.raises(ValueError, match="gram.blocks.1.mlp.fc1 holds 1 NaN/Inf"):
+        FactorCache(model, bad_stats)
+    import copy
+
+    bad_model = copy.deepcopy(model)
+    with torch.no_grad():
+        bad_model.blocks[0].attn.proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="blocks.0.attn.proj: `W` must be finite"):
+        FactorCache(bad_model, stats)

@@ -1,0 +1,138 @@
+"""Head-level (COMCAT) factorization: exact products with biases, exact closed-form errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitrank.compress.heads import factorize_qk, factorize_vo
+
+H, DH, D = 3, 4, 10
+
+
+def _setup(seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    mix = r(D, D)
+    x = r(6, 20, D) @ mix + 0.3  # 6 images of 20 tokens, correlated and not centred
+    W_qkv, b_qkv = r(3 * H * DH, D), (r(3 * H * DH) if bias else None)
+    W_o, b_o = r(D, H * DH), (r(D) if bias else None)
+    return x, W_qkv, b_qkv, W_o, b_o
+
+
+def _split(W_qkv, b_qkv):
+    n = H * DH
+    parts = [W_qkv[i * n : (i + 1) * n] for i in range(3)]
+    biases = [None] * 3 if b_qkv is None else [b_qkv[i * n : (i + 1) * n] for i in range(3)]
+    return parts, biases
+
+
+def _bar(x):
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def _qk_logits(x, W_q, b_q, W_k, b_k):
+    q = x @ W_q.T + (0 if b_q is None else b_q)
+    k = x @ W_k.T + (0 if b_k is None else b_k)
+    q = q.reshape(*x.shape[:-1], H, DH).transpose(-2, -3)
+    k = k.reshape(*x.shape[:-1], H, DH).transpose(-2, -3)
+    return q @ k.transpose(-1, -2)  # (..., H, N, N)
+
+
+def _attention(x, W_qkv, b_qkv):
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    return (_qk_logits(x, W_q, b_q, W_k, b_k) * DH**-0.5).softmax(-1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_qk_reproduces_logits_with_biases(bias):
+    x, W_qkv, b_qkv, _, _ = _setup(bias=bias)
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    C_bar = _bar(x).reshape(-1, D + 1).T @ _bar(x).reshape(-1, D + 1) / (6 * 20)
+    for C in (C_bar, None):
+        factors = factorize_qk(W_q, b_q, W_k, b_k, H, C)
+        P, Q = factors.at_rank(DH)
+        assert P.shape == (H, D + 1, DH)
+        approx = (_bar(x).unsqueeze(1) @ P) @ (_bar(x).unsqueeze(1) @ Q).transpose(-1, -2)
+        torch.testing.assert_close(approx, _qk_logits(x, W_q, b_q, W_k, b_k), rtol=1e-9, atol=1e-9)
+        assert factors.error(DH) == 0.0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_vo_reproduces_output_with_folded_bias(bias):
+    x, W_qkv, b_qkv, W_o, b_o = _setup(bias=bias)
+    (_, _, W_v), (_, _, b_v) = _split(W_qkv, b_qkv)
+    A = _attention(x, W_qkv, b_qkv)  # (6, H, N, N)
+    v = (x @ W_v.T + (0 if b_v is None else b_v)).reshape(6, 20, H, DH).transpose(1, 2)
+    reference = (A @ v).transpose(1, 2).reshape(6, 20, H * DH) @ W_o.T + (0 if b_o is None else b_o)
+    Ax = A @ x.unsqueeze(1)  # (6, H, N, d)
+    C_heads = torch.einsum("bhni,bhnj->hij", Ax, Ax) / (6 * 20)
+    for C in (C_heads, None):
+        factors, out_bias = factorize_vo(W_v, b_v, W_o, b_o, H, C)
+        V, O_t = factors.at_rank(DH)
+        out = (Ax @ V @ O_t.transpose(-1, -2)).sum(1) + (0 if out_bias is None else out_bias)
+        torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-9)
+        assert (out_bias is None) == (not bias)
+
+
+def test_qk_closed_form_error_equals_measured_mean_over_token_pairs():
+    x, W_qkv, b_qkv, _, _ = _setup(seed=1)
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    X = _bar(x).reshape(-1, D + 1)  # pooled calibration tokens
+    C_bar = X.T @ X / len(X)
+    for whiten in (True, False):
+        factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=whiten)
+        q = (X @ torch.cat([W_q, b_q[:, None]], 1).T).reshape(-1, H, DH).transpose(0, 1)
+        k = (X @ torch.cat([W_k, b_k[:, None]], 1).T).reshape(-1, H, DH).transpose(0, 1)
+        logits = q @ k.transpose(-1, -2)  # (H, n, n): every pair of calibration tokens
+        for rank in range(DH + 1):
+            P, Q = factors.left[..., :rank], factors.right[..., :rank]
+            approx = (X @ P) @ (X @ Q).transpose(-1, -2)
+            measured = float((logits - approx).square().sum() / len(X) ** 2)
+            assert factors.error(rank) == pytest.approx(measured, rel=1e-6, abs=1e-12), rank
+
+
+def test_vo_closed_form_error_equals_measured_per_head_output_error():
+    x, W_qkv, b_qkv, W_o, b_o = _setup(seed=2)
+    (_, _, W_v), (_, _, b_v) = _split(W_qkv, b_qkv)
+    Ax = (_attention(x, W_qkv, b_qkv) @ x.unsqueeze(1)).transpose(0, 1).reshape(H, -1, D)
+    C_heads = Ax.transpose(-1, -2) @ Ax / Ax.shape[1]
+    N = W_v.reshape(H, DH, D).transpose(-1, -2) @ W_o.T.reshape(H, DH, D)  # (H, d, d)
+    errors = {}
+    for whiten in (True, False):
+        factors, _ = factorize_vo(W_v, b_v, W_o, b_o, H, C_heads, whiten=whiten)
+        for rank in range(DH + 1):
+            V, O_t = factors.left[..., :rank], factors.right[..., :rank]
+            diff = Ax @ (N - V @ O_t.transpose(-1, -2))
+            measured = float(diff.square().sum() / Ax.shape[1])
+            assert factors.error(rank) == pytest.approx(measured, rel=1e-6, abs=1e-12), rank
+            errors[whiten, rank] = measured
+    for rank in range(1, DH):
+        assert errors[True, rank] <= errors[False, rank] * (1 + 1e-9)
+
+
+def test_whitened_qk_never_worse_than_plain():
+    x, W_qkv, b_qkv, _, _ = _setup(seed=4)
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    X = _bar(x).reshape(-1, D + 1)
+    C_bar = X.T @ X / len(X)
+    whitened = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar)
+    plain = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=False)
+    for rank in range(1, DH):
+        assert whitened.error(rank) <= plain.error(rank) * (1 + 1e-9)
+
+
+def test_non_finite_weights_are_reported():
+    x, W_qkv, b_qkv, W_o, b_o = _setup()
+    (W_q, W_k, W_v), (b_q, b_k, b_v) = _split(W_qkv, b_qkv)
+    W_o = W_o.clone()
+    W_o[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="blocks.2.attn.vo: `W_o` must be finite"):
+        factorize_vo(W_v, b_v, W_o, b_o, H, None, name="blocks.2.attn.vo")
+    C = torch.eye(D + 1, dtype=torch.float64)
+    C[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="`C` must be finite"):
+        factorize_qk(W_q, b_q, W_k, b_k, H, C)

@@ -1,0 +1,360 @@
+"""The `vitrank` command line: one subcommand per step of the pipeline.
+
+Every subcommand is parsed here and handled by `_cmd_<name>(args) -> int`; heavy
+imports happen inside the handlers, so `vitrank --help` stays fast. Errors caused by the
+user's input print one or two lines (exit 2); anything else prints one line and exits 1;
+`--verbose` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+USAGE_ERROR, FAILURE = 2, 1
+
+SUBCOMMANDS: dict[str, str] = {
+    "search": "search the Pareto front of compressed models under a budget (the main job)",
+    "report": "write report.html, summary.md and trials tables for one or more runs",
+    "apply": "apply a saved compression config to a model, re-calibrated on your data",
+    "eval": "accuracy, parameters, FLOPs and latency of a saved compressed model",
+    "finetune": "fine-tune more winners of a finished search by distillation",
+    "export": "export a saved compressed model to ONNX",
+    "latency": "measure the per-operator latency table on a device",
+    "space": "show a teacher's blocks and shapes (what the search can change)",
+}
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _add_workload(parser: argparse.ArgumentParser, *, calib: bool = True) -> None:
+    group = parser.add_argument_group("workload (teacher and images)")
+    group.add_argument(
+        "--workload",
+        default=None,
+        help="embedded workload (default: digits-vit, a small ViT on sklearn's digits)",
+    )
+    group.add_argument(
+        "--model",
+        default=None,
+        help="a timm ViT name (e.g. deit_small_patch16_224) or local-dir:PATH (a timm folder)",
+    )
+    group.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="ImageFolder directory: DIR/train/<class>/, DIR/val/<class>/ or DIR/<class>/",
+    )
+    group.add_argument(
+        "--pretrained",
+        action="store_true",
+        default=None,
+        help="load the named model's hub weights (needs a network)",
+    )
+    if calib:
+        group.add_argument(
+            "--calib-size",
+            type=int,
+            default=None,
+            metavar="N",
+            help="calibration images drawn from the training split (default: 256)",
+        )
+
+
+def _add_device(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cpu)", metavar="D"
+    )
+    parser.add_argument("--batch", type=int, default=None, metavar="B", help=batch_help)
+
+
+def _add_ops(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ops",
+        default=None,
+        help="operator families to search, comma separated: lowrank,heads,tokens,prune "
+        "(default: all)",
+    )
+    parser.add_argument(
+        "--granularity",
+        type=int,
+        default=None,
+        metavar="G",
+        help="ranks are multiples of G (default: 8)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitrank",
+        description="Automatic compression of Vision Transformers: searches per-layer "
+        "ranks, head-level factorization, token merging and channel pruning under a budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show full tracebacks")
+    # also accepted after the subcommand; SUPPRESS keeps it from resetting the global flag
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=SUBCOMMANDS[name], description=SUBCOMMANDS[name], parents=[verbose]
+        )
+
+    p = command("search")
+    _add_workload(p)
+    p.add_argument("--config", default=None, metavar="YAML", help="settings file (run.yaml)")
+    budget = p.add_argument_group("budget (default: --budget-params 0.5)")
+    budget.add_argument(
+        "--budget-params",
+        default=None,
+        metavar="P",
+        help="parameters kept: a fraction of the teacher's (0.5) or a count (11M)",
+    )
+    budget.add_argument(
+        "--budget-latency", type=float, default=None, metavar="MS", help="latency in ms"
+    )
+    budget.add_argument(
+        "--budget-flops", type=float, default=None, metavar="F", help="FLOPs kept, a fraction"
+    )
+    _add_device(budget, "batch size the latency budget is measured at (default: 1)")
+    p.add_argument(
+        "--objectives",
+        default=None,
+        help="comma separated objectives (default: proxy,params; proxy,latency with a "
+        "latency budget)",
+    )
+    _add_ops(p)
+    p.add_argument("--proxy", choices=["logits", "spectral"], default=None, help="default: logits")
+    p.add_argument(
+        "--parametrization", choices=["raw", "budgeted"], default=None, help="default: raw"
+    )
+    p.add_argument("--svd", choices=["whitened", "plain"], default=None, help="default: whitened")
+    p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 100")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="tpe, nsga2, gp, random or baseline:NAME (default: tpe)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="default: 0")
+    p.add_argument("--engine", choices=["ray", "optuna"], default=None, help="default: ray")
+    p.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="join an existing Ray cluster"
+    )
+    p.add_argument("--cpus-per-trial", type=float, default=None, metavar="N")
+    p.add_argument("--gpus-per-trial", type=float, default=None, metavar="N")
+    p.add_argument(
+        "--finetune-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="winners fine-tuned after the search",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the search in --out where it stopped",
+    )
+
+    p = command("report")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="one run, or several to compare")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="where to write (default: the run directory)"
+    )
+
+    p = command("apply")
+    p.add_argument("config", metavar="CONFIG", help="a config.json found by a search")
+    _add_workload(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the model")
+    p.add_argument("--seed", type=int, default=None, help="picks the calibration subset")
+
+    p = command("eval")
+    p.add_argument("model_dir", metavar="DIR", help="a saved compressed model")
+    _add_workload(p, calib=False)
+    _add_device(p, "batch size for accuracy and latency (default: 1 for latency)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("finetune")
+    p.add_argument("run", metavar="RUN_DIR", help="a finished search's directory")
+    p.add_argument("--top", type=int, default=None, metavar="K", help="winners to fine-tune")
+    p.add_argument("--epochs", type=int, default=None, metavar="E")
+    p.add_argument("--device", default=None, metavar="D")
+
+    p = command("export")
+    p.add_argument("model_dir", metavar="DIR", help="a saved compressed model")
+    p.add_argument("--onnx", required=True, metavar="FILE", help="the ONNX file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
+
+    p = command("latency")
+    _add_workload(p, calib=False)
+    _add_device(p, "batch size (default: 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads pinned")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help="timed runs per op")
+    p.add_argument("--out", default=None, metavar="FILE", help="where to save the table")
+
+    p = command("space")
+    _add_workload(p, calib=False)
+    _add_ops(p)
+    return parser
+
+
+def _version() -> str:
+    from vitrank import __version__
+
+    return __version__
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+def _not_built(name: str) -> int:
+    print(f"vitrank {name} is not built yet.", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def load_workload_from_args(args: argparse.Namespace) -> Any:
+    """The `Workload` the shared workload options name."""
+    from vitrank.workloads import load_workload
+
+    kwargs: dict[str, Any] = {
+        "workload": args.workload,
+        "model": args.model,
+        "data": args.data,
+        "pretrained": bool(args.pretrained),
+    }
+    if getattr(args, "calib_size", None) is not None:
+        kwargs["calib_size"] = args.calib_size
+    if getattr(args, "seed", None) is not None:
+        kwargs["seed"] = args.seed
+    return load_workload(**kwargs)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    workload = load_workload_from_args(args)  # refuses models vitrank cannot compress
+    print(f"Loaded {workload.name}; the search itself is still to come (issue 7).")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    return _not_built("report")
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    return _not_built("apply")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    return _not_built("eval")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    return _not_built("finetune")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    return _not_built("export")
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    return _not_built("latency")
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from vitrank.compress.structure import inspect_vit
+
+    workload = load_workload_from_args(args)
+    fp = inspect_vit(workload.model, workload.model_name)
+    total = sum(p.numel() for p in workload.model.parameters())
+    table = Table(title=f"{workload.name}: {fp.architecture}")
+    for column in ("block", "dim", "heads", "head dim", "mlp hidden", "biases", "qk norm"):
+        table.add_column(column, justify="left" if column in ("block", "biases") else "right")
+    table.add_column("params", justify="right")
+    for b in fp.blocks:
+        biases = "".join(
+            flag if on else "-"
+            for flag, on in zip(
+                "qpfF", (b.qkv_bias, b.proj_bias, b.fc1_bias, b.fc2_bias), strict=True
+            )
+        )
+        table.add_row(
+            b.name,
+            str(b.dim),
+            str(b.num_heads),
+            str(b.head_dim),
+            str(b.mlp_hidden),
+            biases,
+            "yes" if b.qk_norm else "no",
+            f"{_block_params(b):,}",
+        )
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    console.print(
+        f"tokens {fp.num_tokens} ({fp.num_prefix_tokens} prefix), classes {fp.num_classes}, "
+        f"input {tuple(workload.input_size)}, params {total:,} "
+        f"({fp.other_params:,} outside the blocks)"
+    )
+    console.print("biases: q = qkv, p = proj, f = fc1, F = fc2 (- = none)")
+    return 0
+
+
+def _block_params(b: Any) -> int:
+    inner = b.attn_inner
+    qkv = b.dim * 3 * inner + (3 * inner if b.qkv_bias else 0)
+    proj = inner * b.dim + (b.dim if b.proj_bias else 0)
+    fc1 = b.dim * b.mlp_hidden + (b.mlp_hidden if b.fc1_bias else 0)
+    fc2 = b.mlp_hidden * b.dim + (b.dim if b.fc2_bias else 0)
+    return qkv + proj + fc1 + fc2 + b.fixed_params
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "search": _cmd_search,
+    "report": _cmd_report,
+    "apply": _cmd_apply,
+    "eval": _cmd_eval,
+    "finetune": _cmd_finetune,
+    "export": _cmd_export,
+    "latency": _cmd_latency,
+    "space": _cmd_space,
+}
+
+
+# --- entry point --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = HANDLERS[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("vitrank: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.verbose:
+            raise
+        from vitrank.compress.structure import UnsupportedModelError
+
+        # the user's input is wrong (a model, a path, a value): say what, exit 2
+        usage = isinstance(error, (UnsupportedModelError, ValueError, FileNotFoundError))
+        message = str(error) or type(error).__name__
+        print(f"vitrank {args.command}: error: {message}", file=sys.stderr)
+        if not usage:
+            print("(rerun with --verbose for the traceback)", file=sys.stderr)
+        return USAGE_ERROR if usage else FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

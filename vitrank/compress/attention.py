@@ -1,0 +1,316 @@
+"""Attention modules for compressed blocks: dense, matrix-level low rank, head-level (COMCAT).
+
+All three share one forward signature, ``forward(x, log_size=None) -> (output, keys)``:
+``log_size`` (B, N) is ToMe's proportional attention (log of each token's size added to
+the logits of the keys), and ``keys`` (B, N, e) are the keys averaged over heads, the
+similarity metric that token merging uses. With no ``log_size`` the fused
+``scaled_dot_product_attention`` path is the same as timm's.
+
+Adapted in spirit from ToMe's patched timm Attention (facebookresearch/ToMe,
+``tome/patch/timm.py``): ours passes the size bias as SDPA's additive mask instead of
+running explicit attention, and returns the keys alongside the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    log_size: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """softmax(q kᵀ·scale + log_size) v for q, k (B, H, N, e) and v (B, H, N, ev).
+
+    ``log_size`` (B, N) is added to every query's logits for each key (proportional
+    attention); the value width ``ev`` may differ from the query-key width ``e``.
+    """
+    mask = None
+    if log_size is not None:
+        mask = log_size[:, None, None, :].to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
+    )
+
+
+def _bare_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` around the given tensors, skipping the initialisation.
+
+    ``nn.Linear.__init__`` runs a Kaiming initialisation that is overwritten at once; a
+    search builds thousands of layers, so this skips it (even on the meta device it costs
+    a millisecond per layer).
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
+    layer.weight = nn.Parameter(weight)
+    layer.register_parameter("bias", None if bias is None else nn.Parameter(bias))
+    return layer
+
+
+def empty_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Linear:
+    """An ``nn.Linear`` of the right shape with uninitialised weights (a state dict fills it)."""
+    kw = {"dtype": dtype, "device": device}
+    return _bare_linear(
+        torch.empty(out_features, in_features, **kw),
+        torch.empty(out_features, **kw) if bias else None,
+    )
+
+
+def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out × in) and ``bias``.
+
+    Copies, because the tensors are often slices of a factor cache or views of the
+    teacher's weights, which fine-tuning must not write through to.
+    """
+    return _bare_linear(
+        weight.detach().clone(memory_format=torch.contiguous_format),
+        None if bias is None else bias.detach().clone(memory_format=torch.contiguous_format),
+    )
+
+
+class _QkvAttention(nn.Module):
+    """Multi-head attention with a fused qkv map and an output map, as timm's Attention.
+
+    ``qkv`` and ``proj`` are any modules with Linear semantics (an ``nn.Linear`` or a
+    low-rank pair), so the dense, head-pruned and low-rank variants share this forward.
+    """
+
+    def __init__(
+        self,
+        qkv: nn.Module,
+        proj: nn.Module,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.attn_drop = attn_drop
+        self.qkv = qkv
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        self.proj = proj
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, log_size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attend(q, k, v, self.scale, log_size, dropout_p)
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(out)), k.mean(1)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, scale={self.scale:.4g}"
+
+
+class DenseAttention(_QkvAttention):
+    """timm's Attention with the shared forward signature; also hosts head-pruned weights."""
+
+    @classmethod
+    def from_timm(cls, attn: nn.Module) -> DenseAttention:
+        """Wrap a timm ``Attention``'s own modules (no copy: callers pass a copied model)."""
+        return cls(
+            attn.qkv,
+            attn.proj,
+            attn.num_heads,
+            attn.head_dim,
+            attn.scale,
+            attn.q_norm,
+            attn.k_norm,
+            attn.attn_drop.p,
+            attn.proj_drop.p,
+        )
+
+    @classmethod
+    def from_weights(
+        cls,
+        qkv_weight: Tensor,
+        qkv_bias: Tensor | None,
+        proj_weight: Tensor,
+        proj_bias: Tensor | None,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> DenseAttention:
+        """Attention from raw weights, e.g. with fewer heads after head pruning.
+
+        ``qkv_weight`` is (3·H·head_dim × d) laid out as timm's (q heads, k heads, v heads);
+        ``scale`` is passed explicitly so that pruning keeps the original softmax scale.
+        """
+        inner = num_heads * head_dim
+        if qkv_weight.shape[0] != 3 * inner or proj_weight.shape[1] != inner:
+            raise ValueError(
+                "`qkv_weight.shape[0] == 3 * num_heads * head_dim` and "
+                "`proj_weight.shape[1] == num_heads * head_dim` must hold"
+                f", but got {tuple(qkv_weight.shape)=}, {tuple(proj_weight.shape)=}, "
+                f"{num_heads=}, {head_dim=}."
+            )
+        return cls(
+            linear_from(qkv_weight, qkv_bias),
+            linear_from(proj_weight, proj_bias),
+            num_heads,
+            head_dim,
+            scale,
+            q_norm,
+            k_norm,
+            attn_drop,
+            proj_drop,
+        )
+
+
+class LowRankAttention(_QkvAttention):
+    """Matrix-level factorization: qkv and proj each a low-rank pair (or kept dense).
+
+    ``qkv`` and ``proj`` are ``LowRankLinear`` (or ``nn.Linear`` where a layer keeps full
+    rank); heads, scale and qk-norms are the teacher's.
+    """
+
+
+class HeadFactorizedAttention(nn.Module):
+    """COMCAT head-level factorization with exact biases.
+
+    Per head h: q'_h = x̄ P_h and k'_h = x̄ Q_h (x̄ = [x, 1], so the last rows are biases) of
+    width ``qk_rank``; values x V_h of width ``vo_rank``; the output Σ_h A_h x V_h O_h plus
+    ``out_bias`` (the proj bias with the value bias folded in, exact because each row of
+    A_h sums to one; absent when the teacher has neither). The softmax scale stays the
+    teacher's head_dim^-1/2.
+    """
+
+    def __init__(
+        self,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        out: nn.Linear,
+        num_heads: int,
+        scale: float,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if q.out_features != k.out_features or q.out_features % num_heads:
+            raise ValueError(
+                "`q.out_features == k.out_features == num_heads * qk_rank` must hold, but got "
+                f"{q.out_features=}, {k.out_features=}, {num_heads=}."
+            )
+        if v.out_features != out.in_features or v.out_features % num_heads:
+            raise ValueError(
+                "`v.out_features == out.in_features == num_heads * vo_rank` must hold, but got "
+                f"{v.out_features=}, {out.in_features=}, {num_heads=}."
+            )
+        self.num_heads = num_heads
+        self.qk_rank = q.out_features // num_heads
+        self.vo_rank = v.out_features // num_heads
+        self.scale = scale
+        self.attn_drop = attn_drop
+        self.q, self.k, self.v, self.out = q, k, v, out
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @classmethod
+    def from_factors(
+        cls,
+        P: Tensor,
+        Q: Tensor,
+        V: Tensor,
+        O: Tensor,
+        out_bias: Tensor | None,
+        scale: float,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> HeadFactorizedAttention:
+        """From ``FactorCache.qk`` (P, Q: (H, d+1, r_qk)) and ``.vo`` (V: (H, d, r_vo),
+        O: (H, r_vo, d), out_bias: (d,) or None when the teacher has neither a value nor
+        an output bias) factors."""
+        heads, rows, qk_rank = P.shape
+        dim = rows - 1
+        if Q.shape != P.shape or V.shape[:2] != (heads, dim) or O.shape[0] != heads:
+            raise ValueError(
+                "`P.shape == Q.shape == (H, d+1, r_qk)`, `V.shape == (H, d, r_vo)` and "
+                f"`O.shape == (H, r_vo, d)` must hold, but got {tuple(P.shape)=}, "
+                f"{tuple(Q.shape)=}, {tuple(V.shape)=}, {tuple(O.shape)=}."
+            )
+        vo_rank = V.shape[2]
+
+        # Head h's columns j become output rows h * rank + j of the Linear.
+        def stack(factor: Tensor, rank: int) -> Tensor:
+            return factor.transpose(1, 2).reshape(heads * rank, factor.shape[1])
+
+        return cls(
+            linear_from(stack(P[:, :dim], qk_rank), P[:, dim].reshape(-1)),
+            linear_from(stack(Q[:, :dim], qk_rank), Q[:, dim].reshape(-1)),
+            linear_from(stack(V, vo_rank), None),
+            linear_from(O.reshape(heads * vo_rank, dim).T, out_bias),
+            heads,
+            scale,
+            attn_drop,
+            proj_drop,
+        )
+
+    @classmethod
+    def empty(
+        cls,
+        dim: int,
+        num_heads: int,
+        qk_rank: int,
+        vo_rank: int,
+        scale: float,
+        out_bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> HeadFactorizedAttention:
+        """Right shapes, uninitialised weights: the skeleton that a saved state fills."""
+        kw = {"dtype": dtype, "device": device}
+        return cls(
+            empty_linear(dim, num_heads * qk_rank, True, **kw),
+            empty_linear(dim, num_heads * qk_rank, True, **kw),
+            empty_linear(dim, num_heads * vo_rank, False, **kw),
+            empty_linear(num_heads * vo_rank, dim, out_bias, **kw),
+            num_heads,
+            scale,
+        )
+
+    def forward(self, x: Tensor, log_size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        b, n, _ = x.shape
+
+        def heads(t: Tensor, rank: int) -> Tensor:
+            return t.reshape(b, n, self.num_heads, rank).transpose(1, 2)
+
+        q = heads(self.q(x), self.qk_rank)
+        k = heads(self.k(x), self.qk_rank)
+        v = heads(self.v(x), self.vo_rank)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attend(q, k, v, self.scale, log_size, dropout_p)
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.vo_rank)
+        return self.proj_drop(self.out(out)), k.mean(1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, qk_rank={self.qk_rank}, vo_rank={self.vo_rank}, "
+            f"scale={self.scale:.4g}"
+        )

@@ -1,0 +1,272 @@
+"""The factor cache: every operator of a model factorized once at full rank.
+
+A search evaluates thousands of configurations; each needs factors at some rank. Every
+SVD and Cholesky runs here, at construction; afterwards `linear`, `qk`, `vo`, `error`
+and `spectrum` are slices and sums of stored tensors.
+
+Layer keys: "blocks.{i}.attn.qkv", "blocks.{i}.attn.proj", "blocks.{i}.mlp.fc1",
+"blocks.{i}.mlp.fc2" (Linears) and "blocks.{i}.attn.qk", "blocks.{i}.attn.vo" (per-head
+products, see `heads`). Errors are per-token output errors on the calibration data (see
+`lowrank` and `heads` for what exactly); without statistics they are weight-space errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vitrank.compress.heads import HeadFactors, factorize_qk, factorize_vo
+from vitrank.compress.lowrank import LinearFactors, factorize_linear
+from vitrank.compress.stats import LINEAR_KEYS, CalibrationStats
+
+_FORMAT = "vitrank.factors/1"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's parameter and buffer names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _blocks(model: nn.Module) -> nn.Sequential:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
+        raise ValueError(f"{type(model).__name__} has no `blocks` sequence to factorize.")
+    return blocks
+
+
+def _split_key(key: str) -> tuple[int, str]:
+    parts = key.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit():
+        raise KeyError(f"Layer key must look like 'blocks.<i>.attn.qkv', but got {key!r}.")
+    return int(parts[1]), ".".join(parts[2:])
+
+
+class FactorCache:
+    """Full-rank factors of every block's Linears and head products; ranks are slices.
+
+    `stats=None` or `whitening=False` gives plain SVD factors (baselines); with stats and
+    `whitening=False` the errors are still measured on the calibration data.
+    Returned tensors have `dtype` (default: the model's parameter dtype).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stats: CalibrationStats | None,
+        whitening: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        blocks = _blocks(model)
+        if stats is not None:
+            stats.check_finite()
+        self.whitening = bool(whitening and stats is not None)
+        self.calibrated = stats is not None
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.digest = weights_digest(model)
+        self.num_blocks = len(blocks)
+        self._linear: dict[str, LinearFactors] = {}
+        self._heads: dict[str, HeadFactors] = {}
+        self._vo_bias: dict[int, Tensor | None] = {}
+        self.qk_norm_blocks: set[int] = set()
+        with torch.no_grad():
+            for i, block in enumerate(blocks):
+                self._factorize_block(i, block, stats)
+
+    def _factorize_block(self, i: int, block: nn.Module, stats: CalibrationStats | None) -> None:
+        attn, mlp = block.attn, block.mlp
+        layers = {
+            "attn.qkv": attn.qkv,
+            "attn.proj": attn.proj,
+            "mlp.fc1": mlp.fc1,
+            "mlp.fc2": mlp.fc2,
+        }
+        for name in LINEAR_KEYS:
+            key, layer = f"blocks.{i}.{name}", layers[name]
+            C = stats.covariance(key) if stats is not None else None
+            self._linear[key] = factorize_linear(
+                layer.weight, layer.bias, C, whiten=self.whitening, name=key
+            )
+        D, H = attn.num_heads * attn.head_dim, attn.num_heads
+        W, b = attn.qkv.weight, attn.qkv.bias
+        bq, bk, bv = (None, None, None) if b is None else (b[:D], b[D : 2 * D], b[2 * D :])
+        if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+            C_bar = stats.augmented_covariance(f"blocks.{i}.attn.qkv") if stats else None
+            self._heads[f"blocks.{i}.attn.qk"] = factorize_qk(
+                W[:D],
+                bq,
+                W[D : 2 * D],
+                bk,
+                H,
+                C_bar,
+                whiten=self.whitening,
+                name=f"blocks.{i}.attn.qk",
+            )
+        else:
+            self.qk_norm_blocks.add(i)
+        C_heads = stats.head_covariance(i) if stats else None
+        vo, bias = factorize_vo(
+            W[2 * D :], bv, attn.proj.weight, attn.proj.bias, H, C_heads,
+            whiten=self.whitening, name=f"blocks.{i}.attn.vo",
+        )  # fmt: skip
+        self._heads[f"blocks.{i}.attn.vo"] = vo
+        self._vo_bias[i] = bias
+
+    # -- lookup ------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return sorted(
+            [*self._linear, *self._heads], key=lambda k: (_split_key(k)[0], _split_key(k)[1])
+        )
+
+    def _factors(self, key: str) -> LinearFactors | HeadFactors:
+        index, name = _split_key(key)
+        if key in self._linear:
+            return self._linear[key]
+        if key in self._heads:
+            return self._heads[key]
+        if name == "attn.qk" and index in self.qk_norm_blocks:
+            raise ValueError(
+                f"{key}: block {index} normalises q and k per head (qk_norm), so the logits are "
+                "not a bilinear form of x and head-level factorization is not exact there."
+            )
+        raise KeyError(f"No factors for {key!r}; the model has {self.num_blocks} blocks.")
+
+    def _cast(self, tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.to(self.dtype)
+
+    def linear(self, key: str, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(B: r × in, A: out × r, bias) with W ≈ A @ B; y = x Bᵀ Aᵀ + bias."""
+        factors = self._factors(key)
+        if not isinstance(factors, LinearFactors):
+            raise KeyError(f"{key!r} is a head product; use `qk` or `vo`.")
+        down, up, bias = factors.at_rank(rank, key)
+        return self._cast(down), self._cast(up), self._cast(bias)
+
+    def qk(self, block_index: int, rank: int) -> tuple[Tensor, Tensor]:
+        """(P, Q), each (H, d + 1, r): q'_h = x̄ P_h, k'_h = x̄ Q_h, x̄ = [x, 1]."""
+        key = f"blocks.{block_index}.attn.qk"
+        P, Q = self._factors(key).at_rank(rank, key)
+        return self._cast(P), self._cast(Q)
+
+    def vo(self, block_index: int, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(V: (H, d, r), O: (H, r, d_out), out_bias): out = Σ_h A_h (x V_h) O_h + out_bias."""
+        key = f"blocks.{block_index}.attn.vo"
+        V, O_t = self._factors(key).at_rank(rank, key)
+        return (
+            self._cast(V),
+            self._cast(O_t.transpose(-1, -2)),
+            self._cast(self._vo_bias[block_index]),
+        )
+
+    def spectrum(self, key: str) -> Tensor:
+        """Squared singular values, descending; (k,) for Linears, (H, k) for head products."""
+        return self._factors(key).sigma2.clone()
+
+    def error(self, key: str, rank: int) -> float:
+        """Closed-form output error at `rank` (summed over heads for head products)."""
+        return self._factors(key).error(rank, key)
+
+    def errors(self, key: str) -> Tensor:
+        """errors[r] for r = 0..max_rank (summed over heads), fp64."""
+        factors = self._factors(key)
+        table = factors.errors
+        return table.sum(0) if table.ndim == 2 else table.clone()
+
+    def energy(self, key: str) -> float:
+        """Output energy at rank 0 (= error(key, 0))."""
+        return self._factors(key).energy
+
+    def max_rank(self, key: str) -> int:
+        return self._factors(key).max_rank
+
+    # -- disk --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file (atomic write)."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Tensor] = {}
+        for key, f in self._linear.items():
+            tensors.update({f"{key}.down": f.down, f"{key}.up": f.up, f"{key}.sigma2": f.sigma2})
+            tensors[f"{key}.errors"] = f.errors
+            if f.bias is not None:
+                tensors[f"{key}.bias"] = f.bias
+        for key, f in self._heads.items():
+            tensors.update({f"{key}.left": f.left, f"{key}.right": f.right})
+            tensors.update({f"{key}.sigma2": f.sigma2, f"{key}.errors": f.errors})
+        for i, bias in self._vo_bias.items():
+            if bias is not None:
+                tensors[f"blocks.{i}.attn.vo.bias"] = bias
+        header = {
+            "format": _FORMAT,
+            "digest": self.digest,
+            "whitening": self.whitening,
+            "calibrated": self.calibrated,
+            "num_blocks": self.num_blocks,
+            "qk_norm_blocks": sorted(self.qk_norm_blocks),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"vitrank": json.dumps(header)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, model: nn.Module, dtype: torch.dtype | None = None
+    ) -> FactorCache:
+        """Read factors saved for exactly this model's weights (checked by digest)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {}).get("vitrank", "{}"))
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            raise ValueError(
+                f"Factor file {path} is damaged or not safetensors: {error}"
+            ) from error
+        if header.get("format") != _FORMAT:
+            raise ValueError(
+                f"Factor file {path} must have format {_FORMAT!r}, got {header.get('format')!r}."
+            )
+        digest = weights_digest(model)
+        if header["digest"] != digest:
+            raise ValueError(
+                f"Factor file {path} was made for other weights (digest {header['digest'][:12]}, "
+                f"this model {digest[:12]}); rebuild the cache."
+            )
+        cache = cls.__new__(cls)
+        cache.whitening, cache.calibrated = header["whitening"], header["calibrated"]
+        cache.dtype = dtype or next(model.parameters()).dtype
+        cache.digest, cache.num_blocks = digest, header["num_blocks"]
+        cache.qk_norm_blocks = set(header["qk_norm_blocks"])
+        cache._linear, cache._heads, cache._vo_bias = {}, {}, {}
+        for i in range(cache.num_blocks):
+            for name in LINEAR_KEYS:
+                key = f"blocks.{i}.{name}"
+                cache._linear[key] = LinearFactors(
+                    tensors[f"{key}.down"], tensors[f"{key}.up"], tensors.get(f"{key}.bias"),
+                    tensors[f"{key}.sigma2"], tensors[f"{key}.errors"],
+                )  # fmt: skip
+            for name in ("attn.qk", "attn.vo"):
+                key = f"blocks.{i}.{name}"
+                if f"{key}.left" in tensors:
+                    cache._heads[key] = HeadFactors(
+                        tensors[f"{key}.left"], tensors[f"{key}.right"],
+                        tensors[f"{key}.sigma2"], tensors[f"{key}.errors"],
+                    )  # fmt: skip
+            cache._vo_bias[i] = tensors.get(f"blocks.{i}.attn.vo.bias")
+        return cache

@@ -1,0 +1,191 @@
+"""Head-level attention factorization (COMCAT, Xiao et al. 2023), made exact with biases.
+
+Per head h (timm's qkv rows: q = [0:D], k = [D:2D], v = [2D:3D], D = H·d_h, head h at
+rows h·d_h:(h+1)·d_h of each):
+
+- query/key: q_h k_hᵀ = x̄ M_h x̄'ᵀ with x̄ = [x, 1] and M_h = [W_qʰ, b_qʰ]ᵀ [W_kʰ, b_kʰ],
+  so the biases are exact. Whitened on both sides with C̄ = E[x̄ x̄ᵀ] = S̄ S̄ᵀ:
+  S̄ᵀ M_h S̄ = U Σ Vᵀ, P_h = S̄⁻ᵀ U Σ^½, Q_h = S̄⁻ᵀ V Σ^½, so q'_h = x̄ P_h, k'_h = x̄ Q_h.
+- value/output: out = Σ_h A_h (x W_vʰᵀ + b_vʰ) W_oʰᵀ + b_o = Σ_h (A_h x) N_h + out_bias with
+  N_h = W_vʰᵀ W_oʰᵀ and out_bias = b_o + W_o b_v (rows of A_h sum to 1). Whitened on the
+  input side with C_h = E[(A_h x)ᵀ(A_h x)] = S_h S_hᵀ: S_hᵀ N_h = U Σ Vᵀ,
+  V_h = S_h⁻ᵀ U Σ^½, O_h = Σ^½ Vᵀ.
+
+Both products have rank <= d_h, so the SVD runs on a d_h × d_h core (QR of the two thin
+factors) rather than on a (d+1)² matrix. Errors are exact on the calibration data:
+- qk: E_{x, x'}[(x̄ (M_h - M̂_h) x̄'ᵀ)²] over independent pairs of calibration tokens
+  (= tr(Δ C̄ Δᵀ C̄)); the cross terms between components are kept, so this is exact even
+  where the damping of the Cholesky made S̄ S̄ᵀ differ from C̄;
+- vo: E‖(A_h x)(N_h - N̂_h)‖² per token, per head (cross-head terms are not included).
+Without statistics the errors are the weight-space ‖M_h - M̂_h‖_F² (‖N_h - N̂_h‖_F²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vitrank.compress.lowrank import check_finite, suffix_sums, whitened_directions, whitening
+
+
+@dataclass(frozen=True)
+class HeadFactors:
+    """Full-rank per-head factors; components are the last axis of `left` and `right`.
+
+    qk: left = P (H, d+1, k), right = Q (H, d+1, k).
+    vo: left = V (H, d, k), right = Oᵀ (H, d_out, k).
+    """
+
+    left: Tensor
+    right: Tensor
+    sigma2: Tensor  # (H, k) squared singular values, descending per head
+    errors: Tensor  # (H, k + 1): errors[h, r] output error of head h at rank r
+
+    @property
+    def max_rank(self) -> int:
+        return self.left.shape[-1]
+
+    @property
+    def energy(self) -> float:
+        return float(self.errors[:, 0].sum())
+
+    def check_rank(self, rank: int, name: str = "heads", low: int = 1) -> None:
+        if not low <= rank <= self.max_rank:
+            raise ValueError(
+                f"{name}: `{low} <= rank <= {self.max_rank}` must hold, but got {rank=}."
+            )
+
+    def at_rank(self, rank: int, name: str = "heads") -> tuple[Tensor, Tensor]:
+        self.check_rank(rank, name)
+        return self.left[..., :rank], self.right[..., :rank]
+
+    def error(self, rank: int, name: str = "heads") -> float:
+        """Output error at rank `rank`, summed over heads."""
+        self.check_rank(rank, name, low=0)
+        return float(self.errors[:, rank].sum())
+
+
+def _split_heads(W: Tensor, num_heads: int) -> Tensor:
+    """(H·d_h, ...) rows -> (H, d_h, ...)."""
+    return W.reshape(num_heads, W.shape[0] // num_heads, *W.shape[1:])
+
+
+def _augment(W: Tensor, b: Tensor | None) -> Tensor:
+    """[W, b] (rows × (in + 1)); a missing bias is a zero column."""
+    column = W.new_zeros(W.shape[0], 1) if b is None else b.reshape(-1, 1)
+    return torch.cat([W, column], dim=1)
+
+
+def _product_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched SVD of left @ rightᵀ (thin factors (H, m, d_h), (H, n, d_h)) via QR."""
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right)
+    u, sigma, vh = torch.linalg.svd(r_left @ r_right.transpose(-1, -2))
+    return q_left @ u, sigma, q_right @ vh.transpose(-1, -2)
+
+
+def _trailing_block_sums(G: Tensor) -> Tensor:
+    """T[..., r] = Σ_{i, j >= r} G[..., i, j] for r = 0..k (last entry 0)."""
+    flipped = torch.flip(G, dims=(-2, -1)).cumsum(-1).cumsum(-2)
+    diag = torch.flip(flipped.diagonal(dim1=-2, dim2=-1), dims=(-1,))
+    return torch.cat([diag, diag.new_zeros(diag.shape[:-1] + (1,))], dim=-1)
+
+
+def _checked_covariance(C: Tensor, size: int, name: str) -> Tensor:
+    C = C.detach().double()
+    check_finite(name, C=C)
+    if C.shape[-2:] != (size, size):
+        raise ValueError(f"{name}: covariance must be ({size}, {size}), but got {tuple(C.shape)}.")
+    return C
+
+
+def factorize_qk(
+    W_q: Tensor,
+    b_q: Tensor | None,
+    W_k: Tensor,
+    b_k: Tensor | None,
+    num_heads: int,
+    C_bar: Tensor | None = None,
+    *,
+    whiten: bool = True,
+    name: str = "attn.qk",
+) -> HeadFactors:
+    """Per-head factors P, Q of M_h = [W_qʰ, b_qʰ]ᵀ[W_kʰ, b_kʰ]; C_bar = E[x̄ x̄ᵀ] or None.
+
+    The caller must make sure q and k are not normalised per head (qk_norm): then the
+    logits are not a bilinear form of x and this factorization does not apply.
+    """
+    W_q, W_k = W_q.detach().double(), W_k.detach().double()
+    b_q = None if b_q is None else b_q.detach().double()
+    b_k = None if b_k is None else b_k.detach().double()
+    check_finite(name, W_q=W_q, b_q=b_q, W_k=W_k, b_k=b_k)
+    dim = W_q.shape[1]
+    # (H, d+1, d_h): the transposed augmented head weights [W_qʰ, b_qʰ]ᵀ.
+    q_bar = _split_heads(_augment(W_q, b_q), num_heads).transpose(-1, -2)
+    k_bar = _split_heads(_augment(W_k, b_k), num_heads).transpose(-1, -2)
+    if C_bar is not None:
+        C_bar = _checked_covariance(C_bar, dim + 1, name)
+    S = whitening(C_bar, name) if C_bar is not None and whiten else None
+    if S is not None:
+        q_bar, k_bar = S.T @ q_bar, S.T @ k_bar
+    U, sigma, V = _product_svd(q_bar, k_bar)
+    if S is not None:
+        U, V = whitened_directions(S, U), whitened_directions(S, V)
+    root = sigma.sqrt().unsqueeze(-2)
+    if C_bar is None:
+        errors = suffix_sums(sigma.square())
+    else:
+        G = sigma.unsqueeze(-1) * sigma.unsqueeze(-2)
+        G = G * (U.transpose(-1, -2) @ C_bar @ U) * (V.transpose(-1, -2) @ C_bar @ V)
+        errors = _trailing_block_sums(G)
+    return HeadFactors(U * root, V * root, sigma.square(), errors)
+
+
+def factorize_vo(
+    W_v: Tensor,
+    b_v: Tensor | None,
+    W_o: Tensor,
+    b_o: Tensor | None,
+    num_heads: int,
+    C_heads: Tensor | None = None,
+    *,
+    whiten: bool = True,
+    name: str = "attn.vo",
+) -> tuple[HeadFactors, Tensor | None]:
+    """Per-head factors of N_h = W_vʰᵀ W_oʰᵀ and the folded bias b_o + W_o b_v.
+
+    C_heads: (H, d, d) E[(A_h x)ᵀ(A_h x)] or None. The bias is None only when neither
+    the value nor the output projection has one.
+    """
+    W_v, W_o = W_v.detach().double(), W_o.detach().double()
+    b_v = None if b_v is None else b_v.detach().double()
+    b_o = None if b_o is None else b_o.detach().double()
+    check_finite(name, W_v=W_v, b_v=b_v, W_o=W_o, b_o=b_o)
+    dim = W_v.shape[1]
+    v_t = _split_heads(W_v, num_heads).transpose(-1, -2)  # (H, d, d_h) = W_vʰᵀ
+    o_h = _split_heads(W_o.T, num_heads).transpose(-1, -2)  # (H, d_out, d_h) = W_oʰ
+    if C_heads is not None:
+        C_heads = _checked_covariance(C_heads, dim, name)
+        if C_heads.shape[0] != num_heads:
+            raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
+    if C_heads is not None and whiten:
+        S = torch.stack([whitening(c, f"{name} head {h}") for h, c in enumerate(C_heads)])
+        U, sigma, V = _product_svd(S.transpose(-1, -2) @ v_t, o_h)
+        U = whitened_directions(S, U)
+    else:
+        U, sigma, V = _product_svd(v_t, o_h)
+    if C_heads is None:
+        energies = sigma.square()
+    else:
+        energies = sigma.square() * torch.einsum("hik,hij,hjk->hk", U, C_heads, U)
+    root = sigma.sqrt().unsqueeze(-2)
+    out_bias = None
+    if b_v is not None or b_o is not None:
+        out_bias = torch.zeros(W_o.shape[0], dtype=W_o.dtype, device=W_o.device)
+        if b_o is not None:
+            out_bias = out_bias + b_o
+        if b_v is not None:
+            out_bias = out_bias + W_o @ b_v
+    return HeadFactors(U * root, V * root, sigma.square(), suffix_sums(energies)), out_bias

@@ -1,0 +1,182 @@
+"""Save and load compressed models: model.safetensors + config.json, nothing else.
+
+config.json holds what rebuilds the architecture without the teacher's weights: the timm
+name (``model``), ``timm.create_model`` keyword arguments (``model_args``) and one block
+spec per block (``blocks``) — the same keys as a ``spaces.CompressionConfig`` dict, so the
+file that ``vitrank.save`` writes is also a loadable config. Loading creates the timm
+model without weights, builds the compressed structure with ``apply_specs(...,
+structure_only=True)`` and fills it from model.safetensors with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+REQUIRED_KEYS = ("model", "model_args", "blocks")
+
+
+def spec_to_dict(spec: BlockSpec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(data: dict[str, Any]) -> BlockSpec:
+    return BlockSpec(
+        attn=AttentionSpec(**data["attn"]),
+        mlp=MlpSpec(**data["mlp"]),
+        merge_ratio=float(data["merge_ratio"]),
+    )
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through ``write(tmp_path)`` and rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors with no two sharing memory.
+
+    safetensors refuses tensors that share storage (tied weights, views of one factor);
+    a shared tensor is cloned so each key is stored in full and ``strict`` loading fills
+    every key.
+    """
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in model.state_dict().items():
+        tensor = value.detach().cpu().contiguous()
+        storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        if storage in seen or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()
+            storage = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+        seen.add(storage)
+        state[key] = tensor
+    return state
+
+
+def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write ``directory``/model.safetensors and config.json (``meta``), each atomically.
+
+    ``meta`` must hold ``model`` (timm name), ``model_args`` and ``blocks`` (spec dicts or
+    ``BlockSpec``s); any other JSON-serialisable keys are kept as they are.
+    """
+    from safetensors.torch import save_file
+
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ValueError(
+            f"`meta` must hold {list(REQUIRED_KEYS)} to rebuild the model, but lacks {missing}."
+        )
+    meta = dict(meta)
+    meta["blocks"] = [
+        spec_to_dict(b) if isinstance(b, BlockSpec) else dict(b) for b in meta["blocks"]
+    ]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = _unshared_state(model)
+    _check_finite_state(state, directory / WEIGHTS_FILE, "save")
+    text = json.dumps(meta, indent=2)
+    _atomic_write(
+        directory / WEIGHTS_FILE,
+        lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
+    )
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """config.json of a saved model, checked for the keys that rebuild it."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a saved vitrank model has {CONFIG_FILE}.")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is damaged (not valid JSON): {error}.") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is damaged: expected a JSON object, got {type(meta).__name__}.")
+    missing = [key for key in REQUIRED_KEYS if key not in meta]
+    if missing:
+        raise ValueError(f"{path} is damaged: it lacks the keys {missing}.")
+    return meta
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a saved vitrank model has {WEIGHTS_FILE}.")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{path} is damaged or not a safetensors file: {error}.") from error
+    _check_finite_state(state, path, "load")
+    return state
+
+
+def _check_finite_state(state: dict[str, torch.Tensor], path: Path, action: str) -> None:
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"Weights must be finite, but {key} holds {bad} NaN/Inf values "
+                f"(refusing to {action} {path})."
+            )
+
+
+def load_model(
+    directory: str | Path,
+    check: Callable[[nn.Module, dict[str, Any]], None] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model written by ``save_model`` from its two files alone; eval mode.
+
+    ``check(fresh_timm_model, meta)``, when given, runs on the uncompressed architecture
+    before the compressed structure is built (e.g. a fingerprint check).
+    """
+    import timm
+
+    from vitrank.compress.apply import apply_specs
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config_path = directory / CONFIG_FILE
+    try:
+        specs = [spec_from_dict(b) for b in meta["blocks"]]
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(f"{config_path} is damaged: bad block spec ({error!r}).") from error
+    state = _read_state(directory / WEIGHTS_FILE)
+    try:
+        base = timm.create_model(meta["model"], pretrained=False, **meta["model_args"])
+    except Exception as error:  # timm raises RuntimeError, TypeError, ... for a bad name/args
+        raise ValueError(
+            f"{config_path}: timm cannot build model={meta['model']!r} with "
+            f"model_args={meta['model_args']!r}: {error}"
+        ) from error
+    if check is not None:
+        check(base, meta)
+    model = apply_specs(base, specs, None, structure_only=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{directory / WEIGHTS_FILE} does not match the structure in {config_path}: {error}"
+        ) from error
+    return model.eval(), meta
