@@ -60,9 +60,9 @@ def schedules(depth: int, digits: bool) -> dict[str, list[float]]:
 def count_flops(model: nn.Module, images: torch.Tensor) -> int:
     # The fused CPU attention kernel is invisible to FlopCounterMode; the math path runs
     # the same attention as matmuls that it counts.
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
-        with FlopCounterMode(display=False) as counter:
-            model(images)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(images)
     return counter.get_total_flops()
 
 

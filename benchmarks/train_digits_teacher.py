@@ -1,6 +1,6 @@
 """Train the embedded digits teacher and write it to vitrank/assets/digits_vit.
 
-    python benchmarks/train_digits_teacher.py [--epochs 80] [--out DIR]
+    python benchmarks/train_digits_teacher.py [--epochs 60] [--out DIR]
 
 A timm ViT (8x8 pixels, 2x2 patches, see `vitrank.workloads.DIGITS_MODEL_ARGS`) trained
 from scratch on sklearn's digits with the workload's fixed train split; the validation
@@ -49,11 +49,11 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=80)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DIGITS_DIR)
     args = parser.parse_args()
 
@@ -76,7 +76,7 @@ def main() -> None:
     model = timm.create_model(DIGITS_MODEL_NAME, drop_path_rate=0.1, **DIGITS_MODEL_ARGS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, 5 * steps_per_epoch
+    total, warmup = args.epochs * steps_per_epoch, 3 * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * s / total)),

@@ -24,6 +24,7 @@ Term keys (the keys of a sensitivity dict), per block i: the factor cache's laye
 from __future__ import annotations
 
 import abc
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -296,14 +297,69 @@ def _head(model: nn.Module, tokens: Tensor) -> Tensor:
     return model.forward_head(model.norm(tokens))
 
 
+class _ShareOnDeepcopy:
+    """A module's `__deepcopy__` that returns the module itself (a class, so it pickles)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, memo: dict) -> nn.Module:
+        return self.module
+
+
+class _CopyContainer(_ShareOnDeepcopy):
+    """A container's `__deepcopy__`: a new module with its own attribute dicts.
+
+    Children are deep-copied through `memo` (so shared ones stay shared and the ones
+    `apply_specs` drops stay dropped); parameters and buffers held directly are shared.
+    """
+
+    def __call__(self, memo: dict) -> nn.Module:
+        module = self.module
+        new = object.__new__(type(module))
+        memo[id(module)] = new
+        for name, value in module.__dict__.items():
+            if name == "__deepcopy__":
+                continue
+            if name == "_modules":
+                value = {k: copy.deepcopy(child, memo) for k, child in value.items()}
+            elif isinstance(value, dict):
+                value = value.copy()  # hooks, parameter and buffer tables, configs
+            new.__dict__[name] = value
+        return new
+
+
+def _shared_shell(teacher: nn.Module) -> nn.Module:
+    """A private copy of the teacher whose deep copies share all but the containers.
+
+    `apply_specs` deep-copies the model it is given, then rebuilds the blocks; for a
+    proxy that throws each candidate away after one forward, copying every unchanged
+    Linear and norm is most of the cost. In this shell, deep-copying the root, `blocks`,
+    each block and its `attn` and `mlp` (the containers `apply_specs` reassigns parts of)
+    makes new containers, and any other module is returned as is: a candidate shares the
+    shell's unchanged modules (never the teacher's: the shell is a copy, only ever read).
+    """
+    shell = copy.deepcopy(teacher).eval()
+    containers = [shell, shell.blocks]
+    for block in shell.blocks:
+        containers += [block, block.attn, block.mlp]
+    ids = {id(m) for m in containers}
+    for module in shell.modules():
+        hook = _CopyContainer(module) if id(module) in ids else _ShareOnDeepcopy(module)
+        # object.__setattr__: a plain instance attribute, not a registered submodule.
+        object.__setattr__(module, "__deepcopy__", hook)
+    return shell
+
+
 @register_proxy
 class LogitsProxy(Proxy):
     """KL(teacher ‖ candidate), top-1 agreement and accuracy on a fixed held-out batch.
 
     The candidate is `apply_specs(teacher, config.blocks, factors, stats)` (factor slices,
-    no SVD). Blocks before the first compressed one are the teacher's, so the run starts
-    from the teacher's cached activations there (kept for every block while they fit in
-    `cache_bytes`). `heldout_labels=None` leaves accuracy out.
+    no SVD), from a private copy of the teacher whose unchanged modules candidates share
+    (see `_shared_shell`). Blocks before the first compressed one are the teacher's, so
+    the run starts from the teacher's cached activations there (kept for every block while
+    they fit in `cache_bytes`). `heldout_labels=None` leaves accuracy out.
     """
 
     name = "logits"
@@ -331,6 +387,7 @@ class LogitsProxy(Proxy):
         self.stats = stats
         self.batch_size = batch_size
         self.fingerprint = inspect_vit(teacher)
+        self._shell = _shared_shell(teacher)
         parameter = next(teacher.parameters())
         images = heldout_images.to(device=parameter.device, dtype=parameter.dtype)
         self._chunks = list(images.split(batch_size))
@@ -378,7 +435,7 @@ class LogitsProxy(Proxy):
         """The candidate model (a new model; the teacher is untouched)."""
         from vitrank.compress.apply import apply_specs
 
-        return apply_specs(self.teacher, specs, self.factors, self.stats)
+        return apply_specs(self._shell, specs, self.factors, self.stats)
 
     def evaluate_specs(self, specs: Sequence[BlockSpec]) -> dict[str, float]:
         """KL, agreement (and accuracy) of the candidate built from per-block specs."""

@@ -1,0 +1,39 @@
+"""The search: Pareto front of compressed configs under a budget, with Ray Tune or Optuna.
+
+`run_search(SearchSettings(...))` runs (or resumes) a search and returns its run directory
+(`runs/<name>/`: run.yaml, study.db, trials.parquet, pareto.json, winners/). Engines,
+samplers and baselines are looked up by name in `ENGINES`, `SAMPLERS` and `BASELINES`.
+"""
+
+from __future__ import annotations
+
+from search._engines import ENGINES, EngineJob, run_engine
+from search._pareto import pareto_front, pick_winners
+from search._run import RESUMABLE, resolve_run, run_search
+from search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
+from search._samplers import SAMPLERS, make_sampler
+from search._settings import SearchSettings, resolve_settings
+from search.baselines import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
+
+__all__ = [
+    "BASELINES",
+    "ENGINES",
+    "RESUMABLE",
+    "SAMPLERS",
+    "BaselineInputs",
+    "BaselineUnavailable",
+    "EngineJob",
+    "RunDir",
+    "RunLockedError",
+    "SearchSettings",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "make_sampler",
+    "pareto_front",
+    "pick_winners",
+    "resolve_run",
+    "resolve_settings",
+    "run_baselines",
+    "run_engine",
+    "run_search",
+]

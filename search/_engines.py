@@ -44,11 +44,26 @@ class EngineJob:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def storage(url: str) -> optuna.storages.RDBStorage:
-    import optuna
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    # WAL with synchronous=NORMAL: a commit survives the process being killed (even by
+    # SIGKILL) without an fsync per write; Optuna commits once per suggested parameter.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
-    # A generous sqlite timeout: Ray's driver and the table writer share the file.
-    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+def storage(url: str) -> optuna.storages.RDBStorage:
+    """The run's Optuna RDB storage (sqlite)."""
+    import optuna
+    from sqlalchemy import event
+
+    # A generous timeout: Ray's driver and the table writer share the file.
+    rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    if url.startswith("sqlite"):
+        event.listen(rdb.engine, "connect", _sqlite_pragmas)
+        rdb.engine.dispose()  # reconnect with the pragmas
+    return rdb
 
 
 def open_study(job: EngineJob) -> optuna.Study:
@@ -95,6 +110,11 @@ def _tune_trial(config: dict[str, Any], evaluate: Callable[[dict[str, Any]], dic
     # The flat keys are what OptunaSearch tells Optuna; the nested copy is what the
     # recorder stores on the Optuna trial.
     tune.report({**metrics, _REPORT_KEY: metrics})
+
+
+def _trial_name(trial: Any) -> str:
+    # Tune's default names spell out the whole config: long paths for many knobs.
+    return f"trial_{trial.config.get(TRIAL_ID_KEY, trial.trial_id)}"
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -178,6 +198,8 @@ def run_ray(job: EngineJob) -> None:
             num_samples=job.n_trials,
             max_concurrent_trials=concurrent,
             reuse_actors=True,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=job.session,

@@ -26,6 +26,7 @@ class SearchProgress:
             disable=not self.console.is_terminal,
         )
         self._task = self._bar.add_task("search", total=total, completed=done, status="")
+        self._last_logged = done
 
     def __enter__(self) -> SearchProgress:
         self._bar.start()
@@ -36,11 +37,15 @@ class SearchProgress:
 
     def update(self, done: int, best: float | None, front_size: int) -> None:
         best_text = "-" if best is None else f"{best:.4g}"
-        self._bar.update(
-            self._task,
-            completed=min(done, self.total),
-            status=f"best feasible proxy {best_text} | front {front_size}",
-        )
+        status = f"best feasible proxy {best_text} | front {front_size}"
+        self._bar.update(self._task, completed=min(done, self.total), status=status)
+        # Without a terminal (logs, CI) a line every tenth of the trials instead of a bar.
+        if not self.console.is_terminal and (
+            done - self._last_logged >= max(1, self.total // 10) or done >= self.total
+        ):
+            self._last_logged = done
+            elapsed = time.monotonic() - self.started
+            self.console.print(f"search: {done}/{self.total} trials | {status} | {elapsed:.0f} s")
 
     def log(self, message: str) -> None:
         self.console.print(message)

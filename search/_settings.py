@@ -7,7 +7,7 @@ back with `--config` starts the same run again.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import yaml
 ENGINES = ("ray", "optuna")
 PROXIES = ("logits", "spectral")
 PARAMETRIZATIONS = ("raw", "budgeted")
+COSTS = ("params", "flops", "latency_ms")
 DEFAULT_OPS = ("lowrank", "heads", "tokens", "prune")
 
 
@@ -34,10 +35,12 @@ class SearchSettings:
     batch: int = 1
     device: str = "cpu"
     # What is searched and how a candidate is scored.
+    objectives: str | None = None  # "proxy,params" (default) | "proxy,flops" | "proxy,latency"
     ops: tuple[str, ...] = DEFAULT_OPS
     granularity: int = 8
     proxy: str = "logits"
     parametrization: str = "raw"
+    svd: str = "whitened"  # factors of the searched configs: "whitened" or "plain"
     # How the search runs.
     trials: int = 60
     sampler: str = "tpe"  # tpe | nsga2 | gp | random | baseline:NAME
@@ -51,11 +54,10 @@ class SearchSettings:
     finetune_top: int = 2
     finetune_epochs: int = 2
     compensate: bool = True  # error compensation of winners before fine-tuning
-    # Where the run lives: `<out>/<name>/`.
-    out: str = "runs"
+    # Where the run lives: `out` itself when given, else `runs/<name>/`.
+    out: str | None = None
     name: str | None = None
     resume: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved for forward compatibility
 
     def __post_init__(self) -> None:
         if isinstance(self.ops, str):
@@ -76,6 +78,9 @@ class SearchSettings:
                 f"`parametrization` must be one of {PARAMETRIZATIONS}, "
                 f"but got {self.parametrization=}."
             )
+        if self.svd not in ("whitened", "plain"):
+            raise ValueError(f"`svd` must be 'whitened' or 'plain', but got {self.svd=}.")
+        self.objective_names  # noqa: B018  (validates `objectives`)
         if self.trials < 1:
             raise ValueError(f"`trials >= 1` must hold, but got {self.trials=}.")
         if self.finetune_top < 0 or self.finetune_epochs < 0:
@@ -89,17 +94,25 @@ class SearchSettings:
                 f"{self.cpus_per_trial=}, {self.gpus_per_trial=}."
             )
         active = [
-            name
-            for name in ("budget_latency", "budget_flops")
-            if getattr(self, name) is not None
+            name for name in ("budget_latency", "budget_flops") if getattr(self, name) is not None
         ]
         if len(active) > 1:
             raise ValueError(f"Give at most one of --budget-latency/--budget-flops, got {active}.")
 
     @property
-    def objectives(self) -> tuple[str, str]:
-        """The two minimised objectives: the proxy and the budgeted cost."""
-        return ("proxy", "latency_ms" if self.budget_latency is not None else "params")
+    def objective_names(self) -> tuple[str, str]:
+        """The two minimised objectives: the proxy and a cost (params, flops or latency_ms)."""
+        if self.objectives:
+            names = tuple(n.strip() for n in self.objectives.split(",") if n.strip())
+            names = tuple("latency_ms" if n == "latency" else n for n in names)
+            if len(names) != 2 or names[0] != "proxy" or names[1] not in COSTS:
+                raise ValueError(
+                    f"`objectives` must be 'proxy,C' with C in {COSTS}, but got {self.objectives=}."
+                )
+            return names  # type: ignore[return-value]
+        if self.budget_latency is not None:
+            return ("proxy", "latency_ms")
+        return ("proxy", "params")
 
     @property
     def budget_text(self) -> str:
@@ -118,7 +131,7 @@ class SearchSettings:
         return f"{source}-{budget}-{self.engine}-s{self.seed}"
 
     def run_dir(self) -> Path:
-        return Path(self.out) / self.run_name()
+        return Path(self.out) if self.out else Path("runs") / self.run_name()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -32,12 +32,10 @@ def _pick(trial: Any, name: str, values: tuple) -> Any:
     """One grid value: an int range with a step when the grid is arithmetic, else categorical."""
     if len(values) == 1:
         return values[0]
-    step = values[1] - values[0]
-    arithmetic = all(isinstance(v, int) for v in values) and all(
-        b - a == step for a, b in zip(values, values[1:], strict=False)
-    )
-    if arithmetic:
-        return trial.suggest_int(name, values[0], values[-1], step=step)
+    if all(isinstance(v, int) for v in values):
+        step = values[1] - values[0]
+        if all(b - a == step for a, b in zip(values, values[1:], strict=False)):
+            return trial.suggest_int(name, values[0], values[-1], step=step)
     return trial.suggest_categorical(name, list(values))
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import nn
+    from torch import Tensor, nn
+    from torch.utils.data import DataLoader, Dataset
 
     from spaces import CompressionConfig
     from vitrank.compress.factorize import FactorCache
@@ -42,12 +43,17 @@ def compress(
     config: CompressionConfig,
     stats: CalibrationStats | None = None,
     factors: FactorCache | None = None,
+    images: Tensor | Dataset | DataLoader | None = None,
+    *,
+    compensation_steps: int = 100,
 ) -> nn.Module:
     """A new compressed model built from ``model`` as ``config`` says; ``model`` is untouched.
 
-    ``stats`` (calibration statistics) are needed for whitened factors, channel and head
-    pruning and compensation; ``factors`` may be passed to reuse a ``FactorCache`` across
-    many configs (a search does), else one is built here when the config needs it.
+    ``stats`` (calibration statistics) are needed for whitened factors and for channel
+    and head pruning; ``factors`` may be passed to reuse a ``FactorCache`` across many
+    configs (a search does), else one is built here when the config needs it. With
+    ``config.compensate`` the factorized parameters are then refined block by block
+    against the teacher on the calibration ``images`` (a tensor, or (image, label) data).
     The config travels with the model (``model.vitrank_config``) for ``save``.
     """
     from spaces import CompressionConfig
@@ -71,22 +77,18 @@ def compress(
             f"`factors` must be of the kind the config asks for (svd={config.svd!r}), but "
             f"they are {kind} SVD factors."
         )
+    if config.compensate and images is None:
+        raise ValueError(
+            "`config.compensate` refines the factors on calibration images, so `images` must "
+            "be given (the calibration data), but got images=None."
+        )
     student = apply_specs(model, config.blocks, factors, stats)
     if config.compensate:
-        student = _compensate(model, student, config, stats)
+        from vitrank.compress.compensate import compensate as refine
+
+        refine(student, model, images, steps=compensation_steps)
     setattr(student, CONFIG_ATTRIBUTE, config)
     return student
-
-
-def _compensate(
-    teacher: nn.Module,
-    student: nn.Module,
-    config: CompressionConfig,
-    stats: CalibrationStats | None,
-) -> nn.Module:
-    from vitrank.compress import compensate
-
-    return compensate.compensate_model(teacher, student, config.blocks, stats)
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:

@@ -245,15 +245,150 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    return _not_built("report")
+    from pathlib import Path
+
+    import reports
+
+    if len(args.runs) == 1:
+        paths = reports.build(args.runs[0], out=args.out)
+    else:
+        names = "-vs-".join(Path(run).name for run in args.runs)
+        out = Path(args.out) if args.out else Path(args.runs[0]).parent / f"compare-{names}"
+        paths = reports.compare(args.runs, out)
+    print(f"wrote {paths.html}\n      {paths.summary}\n      {paths.csv}")
+    return 0
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    return _not_built("apply")
+    from pathlib import Path
+
+    from evaluators.calibration import calibrate
+    from spaces import CompressionConfig
+    from vitrank.api import compress, save
+    from vitrank.compress.structure import inspect_vit
+
+    path = Path(args.config)
+    path = path / "config.json" if path.is_dir() else path  # a winner's folder is accepted
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config {path} does not exist; pass a config.json a search saved "
+            "(runs/<name>/winners/<id>/config.json)."
+        )
+    config = CompressionConfig.load(path)
+    recorded = config.provenance.get("workload") or {}
+    if args.workload is None and args.model is None and args.data is None:
+        # No teacher named: the one the config was found for, as its provenance records.
+        for key in ("workload", "model", "data", "pretrained"):
+            if isinstance(recorded, dict) and recorded.get(key) is not None:
+                setattr(args, key, recorded[key])
+    workload = load_workload_from_args(args)
+    fingerprint = inspect_vit(workload.model, config.fingerprint.architecture)
+    if fingerprint != config.fingerprint:
+        raise ValueError(
+            f"{path} was found for {config.fingerprint.architecture}, which {workload.name} is "
+            f"not ({config.fingerprint.describe_difference(fingerprint)}); pass --model with "
+            "the architecture the config was made for."
+        )
+    stats = calibrate(workload.model, workload.calib, progress=sys.stderr.isatty())
+    provenance = {
+        **config.provenance,
+        "applied_from": str(path),
+        "workload": {
+            "workload": args.workload,
+            "model": args.model,
+            "data": str(args.data) if args.data is not None else None,
+            "pretrained": bool(args.pretrained),
+        },
+    }
+    model = compress(workload.model, config.replace(provenance=provenance), stats)
+    out = save(model, args.out)
+    params = sum(p.numel() for p in model.parameters())
+    teacher = sum(p.numel() for p in workload.model.parameters())
+    print(
+        f"saved {out}: {params:,} parameters, {params / teacher:.1%} of {workload.name}; "
+        f"measure it with `vitrank eval {args.out}`."
+    )
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    return _not_built("eval")
+    import json
+    from pathlib import Path
+
+    import timm
+    from rich.console import Console
+    from rich.table import Table
+    from timm.data.model_config import resolve_input_data_config
+
+    from evaluators import evaluate_accuracy, measure_latency
+    from spaces import count_flops, dense_flops
+    from vitrank.api import CONFIG_ATTRIBUTE, load
+
+    directory = Path(args.model_dir)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no saved compressed model (config.json + model.safetensors); "
+            "make one with `vitrank apply` or pass a search's runs/<name>/winners/<id>/."
+        )
+    model = load(directory)
+    config = getattr(model, CONFIG_ATTRIBUTE)
+    device, batch = args.device or "cpu", args.batch
+    recorded = config.provenance.get("workload")
+    named = any(getattr(args, key) is not None for key in ("workload", "model", "data"))
+    workload = None
+    if not named and isinstance(recorded, dict):
+        for key in ("workload", "model", "data", "pretrained"):
+            if recorded.get(key) is not None:
+                setattr(args, key, recorded[key])
+    if named or isinstance(recorded, dict):
+        workload = load_workload_from_args(args)
+    # Latency does not depend on the weights: without a workload, time the bare architecture.
+    teacher = workload.model if workload else timm.create_model(config.model, **config.model_args)
+    input_size = tuple(resolve_input_data_config(model)["input_size"])
+    rows: dict[str, dict[str, Any]] = {"compressed": {}, "teacher": {}}
+    for name, module in (("compressed", model), ("teacher", teacher)):
+        row = rows[name]
+        row["params"] = sum(p.numel() for p in module.parameters())
+        if workload is not None:
+            row["accuracy"] = evaluate_accuracy(
+                module, workload.val, batch_size=batch or 256, device=device, progress=False
+            )
+        latency = measure_latency(module.eval(), input_size, batch=batch or 1, device=device)
+        row["latency_ms"] = latency.median_ms
+    rows["compressed"]["flops"] = count_flops(config, batch=1)
+    rows["teacher"]["flops"] = dense_flops(config.fingerprint, batch=1)
+    result = {
+        "model_dir": str(directory),
+        "model": config.model,
+        "workload": workload.name if workload else None,
+        "device": device,
+        "latency_batch": batch or 1,
+        **rows["compressed"],
+        "teacher": rows["teacher"],
+        "speedup": rows["teacher"]["latency_ms"] / rows["compressed"]["latency_ms"],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    table = Table(title=f"{directory} ({config.model}, {result['workload'] or 'no data given'})")
+    for column in ("", "compressed", "teacher", "ratio"):
+        table.add_column(column, justify="left" if not column else "right")
+    for key, label, form in (
+        ("accuracy", "accuracy", "{:.2%}"),
+        ("params", "parameters", "{:,}"),
+        ("flops", "FLOPs (batch 1)", "{:,}"),
+        ("latency_ms", f"latency ms (batch {batch or 1}, {device})", "{:.3f}"),
+    ):
+        mine, theirs = rows["compressed"].get(key), rows["teacher"].get(key)
+        if mine is None or theirs is None:
+            continue
+        ratio = f"{mine / theirs:.2f}" if theirs else "-"
+        table.add_row(label, form.format(mine), form.format(theirs), ratio)
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    console.print(table)
+    note = "" if workload else "; give --workload/--model/--data to measure accuracy"
+    console.print(f"speed-up {result['speedup']:.2f}x{note}")
+    return 0
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -261,11 +396,115 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    return _not_built("export")
+    import warnings
+    from pathlib import Path
+
+    import torch
+    from timm.data.model_config import resolve_input_data_config
+
+    from vitrank.api import load
+
+    directory, onnx_path = Path(args.model_dir), Path(args.onnx)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no saved compressed model (config.json + model.safetensors); "
+            "make one with `vitrank apply` or pass a search's runs/<name>/winners/<id>/."
+        )
+    model = load(directory).eval()
+    input_size = tuple(resolve_input_data_config(model)["input_size"])
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, *input_size, generator=generator)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    opset = args.opset or 17
+    if opset < 11:
+        raise ValueError(f"`--opset >= 11` must hold (token merging sorts), but got {opset}.")
+    from torch.onnx import symbolic_helper
+
+    def sort(g: Any, values: Any, *rest: Any) -> Any:
+        # Token merging's stable sort (aten::sort.stable / argsort.stable, which the
+        # TorchScript exporter refuses) as ONNX TopK, whose ties keep index order: stable.
+        dim = symbolic_helper._maybe_get_const(rest[-2], "i")
+        descending = symbolic_helper._maybe_get_const(rest[-1], "b")
+        return symbolic_helper._sort_helper(g, values, dim, descending=descending)
+
+    def argsort(g: Any, values: Any, *rest: Any) -> Any:
+        return sort(g, values, *rest)[1]
+
+    symbolics = {"aten::sort": sort, "aten::argsort": argsort}
+    try:
+        for name, function in symbolics.items():
+            torch.onnx.register_custom_op_symbolic(name, function, opset)
+        with warnings.catch_warnings():
+            # The tracer warns about every Python branch on shapes; the check below is the test.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(onnx_path),
+                dynamo=False,  # the TorchScript exporter needs no onnxscript
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    finally:
+        for name in symbolics:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
+    try:
+        import onnxruntime
+    except ImportError:
+        print(
+            f"wrote {onnx_path} (not checked: install onnxruntime, `pip install 'vitrank[onnx]'`, "
+            "to compare it with PyTorch)."
+        )
+        return 0
+    images = torch.randn(3, *input_size, generator=generator)
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # shape-inference warnings of traced reshapes are noise
+    session = onnxruntime.InferenceSession(
+        str(onnx_path), options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run(["logits"], {"images": images.numpy()})[0]
+    error = float(abs(got - expected).max())
+    tolerance = 1e-4 * max(1.0, float(abs(expected).max()))
+    if not error <= tolerance:
+        raise RuntimeError(
+            f"{onnx_path} disagrees with PyTorch: max |logit difference| {error:.3g} > "
+            f"{tolerance:.3g}; please report it with the model directory."
+        )
+    print(f"wrote {onnx_path}; onnxruntime matches PyTorch (max |logit difference| {error:.2g}).")
+    return 0
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
-    return _not_built("latency")
+    from pathlib import Path
+
+    from spaces import build_space, measure_latency_table, predict_latency
+
+    workload = load_workload_from_args(args)
+    device, batch = args.device or "cpu", args.batch or 1
+    threads = args.threads or (1 if device == "cpu" else None)
+    space = build_space(workload.model, model_name=workload.model_name)
+    table = measure_latency_table(
+        workload.model,
+        space.fingerprint,
+        device=device,
+        batch=batch,
+        threads=threads,
+        space=space,
+        repeats=args.repeats or 20,
+    )
+    out = Path(args.out or f"latency_{workload.name}_{device.replace(':', '')}_b{batch}.json")
+    table.save(out)
+    smallest = min(predict_latency(space.smallest(c), table) for c in ("params", "flops"))
+    print(
+        f"saved {out}: {len(table.entries)} operators on {device} at batch {batch}, "
+        f"{table.threads} threads ({table.clock} clock); dense model {table.dense_ms:.3f} ms, "
+        f"smallest config predicted {smallest:.3f} ms."
+    )
+    return 0
 
 
 def _cmd_space(args: argparse.Namespace) -> int:
@@ -306,6 +545,15 @@ def _cmd_space(args: argparse.Namespace) -> int:
         f"({fp.other_params:,} outside the blocks)"
     )
     console.print("biases: q = qkv, p = proj, f = fc1, F = fc2 (- = none)")
+    from spaces import OPS, build_space
+
+    space = build_space(
+        workload.model,
+        ops=args.ops or OPS,
+        granularity=args.granularity or 8,
+        model_name=workload.model_name,
+    )
+    console.print(space.describe(), soft_wrap=True, highlight=False, markup=False)
     return 0
 
 

@@ -33,21 +33,21 @@ DIGITS = "digits-vit"
 WORKLOADS = (DIGITS,)
 DIGITS_DIR = Path(__file__).parent / "assets" / "digits_vit"
 # The architecture of the digits teacher (timm's ViT at 8x8 pixels, 2x2 patches: 16 patch
-# tokens + cls). head_dim 32 leaves room for head-level ranks below it.
+# tokens + cls). head_dim 24 leaves room for head-level ranks (8, 16) below it; small
+# enough to train in minutes on two shared CPU cores.
 DIGITS_MODEL_NAME = "vit_small_patch16_224"
 DIGITS_MODEL_ARGS: dict[str, Any] = {
     "img_size": 8,
     "patch_size": 2,
     "in_chans": 1,
     "num_classes": 10,
-    "embed_dim": 128,
+    "embed_dim": 96,
     "depth": 4,
     "num_heads": 4,
     "mlp_ratio": 4.0,
 }
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed: the split never moves, so a teacher's val images stay unseen
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 _FOLDER_LAYOUT = (
     "an ImageFolder tree: DIR/train/<class>/<image> and DIR/val/<class>/<image>, "
     "or DIR/<class>/<image> (split deterministically into train and val)"
@@ -248,7 +248,7 @@ class _PilImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        image = Image.fromarray(self.arrays[index], mode="L").convert(self.mode)
+        image = Image.fromarray(self.arrays[index]).convert(self.mode)
         return self.transform(image), int(self.labels[index])
 
 
@@ -267,15 +267,8 @@ def _image_folder(root: Path, transform: Callable, mode: str) -> Dataset:
 
 
 def _folder_splits(data: Path, transform: Callable, mode: str) -> tuple[Dataset, Dataset, int]:
-    if not data.is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist; expected {_FOLDER_LAYOUT}.")
-    has_train, has_val = (data / "train").is_dir(), (data / "val").is_dir()
-    if has_train != has_val:
-        raise FileNotFoundError(
-            f"{data} has {'train/' if has_train else 'val/'} but not "
-            f"{'val/' if has_train else 'train/'}; expected {_FOLDER_LAYOUT}."
-        )
-    if has_train:
+    """(train, val, number of classes); the layout was checked by `_probe_classes`."""
+    if (data / "train").is_dir():
         train = _image_folder(data / "train", transform, mode)
         val = _image_folder(data / "val", transform, mode)
         if train.classes != val.classes:
@@ -371,11 +364,25 @@ def load_workload(
 
 
 def _probe_classes(data: Path) -> tuple[int, list[str]]:
-    """Class folders of an ImageFolder tree, without reading an image."""
+    """Class folders of an ImageFolder tree, checked before a model is built for them."""
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist; expected {_FOLDER_LAYOUT}.")
-    root = data / "train" if (data / "train").is_dir() else data
+    has_train, has_val = (data / "train").is_dir(), (data / "val").is_dir()
+    if has_train != has_val:
+        raise FileNotFoundError(
+            f"{data} has {'train/' if has_train else 'val/'} but not "
+            f"{'val/' if has_train else 'train/'}; expected {_FOLDER_LAYOUT}."
+        )
+    root = data / "train" if has_train else data
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}; expected {_FOLDER_LAYOUT}.")
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for name in classes:
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / name).iterdir()):
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) in {root / name}; "
+                f"expected {_FOLDER_LAYOUT}."
+            )
     return len(classes), classes

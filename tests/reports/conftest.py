@@ -114,3 +114,9 @@ def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> 
 @pytest.fixture
 def synthetic_run(tmp_path: Path) -> Path:
     return write_run(tmp_path / "run-a")
+
+
+@pytest.fixture
+def make_run():
+    """Factory: `make_run(root, trials=24, seed=0, winners=3)` -> a synthetic run directory."""
+    return write_run

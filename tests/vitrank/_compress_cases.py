@@ -102,8 +102,7 @@ def expected_params(fp: Fingerprint, specs: list[BlockSpec]) -> int:
             attn = _linear(d, 3 * s.attn_inner, s.qkv_bias, a.qkv_rank)
             attn += _linear(s.attn_inner, d, s.proj_bias, a.proj_rank)
         else:  # heads: q', k' with bias rows, v' without, out with the folded bias
-            attn = 2 * heads * a.qk_rank * (d + 1) + 2 * heads * a.vo_rank * d
-            attn += d if (s.qkv_bias or s.proj_bias) else 0
+            attn = 2 * heads * a.qk_rank * (d + 1) + 2 * heads * a.vo_rank * d + d
         kept = m.hidden_kept if m.op == "prune" else hidden
         r1, r2 = (m.fc1_rank, m.fc2_rank) if m.op == "lowrank" else (0, 0)
         mlp = _linear(d, kept, s.fc1_bias, r1) + _linear(kept, d, s.fc2_bias, r2)

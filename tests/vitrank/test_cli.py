@@ -9,6 +9,7 @@ import pytest
 
 from vitrank.cli import SUBCOMMANDS, build_parser, main
 from vitrank.compress.structure import UnsupportedModelError
+from vitrank.workloads import DIGITS_MODEL_ARGS
 
 
 def _vitrank(*args: str) -> subprocess.CompletedProcess:
@@ -33,8 +34,14 @@ def test_space_prints_the_teachers_blocks_with_shapes():
     for i in range(4):
         assert f"blocks.{i}" in result.stdout
     row = next(line for line in result.stdout.splitlines() if "blocks.0" in line)
-    # dim 128, 4 heads of 32, MLP hidden 512
-    assert row.replace("│", " ").split()[1:5] == ["128", "4", "32", "512"]
+    dim, heads = DIGITS_MODEL_ARGS["embed_dim"], DIGITS_MODEL_ARGS["num_heads"]
+    hidden = int(dim * DIGITS_MODEL_ARGS["mlp_ratio"])
+    assert row.replace("│", " ").split()[1:5] == [
+        str(dim),
+        str(heads),
+        str(dim // heads),
+        str(hidden),
+    ]
     assert "tokens 17 (1 prefix)" in result.stdout
 
 
@@ -82,7 +89,40 @@ def test_handlers_parse_their_options(argv):
 
 def test_search_options_parse():
     args = build_parser().parse_args(
-        ["search", "--budget-params", "0.5", "--ops", "lowrank,heads", "--proxy", "spectral", "--parametrization", "budgeted", "--trials", "20", "--sampler", "nsga2", "--engine", "optuna", "--ray-address", "127.0.0.1:6379", "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--finetune-top", "2", "--finetune-epochs", "3", "--out", "runs/x", "--resume", "--calib-size", "64", "--seed", "1"]
+        [
+            "search",
+            "--budget-params",
+            "0.5",
+            "--ops",
+            "lowrank,heads",
+            "--proxy",
+            "spectral",
+            "--parametrization",
+            "budgeted",
+            "--trials",
+            "20",
+            "--sampler",
+            "nsga2",
+            "--engine",
+            "optuna",
+            "--ray-address",
+            "127.0.0.1:6379",
+            "--cpus-per-trial",
+            "1",
+            "--gpus-per-trial",
+            "0",
+            "--finetune-top",
+            "2",
+            "--finetune-epochs",
+            "3",
+            "--out",
+            "runs/x",
+            "--resume",
+            "--calib-size",
+            "64",
+            "--seed",
+            "1",
+        ]
     )
     assert (args.budget_params, args.trials, args.engine, args.resume) == (
         "0.5",

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitrank.compress.lowrank import LowRankLinear, factorize_linear, whitening
+from vitrank.compress.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small LAPACK calls on a shared 2-core machine are many times faster single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _data(n: int = 400, d_in: int = 12, d_out: int = 9, seed: int = 0):
@@ -19,7 +28,7 @@ def _data(n: int = 400, d_in: int = 12, d_out: int = 9, seed: int = 0):
 
 
 def _measured(X, W, down, up) -> float:
-    return float((X @ (W - up @ down).T).square().sum() / X.shape[0])
+    return float((X @ (W - up.detach() @ down.detach()).T).square().sum() / X.shape[0])
 
 
 def test_full_rank_reproduces_weight_exactly():
@@ -103,3 +112,20 @@ def test_low_rank_linear_matches_factors_and_rejects_bad_ranks():
         factors.at_rank(10)
     with pytest.raises(ValueError, match="min\\(in, out\\)"):
         LowRankLinear(12, 9, 10)
+
+
+def test_residual_term_matches_closed_form_and_repairs_a_moved_first_term():
+    X, W, b = _data(seed=5)
+    C = X.T @ X / len(X)
+    factors = factorize_linear(W, b, C)
+    first = LowRankLinear.from_factors(*factors.at_rank(3), dtype=torch.float64)
+    two = add_residual_term(first, W, C, 2)
+    assert two.rank == 5
+    measured = _measured(X, W, two.down.weight, two.up.weight)
+    assert measured == pytest.approx(factors.error(5), rel=1e-9)
+    torch.testing.assert_close(two.up.bias, b)
+    with torch.no_grad():  # a first term moved away from the closed form
+        first.down.weight.add_(0.3 * torch.randn_like(first.down.weight))
+    moved = _measured(X, W, first.down.weight, first.up.weight)
+    repaired = add_residual_term(first, W, C, 2)
+    assert _measured(X, W, repaired.down.weight, repaired.up.weight) < moved

@@ -216,3 +216,39 @@ def test_bias_free_layers_are_pruned_without_compensation() -> None:
     pruned = prune_mlp(fc1, None, fc2, None, torch.rand(6), torch.rand(6), keep=3)
     assert pruned.fc1_bias is None and pruned.fc2_bias is None
     assert pruned.fc1_weight.shape == (3, 4) and pruned.fc2_weight.shape == (4, 3)
+
+
+def test_pruned_and_merged_model_costs_what_the_config_predicts(tiny_vit) -> None:
+    """Pruning composes with merging in one model, whose parameters and FLOPs are the
+    cost model's predictions (FLOPs counted on the real model, attention as matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.data import TensorDataset
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from evaluators.calibration import calibrate
+    from spaces import CompressionConfig, count_flops, count_params
+    from tests.conftest import TINY_VIT_ARGS
+    from vitrank.compress.apply import apply_specs
+    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.compress.structure import inspect_vit
+
+    model = tiny_vit(num_heads=4, depth=3)
+    images = torch.randn(8, 3, 16, 16)
+    stats = calibrate(model, TensorDataset(images, torch.zeros(8)), progress=False)
+    specs = (
+        BlockSpec(AttentionSpec("prune", heads_kept=3), MlpSpec("prune", hidden_kept=40), 0.25),
+        BlockSpec(mlp=MlpSpec("prune", hidden_kept=7)),
+        BlockSpec(AttentionSpec("prune", heads_kept=1), merge_ratio=0.4),
+    )
+    config = CompressionConfig(
+        model="vit_small_patch16_224",
+        model_args={**TINY_VIT_ARGS, "num_heads": 4, "depth": 3},
+        fingerprint=inspect_vit(model),
+        blocks=specs,
+    )
+    student = apply_specs(model, specs, None, stats)
+    assert sum(p.numel() for p in student.parameters()) == count_params(config)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        student(images[:1])
+    assert counter.get_total_flops() == count_flops(config)

@@ -83,7 +83,7 @@ def _write_pngs(root, classes, per_class, size, mode="RGB", seed=0):
         for i in range(per_class):
             shape = (size, size, 3) if mode == "RGB" else (size, size)
             pixels = rng.integers(0, 256, size=shape, dtype=np.uint8) // (c + 1)
-            Image.fromarray(pixels, mode=mode).save(root / name / f"{i}.png")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 @pytest.fixture

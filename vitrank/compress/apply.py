@@ -124,7 +124,9 @@ def _replaced_linears(block: nn.Module, spec: BlockSpec) -> list[nn.Module]:
     if spec.attn.op in ("heads", "prune"):
         out += [attn.qkv, attn.proj]
     elif spec.attn.op == "lowrank":
-        out += [m for m, r in ((attn.qkv, spec.attn.qkv_rank), (attn.proj, spec.attn.proj_rank)) if r]
+        out += [
+            m for m, r in ((attn.qkv, spec.attn.qkv_rank), (attn.proj, spec.attn.proj_rank)) if r
+        ]
     if spec.mlp.op == "prune":
         out += [mlp.fc1, mlp.fc2]
     elif spec.mlp.op == "lowrank":
@@ -173,9 +175,8 @@ class _Builder:
         if spec.op == "heads":
             if self.structure_only:
                 dim = teacher.qkv.in_features
-                out_bias = teacher.proj.bias is not None or teacher.qkv.bias is not None
                 module = HeadFactorizedAttention.empty(
-                    dim, teacher.num_heads, spec.qk_rank, spec.vo_rank, teacher.scale, out_bias, **kw
+                    dim, teacher.num_heads, spec.qk_rank, spec.vo_rank, teacher.scale, **kw
                 )
                 module.attn_drop, module.proj_drop.p = drops
                 return module

@@ -34,9 +34,7 @@ def attend(
     mask = None
     if log_size is not None:
         mask = log_size[:, None, None, :].to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 def _bare_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -198,8 +196,7 @@ class HeadFactorizedAttention(nn.Module):
     Per head h: q'_h = x̄ P_h and k'_h = x̄ Q_h (x̄ = [x, 1], so the last rows are biases) of
     width ``qk_rank``; values x V_h of width ``vo_rank``; the output Σ_h A_h x V_h O_h plus
     ``out_bias`` (the proj bias with the value bias folded in, exact because each row of
-    A_h sums to one; absent when the teacher has neither). The softmax scale stays the
-    teacher's head_dim^-1/2.
+    A_h sums to one). The softmax scale stays the teacher's head_dim^-1/2.
     """
 
     def __init__(
@@ -245,8 +242,8 @@ class HeadFactorizedAttention(nn.Module):
         proj_drop: float = 0.0,
     ) -> HeadFactorizedAttention:
         """From ``FactorCache.qk`` (P, Q: (H, d+1, r_qk)) and ``.vo`` (V: (H, d, r_vo),
-        O: (H, r_vo, d), out_bias: (d,) or None when the teacher has neither a value nor
-        an output bias) factors."""
+        O: (H, r_vo, d), out_bias: (d,)) factors; ``out_bias`` None (a teacher with neither
+        value nor output bias) gives a zero bias, so the structure never depends on it."""
         heads, rows, qk_rank = P.shape
         dim = rows - 1
         if Q.shape != P.shape or V.shape[:2] != (heads, dim) or O.shape[0] != heads:
@@ -256,6 +253,8 @@ class HeadFactorizedAttention(nn.Module):
                 f"{tuple(Q.shape)=}, {tuple(V.shape)=}, {tuple(O.shape)=}."
             )
         vo_rank = V.shape[2]
+        if out_bias is None:
+            out_bias = O.new_zeros(O.shape[2])
 
         # Head h's columns j become output rows h * rank + j of the Linear.
         def stack(factor: Tensor, rank: int) -> Tensor:
@@ -265,7 +264,7 @@ class HeadFactorizedAttention(nn.Module):
             linear_from(stack(P[:, :dim], qk_rank), P[:, dim].reshape(-1)),
             linear_from(stack(Q[:, :dim], qk_rank), Q[:, dim].reshape(-1)),
             linear_from(stack(V, vo_rank), None),
-            linear_from(O.reshape(heads * vo_rank, dim).T, out_bias),
+            linear_from(O.reshape(heads * vo_rank, O.shape[2]).T, out_bias),
             heads,
             scale,
             attn_drop,
@@ -280,7 +279,6 @@ class HeadFactorizedAttention(nn.Module):
         qk_rank: int,
         vo_rank: int,
         scale: float,
-        out_bias: bool = True,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> HeadFactorizedAttention:
@@ -290,7 +288,7 @@ class HeadFactorizedAttention(nn.Module):
             empty_linear(dim, num_heads * qk_rank, True, **kw),
             empty_linear(dim, num_heads * qk_rank, True, **kw),
             empty_linear(dim, num_heads * vo_rank, False, **kw),
-            empty_linear(num_heads * vo_rank, dim, out_bias, **kw),
+            empty_linear(num_heads * vo_rank, dim, True, **kw),
             num_heads,
             scale,
         )

@@ -9,9 +9,10 @@ form; the best parameters seen are kept, so the error on the calibration data ne
 ends above where it started.
 
 The two-term form Ŵ = W_a + W_b is one `LowRankLinear` whose rank is the sum of both
-terms' ranks: fitted in closed form on the calibration activations, the residual term W_b
-of a whitened W_a is the next whitened singular components (Eckart-Young on W S), so the
-stacked factors are the closed-form start and compensation moves both terms jointly.
+terms' ranks (`lowrank.add_residual_term`): fitted in closed form on the calibration
+activations, the residual term W_b of a whitened W_a is the next whitened singular
+components (Eckart-Young on W S), so the stacked factors are the closed-form start and
+compensation moves both terms jointly.
 
 Token merging in the student (fewer tokens than the teacher after a block) is handled
 through the source map: the target of a merged token is the mean of the teacher's tokens
@@ -112,14 +113,19 @@ def _error(
 ) -> float:
     """Mean squared error over all calibration tokens; with `grad`, its gradient too.
 
+    Merged tokens are weighted by their size, so the normaliser is the teacher's count.
+
     Chunk by chunk, so only one chunk's activations are alive at a time.
     """
-    count = sum(state[0].numel() for state in states)
+    count = sum(t.numel() for t in targets)
     total = 0.0
     for state, target in zip(states, targets, strict=True):
         with torch.set_grad_enabled(grad):
-            out = _run_block(block, state, compressed)[0]
-            loss = (out - _target(target, state)).square().sum() / count
+            out = _run_block(block, state, compressed)
+            squared = (out[0] - _target(target, out)).square()
+            if len(out) > 1 and out[1] is not None:  # a merged token stands for `size` tokens
+                squared = squared * out[1].unsqueeze(-1)
+            loss = squared.sum() / count
         if grad:
             loss.backward()
         total += float(loss.detach())

@@ -122,7 +122,7 @@ class FactorCache:
 
     # -- lookup ------------------------------------------------------------------------
 
-    def keys(self) -> list[str]:
+    def layer_keys(self) -> list[str]:
         return sorted(
             [*self._linear, *self._heads], key=lambda k: (_split_key(k)[0], _split_key(k)[1])
         )

@@ -208,3 +208,27 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def add_residual_term(
+    layer: LowRankLinear, W: Tensor, C: Tensor | None, rank: int, name: str = "linear"
+) -> LowRankLinear:
+    """Two-term Ŵ = W_a + W_b (Azizi et al. 2024): W_b of rank `rank` fitted to W - W_a.
+
+    W_b is the whitened rank-`rank` factorization of the residual, i.e. the term that
+    minimises E‖x(W - W_a - W_b)ᵀ‖² given W_a; the two terms are stacked into one
+    LowRankLinear of rank `layer.rank + rank`. For a closed-form W_a this equals the
+    closed-form factors at the summed rank; it matters once W_a has been moved by
+    compensation (or chosen otherwise).
+    """
+    residual = W.detach().double() - layer.dense_weight().detach().double()
+    factors = factorize_linear(residual, None, C, name=f"{name} residual")
+    down_b, up_b, _ = factors.at_rank(rank, name)
+    weight = layer.down.weight
+    return LowRankLinear.from_factors(
+        torch.cat([layer.down.weight.detach().double(), down_b]),
+        torch.cat([layer.up.weight.detach().double(), up_b], dim=1),
+        None if layer.up.bias is None else layer.up.bias.detach(),
+        dtype=weight.dtype,
+        device=weight.device,
+    )

@@ -74,15 +74,11 @@ def merge_tokens(x: Tensor, matching: Matching, reduce: str = "sum") -> Tensor:
 
     kept = rows(a, matching.kept)
     src = rows(a, matching.merged)
-    b = b.scatter_reduce(
-        1, matching.into[..., None].expand(-1, -1, channels), src, reduce=reduce
-    )
+    b = b.scatter_reduce(1, matching.into[..., None].expand(-1, -1, channels), src, reduce=reduce)
     return torch.cat([prefix, kept, b], dim=1)
 
 
-def merge_weighted(
-    x: Tensor, size: Tensor | None, matching: Matching
-) -> tuple[Tensor, Tensor]:
+def merge_weighted(x: Tensor, size: Tensor | None, matching: Matching) -> tuple[Tensor, Tensor]:
     """Size-weighted mean merge of ``x`` (B, N, c); returns the new x and sizes (B, N').
 
     ``size`` None means every token has size 1 (nothing merged yet).

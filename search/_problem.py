@@ -1,0 +1,334 @@
+"""What a trial needs: prepared once per run on disk, loaded once per process.
+
+`prepare` (the driver, once) calibrates the teacher and writes everything a trial reads to
+`runs/<name>/cache/`: the teacher's weights, calibration statistics, whitened (and plain)
+factors, a fixed held-out batch, the spectral proxy's per-layer sensitivity and, for a
+latency budget, the latency table. `problem(run_dir)` loads those files once per process
+(the driver, and each Ray worker) and keeps them in a module-level cache, so neither the
+teacher nor the factors are ever pickled with a trial.
+
+`define_trial` (Optuna's define-by-run function) and `evaluate_trial` (scores sampled
+parameters) are module level and take the run directory as their only extra argument, so
+`functools.partial(define_trial, run_dir=...)` pickles for Ray Tune.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from search._engines import TRIAL_ID_KEY
+from search._rundir import RunDir, atomic_write_json
+from search._settings import SearchSettings
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from evaluators.proxies import Proxy
+    from spaces import Budget, CompressionConfig, LatencyTable, SearchSpace, SpaceFunction
+    from vitrank.compress.factorize import FactorCache
+    from vitrank.compress.stats import CalibrationStats
+    from vitrank.workloads import Workload
+
+BASELINE_KEY = "__baseline__"  # constant naming the baseline a trial replays ("" for none)
+BASELINE_ATTR = "baseline"  # Optuna user attr of enqueued baseline trials
+BASELINE_PARAMS_ATTR = "baseline_params"  # True when the baseline was enqueued with raw params
+HELDOUT_SIZE = 256
+
+
+@dataclass
+class Problem:
+    """The loaded state of one run: teacher, space, budget, factors, proxies, baselines."""
+
+    run: RunDir
+    settings: SearchSettings
+    teacher: nn.Module
+    space: SearchSpace
+    budget: Budget
+    stats: CalibrationStats
+    heldout: tuple[Tensor, Tensor]
+    sensitivity: dict[str, float]
+    latency_table: LatencyTable | None
+    space_fn: SpaceFunction
+    factors: dict[str, FactorCache] = field(default_factory=dict)  # by svd kind
+    _proxies: dict[str, Proxy] = field(default_factory=dict)
+    _baselines: dict[str, CompressionConfig] = field(default_factory=dict)
+
+    @property
+    def cost_name(self) -> str:
+        return self.settings.objective_names[1]
+
+    def factor_cache(self, svd: str) -> FactorCache:
+        if svd not in self.factors:
+            from vitrank.compress.factorize import FactorCache
+
+            self.factors[svd] = FactorCache.load(factor_path(self.run, svd), self.teacher)
+        return self.factors[svd]
+
+    def proxy(self, svd: str | None = None, name: str | None = None) -> Proxy:
+        """The run's proxy (or `name`) over factors of kind `svd` (default: the run's)."""
+        from evaluators.proxies import ProxyInputs, create_proxy
+
+        svd = svd or self.settings.svd
+        name = name or self.settings.proxy
+        key = f"{name}/{svd}"
+        if key not in self._proxies:
+            inputs = ProxyInputs(
+                teacher=self.teacher,
+                factors=self.factor_cache(svd),
+                stats=self.stats,
+                heldout_images=self.heldout[0],
+                heldout_labels=self.heldout[1],
+                sensitivity=self.sensitivity,
+            )
+            self._proxies[key] = create_proxy(name, inputs)
+        return self._proxies[key]
+
+    def baseline(self, name: str) -> CompressionConfig:
+        if name not in self._baselines:
+            from spaces import CompressionConfig
+
+            self._baselines[name] = CompressionConfig.load(self.run.baselines / f"{name}.json")
+        return self._baselines[name]
+
+    def costs(self, config: CompressionConfig) -> dict[str, float]:
+        """Exact params and FLOPs; predicted latency when the run has a latency table."""
+        from spaces import count_flops, count_params, predict_latency
+
+        costs = {"params": float(count_params(config)), "flops": float(count_flops(config))}
+        if self.latency_table is not None:
+            costs["latency_ms"] = float(predict_latency(config, self.latency_table))
+        return costs
+
+    def violation(self, config: CompressionConfig) -> float:
+        return float(self.budget.violation(config, self.space, self.latency_table))
+
+    def score(self, config: CompressionConfig) -> dict[str, float]:
+        """Proxy metrics (`proxy` is the one minimised) and costs of one config."""
+        proxy = self.proxy(config.svd)
+        metrics = {k: float(v) for k, v in proxy.evaluate(config).items()}
+        return {"proxy": metrics[proxy.metric], **metrics, **self.costs(config)}
+
+    def define(self, trial: Any) -> dict[str, Any]:
+        """Suggest a config, record its costs and budget constraint; return the constants."""
+        baseline = str(trial.user_attrs.get(BASELINE_ATTR) or "")
+        if baseline:
+            config = self.baseline(baseline)
+            if trial.user_attrs.get(BASELINE_PARAMS_ATTR):
+                # The enqueued raw params of the baseline: recorded so the sampler learns.
+                self.space_fn.suggest(trial)
+        else:
+            config = self.space_fn.suggest(trial)
+        violation = self.violation(config)
+        trial.set_constraint("budget", violation)
+        from spaces import CONFIG_ATTR
+
+        trial.set_user_attr(CONFIG_ATTR, config.to_json(indent=None))
+        trial.set_user_attr("violation", violation)
+        trial.set_user_attr("costs", self.costs(config))
+        return {TRIAL_ID_KEY: trial._trial_id, BASELINE_KEY: baseline}
+
+    def config_of(self, values: dict[str, Any]) -> CompressionConfig:
+        """The config of a trial, rebuilt from its sampled parameters (or its baseline)."""
+        baseline = values.get(BASELINE_KEY)
+        if baseline:
+            return self.baseline(baseline)
+        params = {k: v for k, v in values.items() if not k.startswith("__")}
+        return self.space_fn.config_of(params)
+
+
+_PROBLEMS: dict[str, Problem] = {}
+
+
+def problem(run_dir: str | Path) -> Problem:
+    """The run's `Problem`, loaded from disk once per process."""
+    key = str(Path(run_dir).resolve())
+    if key not in _PROBLEMS:
+        _PROBLEMS[key] = load_problem(RunDir(key))
+    return _PROBLEMS[key]
+
+
+def forget(run_dir: str | Path) -> None:
+    """Drop a cached problem (after its files changed)."""
+    _PROBLEMS.pop(str(Path(run_dir).resolve()), None)
+
+
+def define_trial(trial: Any, run_dir: str) -> dict[str, Any]:
+    """Optuna define-by-run function of a run (partial on `run_dir` for Ray Tune)."""
+    return problem(run_dir).define(trial)
+
+
+def evaluate_trial(values: dict[str, Any], run_dir: str) -> dict[str, float]:
+    """Score the config that a trial's sampled parameters (and constants) describe."""
+    current = problem(run_dir)
+    return current.score(current.config_of(values))
+
+
+# ---- preparing and loading the cache -------------------------------------------------
+
+
+def factor_path(run: RunDir, svd: str) -> Path:
+    return run.cache / f"factors-{svd}.safetensors"
+
+
+def _paths(run: RunDir) -> dict[str, Path]:
+    c = run.cache
+    return {
+        "teacher": c / "teacher.safetensors",
+        "teacher_meta": c / "teacher.json",
+        "stats": c / "stats.safetensors",
+        "heldout": c / "heldout.safetensors",
+        "sensitivity": c / "sensitivity.json",
+        "latency": c / "latency.json",
+    }
+
+
+def needs_latency_table(settings: SearchSettings) -> bool:
+    return settings.budget_latency is not None or settings.objective_names[1] == "latency_ms"
+
+
+def make_budget(settings: SearchSettings) -> Budget:
+    from spaces import parse_budget
+
+    if settings.budget_latency is not None:
+        return parse_budget(
+            settings.budget_latency, kind="latency", batch=settings.batch, device=settings.device
+        )
+    if settings.budget_flops is not None:
+        return parse_budget(settings.budget_flops, kind="flops")
+    return parse_budget(str(settings.budget_params), kind="params")
+
+
+def make_space(settings: SearchSettings, teacher: nn.Module, meta: dict[str, Any]) -> SearchSpace:
+    from spaces import build_space
+
+    return build_space(
+        teacher,
+        ops=settings.ops,
+        granularity=settings.granularity,
+        model_name=meta["model_name"],
+        model_args=meta["model_args"],
+        svd=settings.svd,
+    )
+
+
+def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any = print) -> None:
+    """Write everything trials read to `run.cache` (skipping files already there)."""
+    from safetensors.torch import save_file
+
+    from evaluators.calibration import calibrate_cached
+    from evaluators.proxies import heldout_batch, measure_sensitivity
+    from spaces import check_feasible
+    from vitrank.compress.factorize import FactorCache
+    from vitrank.compress.stats import CalibrationStats
+
+    paths = _paths(run)
+    run.cache.mkdir(parents=True, exist_ok=True)
+    teacher = workload.model.eval()
+    meta = {"model_name": workload.model_name, "model_args": dict(workload.model_args)}
+    if not paths["teacher"].exists():
+        state = {k: v.detach().contiguous() for k, v in teacher.state_dict().items()}
+        save_file(state, str(paths["teacher"]) + ".tmp")
+        Path(str(paths["teacher"]) + ".tmp").replace(paths["teacher"])
+        atomic_write_json(paths["teacher_meta"], meta)
+    if paths["stats"].exists():
+        stats = CalibrationStats.load(paths["stats"])
+    else:
+        log("calibrating the teacher ...")
+        key = f"{workload.name}/calib/{len(workload.calib)}/seed{settings.seed}"
+        stats = calibrate_cached(teacher, workload.calib, run.cache, key, progress=False)
+        stats.save(paths["stats"])
+    space = make_space(settings, teacher, meta)
+    budget = make_budget(settings)
+    table = None
+    if needs_latency_table(settings):
+        table = _latency_table(run, settings, teacher, space, log)
+    check_feasible(space, budget, table)
+    kinds = {settings.svd}
+    if settings.baselines or settings.sampler.startswith("baseline:"):
+        kinds |= {"whitened", "plain"}
+    for svd in sorted(kinds):
+        if not factor_path(run, svd).exists():
+            log(f"factorizing every layer once ({svd} SVD) ...")
+            cache = FactorCache(teacher, stats if svd == "whitened" else None, svd == "whitened")
+            cache.save(factor_path(run, svd))
+    if not paths["heldout"].exists():
+        images, labels = heldout_batch(workload, size=HELDOUT_SIZE, seed=settings.seed)
+        save_file(
+            {"images": images.contiguous(), "labels": labels.contiguous()},
+            str(paths["heldout"]) + ".tmp",
+        )
+        Path(str(paths["heldout"]) + ".tmp").replace(paths["heldout"])
+    if not paths["sensitivity"].exists():
+        log("measuring per-layer sensitivity for the spectral proxy ...")
+        images = _load_tensors(paths["heldout"])["images"]
+        factors = FactorCache.load(factor_path(run, settings.svd), teacher)
+        sensitivity = measure_sensitivity(teacher, factors, stats, images)
+        atomic_write_json(paths["sensitivity"], sensitivity)
+
+
+def _latency_table(
+    run: RunDir, settings: SearchSettings, teacher: nn.Module, space: SearchSpace, log: Any
+) -> LatencyTable:
+    from spaces import LatencyTable, measure_latency_table
+
+    path = _paths(run)["latency"]
+    if path.exists():
+        return LatencyTable.load(path)
+    log(f"measuring the latency table on {settings.device} at batch {settings.batch} ...")
+    table = measure_latency_table(
+        teacher, device=settings.device, batch=settings.batch, space=space, threads=1
+    )
+    table.save(path)
+    return table
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
+    import timm
+
+    paths = _paths(run)
+    meta = json.loads(paths["teacher_meta"].read_text())
+    teacher = timm.create_model(meta["model_name"], pretrained=False, **meta["model_args"])
+    teacher.load_state_dict(_load_tensors(paths["teacher"]))
+    return teacher.eval(), meta
+
+
+def load_problem(run: RunDir) -> Problem:
+    from spaces import SpaceFunction
+    from vitrank.compress.stats import CalibrationStats
+
+    settings = SearchSettings.load(run.settings)
+    paths = _paths(run)
+    teacher, meta = load_teacher(run)
+    space = make_space(settings, teacher, meta)
+    budget = make_budget(settings)
+    table = None
+    if needs_latency_table(settings):
+        from spaces import LatencyTable
+
+        table = LatencyTable.load(paths["latency"])
+    heldout = _load_tensors(paths["heldout"])
+    with torch.no_grad():
+        stats = CalibrationStats.load(paths["stats"])
+    return Problem(
+        run=run,
+        settings=settings,
+        teacher=teacher,
+        space=space,
+        budget=budget,
+        stats=stats,
+        heldout=(heldout["images"], heldout["labels"]),
+        sensitivity=json.loads(paths["sensitivity"].read_text()),
+        latency_table=table,
+        space_fn=SpaceFunction(space, budget, settings.parametrization, table),
+    )

@@ -1,0 +1,291 @@
+"""A whole search: settings → run directory → study → engine → Pareto set → winners.
+
+`run_search(settings)` is what `vitrank search` and `vitrank.search` call. The Optuna
+study in `study.db` is the record of every trial; a killed search resumes from it with
+`resume=True`: trials that were running when it died are marked failed (and flagged
+`interrupted`), baselines not yet scored are enqueued again, and only the missing number
+of trials runs. No completed trial is lost or run again.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search._engines import EngineJob, open_study, run_engine, storage
+from search._problem import (
+    BASELINE_ATTR,
+    BASELINE_PARAMS_ATTR,
+    define_trial,
+    evaluate_trial,
+    forget,
+    prepare,
+    problem,
+)
+from search._progress import SearchProgress
+from search._rundir import RunDir, atomic_write_json, atomic_write_text
+from search._samplers import baseline_of, make_sampler
+from search._settings import SearchSettings
+from search._table import INTERRUPTED_ATTR, progress_summary, trial_rows, write_pareto, write_trials
+from search._winners import save_winners
+from search.baselines import BASELINES
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search._problem import Problem
+    from vitrank.workloads import Workload
+
+STUDY_NAME = "vitrank"
+# Settings a resumed run may change; the rest must stay as the run started.
+RESUMABLE = (
+    "trials",
+    "engine",
+    "ray_address",
+    "cpus_per_trial",
+    "gpus_per_trial",
+    "finetune_top",
+    "finetune_epochs",
+    "resume",
+)
+TABLE_EVERY_S = 5.0
+
+
+def resolve_run(settings: SearchSettings, given: dict[str, Any] | None = None) -> SearchSettings:
+    """The settings to run with: as given, or, on resume, run.yaml plus resumable changes."""
+    run = RunDir(settings.run_dir())
+    if not settings.resume:
+        if run.exists():
+            raise FileExistsError(
+                f"{run.root} already holds a search; continue it with --resume, or choose "
+                "another --out."
+            )
+        return settings
+    if not run.exists():
+        raise FileNotFoundError(
+            f"--resume needs a run directory with run.yaml, but {run.root} has none."
+        )
+    saved = SearchSettings.load(run.settings)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    changes = {k: v for k, v in given.items() if k in RESUMABLE}
+    before = saved.to_dict()
+    conflicts = {}
+    for key, value in given.items():
+        if key in RESUMABLE or key in ("out", "name"):
+            continue
+        after = SearchSettings.from_dict({**before, key: value}).to_dict()[key]
+        if after != before[key]:
+            conflicts[key] = (before[key], after)
+    if conflicts:
+        shown = ", ".join(f"{k}: run has {a!r}, given {b!r}" for k, (a, b) in conflicts.items())
+        raise ValueError(
+            f"A resumed run keeps its settings; only {', '.join(RESUMABLE)} may change ({shown})."
+        )
+    merged = saved.to_dict() | changes | {"out": str(run.root), "resume": True}
+    return SearchSettings.from_dict(merged)
+
+
+def _load_workload(settings: SearchSettings) -> Workload:
+    from vitrank.workloads import load_workload
+
+    return load_workload(
+        settings.workload,
+        model=settings.model,
+        data=settings.data,
+        pretrained=settings.pretrained,
+        calib_size=settings.calib_size,
+        seed=settings.seed,
+    )
+
+
+def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
+    """Compute (once) and save the baselines' configs; return them by name."""
+    from search.baselines import BaselineInputs, run_baselines
+
+    run = current.run
+    done = {p.stem for p in run.baselines.glob("*.json")} if run.baselines.exists() else set()
+    todo = [n for n in names if n not in done and n != "_skipped"]
+    skipped_path = run.baselines / "_skipped.json"
+    if todo and not skipped_path.exists():
+        log(f"computing baselines at the budget: {', '.join(todo)} ...")
+        whitened = current.proxy("whitened")
+        spectral = current.proxy("whitened", "spectral")
+        inputs = BaselineInputs(
+            space=current.space,
+            budget=current.budget,
+            score=whitened.score,
+            spectral=spectral.score,
+            latency_table=current.latency_table,
+        )
+        configs, skipped = run_baselines(inputs, todo)
+        for name, config in configs.items():
+            config.replace(provenance={"baseline": name}).save(run.baselines / f"{name}.json")
+        atomic_write_json(skipped_path, skipped)
+        for name, reason in skipped.items():
+            log(f"baseline {name} skipped: {reason}")
+    return {n: current.baseline(n) for n in names if (run.baselines / f"{n}.json").exists()}
+
+
+def _repair_study(study: optuna.Study) -> int:
+    """Mark trials a killed search left running as failed+interrupted; count the finished."""
+    from optuna.trial import TrialState
+
+    rdb = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        rdb.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
+        rdb.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    finished = study.get_trials(deepcopy=False)
+    return sum(
+        1 for t in finished if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR)
+    )
+
+
+def _enqueue_baselines(study: optuna.Study, current: Problem, configs: dict[str, Any]) -> None:
+    """Enqueue each baseline not yet scored and not already waiting (warm start)."""
+    from optuna.trial import TrialState
+
+    from search.baselines import raw_expressible
+    from spaces import raw_params
+
+    present = {
+        t.user_attrs.get(BASELINE_ATTR)
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    }
+    raw = current.settings.parametrization == "raw"
+    for name, config in configs.items():
+        if name in present:
+            continue
+        expressible = raw and raw_expressible(config, current.space)
+        study.enqueue_trial(
+            raw_params(config, current.space) if expressible else {},
+            user_attrs={BASELINE_ATTR: name, BASELINE_PARAMS_ATTR: expressible},
+            skip_if_exists=False,
+        )
+
+
+def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
+    from evaluators import evaluate_accuracy
+
+    record: dict[str, Any] = {
+        "params": float(current.space.dense_params),
+        "flops": float(current.space.dense_flops),
+        "accuracy": float(evaluate_accuracy(current.teacher, workload.val, progress=False)),
+    }
+    if current.latency_table is not None:
+        record["latency_ms"] = float(current.latency_table.dense_ms)
+    return record
+
+
+def run_search(
+    settings: SearchSettings,
+    workload: Workload | None = None,
+    *,
+    log: Any = None,
+) -> Path:
+    """Run (or resume) the search `settings` describe; returns the run directory.
+
+    `workload` replaces loading `settings.workload` (tests and notebooks pass one); the
+    ray engine's fine-tuning reloads the workload by name, so it then runs in-process.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    log = log or console.print
+    run = RunDir(settings.run_dir())
+    with run:
+        atomic_write_text(run.settings, settings.to_yaml())
+        started = time.monotonic()
+        # Ray workers can rebuild only a workload that the settings name.
+        by_name = workload is None
+        workload = workload or _load_workload(settings)
+        prepare(run, settings, workload, log)
+        forget(run.root)
+        current = problem(run.root)
+        only = baseline_of(settings.sampler)
+        names = [only] if only else (list(BASELINES) if settings.baselines else [])
+        configs = _baselines(current, names, log) if names else {}
+        if only and only not in configs:
+            raise ValueError(f"Baseline {only!r} cannot meet the budget {current.budget}.")
+        cost = settings.objective_names[1]
+        job = EngineJob(
+            storage_url=run.storage_url,
+            study_name=STUDY_NAME,
+            metrics=settings.objective_names,
+            define=functools.partial(define_trial, run_dir=str(run.root.resolve())),
+            evaluate=functools.partial(evaluate_trial, run_dir=str(run.root.resolve())),
+            sampler=make_sampler(settings.sampler, settings.seed),
+            n_trials=0,
+            tune_dir=run.tune,
+            ray_address=settings.ray_address,
+            cpus_per_trial=settings.cpus_per_trial,
+            gpus_per_trial=settings.gpus_per_trial,
+        )
+        study = open_study(job)
+        done = _repair_study(study)
+        _enqueue_baselines(study, current, configs)
+        total = 1 if only else settings.trials
+        job.n_trials = max(0, total - done)
+        sessions = sorted(run.tune.glob("session-*")) if run.tune.exists() else []
+        job.session = f"session-{len(sessions)}"
+        write_trials(run, study, cost)
+        if job.n_trials:
+            log(
+                f"search: {job.n_trials} trial(s) to run ({done} done) with the "
+                f"{settings.engine} engine, sampler {settings.sampler}, proxy {settings.proxy}, "
+                f"budget {current.budget}"
+            )
+        with SearchProgress(total, done, console=console) as progress:
+            job.on_trial_done = _progress_callback(run, cost, progress, total)
+            run_engine(settings.engine, job)
+        study = open_study(job)
+        frame = write_trials(run, study, cost)
+        rows = trial_rows(study.get_trials(deepcopy=False), cost)
+        budget = {
+            "kind": current.budget.kind,
+            "text": str(current.budget),
+            "limit": float(current.budget.limit(current.space)),
+        }
+        front = write_pareto(
+            run, rows, settings.objective_names, budget, _teacher_record(current, workload)
+        )
+        log(
+            f"{int((frame['state'] == 'COMPLETE').sum())} trials scored, "
+            f"{int(frame['feasible'].sum())} feasible, {len(front)} on the Pareto front "
+            f"({time.monotonic() - started:.0f} s)"
+        )
+        if front:
+            ray_finetune = settings.engine == "ray" and by_name
+            save_winners(
+                current,
+                workload,
+                rows,
+                top=settings.finetune_top,
+                epochs=settings.finetune_epochs,
+                ray=ray_finetune,
+                log=log,
+            )
+        else:
+            log("no feasible trial: no winners saved (raise the budget or run more trials).")
+    return run.root
+
+
+def _progress_callback(run: RunDir, cost: str, progress: SearchProgress, total: int) -> Any:
+    study_storage = storage(run.storage_url)
+    last_write = [0.0]
+
+    def on_trial_done() -> None:
+        import optuna
+
+        study = optuna.load_study(study_name=STUDY_NAME, storage=study_storage)
+        trials = study.get_trials(deepcopy=False)
+        done, best, front = progress_summary(trials, cost)
+        progress.update(done, best, front)
+        now = time.monotonic()
+        if now - last_write[0] > TABLE_EVERY_S or done >= total:
+            write_trials(run, study, cost)
+            last_write[0] = now
+
+    return on_trial_done

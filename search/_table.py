@@ -1,0 +1,123 @@
+"""The trials table and the Pareto set, both derived from the Optuna study (the one truth).
+
+`trials.parquet` is rebuilt from the study whenever it is written, so the table and the
+study always agree, also after a killed search resumes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+from search._engines import METRICS_ATTR
+from search._pareto import pareto_front
+from search._rundir import RunDir, atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+INTERRUPTED_ATTR = "interrupted"  # set on trials a killed search left running
+
+
+def trial_rows(trials: list[optuna.trial.FrozenTrial], cost: str) -> list[dict[str, Any]]:
+    """One flat row per trial (every state), numbers ascending."""
+    from spaces import CONFIG_ATTR
+
+    rows = []
+    for t in sorted(trials, key=lambda t: t.number):
+        attrs = t.user_attrs
+        costs = attrs.get("costs") or {}
+        metrics = attrs.get(METRICS_ATTR) or {}
+        violation = attrs.get("violation")
+        complete = t.state.name == "COMPLETE"
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "proxy": float(metrics["proxy"]) if "proxy" in metrics else float("nan"),
+            "params": costs.get("params", float("nan")),
+            "flops": costs.get("flops", float("nan")),
+            "latency_ms": costs.get("latency_ms", float("nan")),
+            "cost": costs.get(cost, float("nan")),
+            "violation": float("nan") if violation is None else float(violation),
+            "feasible": bool(complete and violation is not None and violation <= 0),
+            "baseline": attrs.get("baseline") or None,
+            "interrupted": bool(attrs.get(INTERRUPTED_ATTR, False)),
+            "config": attrs.get(CONFIG_ATTR),
+            "sampled": json.dumps(t.params, sort_keys=True),
+            "datetime_start": t.datetime_start,
+            "datetime_complete": t.datetime_complete,
+            "duration_s": t.duration.total_seconds() if t.duration else float("nan"),
+        }
+        for key, value in metrics.items():
+            if key not in ("proxy", "params", "flops", "latency_ms"):
+                row[f"proxy.{key}"] = float(value)
+        rows.append(row)
+    return rows
+
+
+def trials_frame(trials: list[optuna.trial.FrozenTrial], cost: str) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(trial_rows(trials, cost))
+
+
+def write_trials(run: RunDir, study: optuna.Study, cost: str) -> pd.DataFrame:
+    """Rebuild trials.parquet from the study (atomic)."""
+    frame = trials_frame(study.get_trials(deepcopy=False), cost)
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(run.trials, buffer.getvalue())
+    return frame
+
+
+def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The feasible, complete rows on the (proxy, cost) Pareto front, by rising cost."""
+    feasible = [r for r in rows if r["feasible"] and r["proxy"] == r["proxy"]]
+    front = pareto_front([(r["proxy"], r["cost"]) for r in feasible])
+    return [feasible[i] for i in front]
+
+
+def progress_summary(trials: list[optuna.trial.FrozenTrial], cost: str) -> tuple[int, Any, int]:
+    """(finished trials, best feasible proxy or None, front size) for the live display."""
+    rows = trial_rows([t for t in trials if t.state.is_finished()], cost)
+    done = sum(1 for r in rows if not r["interrupted"])
+    front = front_rows(rows)
+    best = min((r["proxy"] for r in front), default=None)
+    return done, best, len(front)
+
+
+def write_pareto(
+    run: RunDir,
+    rows: list[dict[str, Any]],
+    objectives: tuple[str, str],
+    budget: dict[str, Any],
+    teacher: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """pareto.json: the feasible front (trial numbers and scores) with its context."""
+    front = front_rows(rows)
+    atomic_write_json(
+        run.pareto,
+        {
+            "objectives": list(objectives),
+            "front": [int(r["number"]) for r in front],
+            "points": [
+                {
+                    "number": int(r["number"]),
+                    "proxy": r["proxy"],
+                    objectives[1]: r["cost"],
+                    "params": r["params"],
+                    "flops": r["flops"],
+                    "baseline": r["baseline"],
+                    "config": json.loads(r["config"]) if r["config"] else None,
+                }
+                for r in front
+            ],
+            "budget": budget,
+            "teacher": teacher,
+            "trials": len(rows),
+            "feasible": sum(1 for r in rows if r["feasible"]),
+        },
+    )
+    return front

@@ -1,0 +1,64 @@
+"""Tiny workloads for search tests: a random-weight ViT labelled by itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from tests.conftest import TINY_VIT_ARGS, make_tiny_vit
+
+TINY_ARCH = "vit_small_patch16_224"
+TINY_ARGS: dict[str, Any] = {**TINY_VIT_ARGS, "depth": 2}
+
+
+def tiny_workload(seed: int = 0, images: int = 160) -> Any:
+    """A `Workload` whose labels are the teacher's own predictions (accuracy 1.0)."""
+    from vitrank.workloads import Workload
+
+    teacher = make_tiny_vit(TINY_ARCH, seed=seed, **TINY_ARGS)
+    generator = torch.Generator().manual_seed(seed)
+    size = TINY_ARGS["img_size"]
+    x = torch.randn(images, 3, size, size, generator=generator)
+    with torch.no_grad():
+        y = teacher(x).argmax(-1)
+    train = TensorDataset(x[: images // 2 + 32], y[: images // 2 + 32])
+    val = TensorDataset(x[images // 2 + 32 :], y[images // 2 + 32 :])
+    return Workload(
+        name="tiny",
+        model=teacher,
+        model_name=TINY_ARCH,
+        model_args=dict(TINY_ARGS),
+        train=train,
+        calib=Subset(train, list(range(32))),
+        val=val,
+        num_classes=TINY_ARGS["num_classes"],
+        input_size=(3, size, size),
+    )
+
+
+@pytest.fixture
+def workload() -> Any:
+    return tiny_workload()
+
+
+def tiny_settings(out: Path, **overrides: Any) -> Any:
+    """Search settings for a fast in-process run on the tiny workload."""
+    from search import SearchSettings
+
+    values: dict[str, Any] = dict(
+        workload="tiny",
+        out=str(out),
+        engine="optuna",
+        trials=8,
+        finetune_top=1,
+        finetune_epochs=0,
+        compensate=False,
+        granularity=4,
+        calib_size=32,
+    )
+    values.update(overrides)
+    return SearchSettings(**values)

@@ -1,0 +1,64 @@
+"""Budgets: parsing, limits, and infeasible budgets refused before any search."""
+
+from __future__ import annotations
+
+import pytest
+from _spaces_cases import variant_space
+
+from spaces import Budget, check_feasible, parse_budget
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (0.5, Budget("params", 0.5)),
+        ("0.5", Budget("params", 0.5)),
+        ("params=0.3", Budget("params", 0.3)),
+        ("11M", Budget("params", 11e6, absolute=True)),
+        ("11e6", Budget("params", 11e6, absolute=True)),
+        ("params=2.5k", Budget("params", 2500, absolute=True)),
+        ("flops=0.4", Budget("flops", 0.4)),
+        ("20ms", Budget("latency", 20.0, True)),
+        ("latency=7.5ms@8/cuda", Budget("latency", 7.5, True, 8, "cuda")),
+    ],
+)
+def test_parse_budget(text: object, expected: Budget) -> None:
+    assert parse_budget(text) == expected
+
+
+def test_parse_budget_refusals() -> None:
+    with pytest.raises(ValueError, match="Cannot read a budget value from 'half'"):
+        parse_budget("half")
+    with pytest.raises(ValueError, match=r"Unknown budget kind 'memory'.*known"):
+        parse_budget("memory=0.5")
+    with pytest.raises(ValueError, match="value > 0"):
+        parse_budget(0.0)
+    with pytest.raises(ValueError, match="fraction must hold"):
+        Budget("flops", 1.5)
+    assert parse_budget(20, kind="latency", batch=4) == Budget("latency", 20.0, True, 4)
+
+
+def test_limits() -> None:
+    space = variant_space("vit")
+    assert Budget("params", 0.5).limit(space) == 0.5 * space.dense_params
+    assert Budget("params", 1234, absolute=True).limit(space) == 1234
+    assert Budget("flops", 0.25).limit(space) == 0.25 * space.dense_flops
+    assert Budget("params", 0.5).violation(space.dense(), space) == pytest.approx(1.0)
+
+
+def test_infeasible_budgets_say_the_smallest_reachable() -> None:
+    space = variant_space("vit")
+    smallest = space.min_params
+    check_feasible(space, Budget("params", smallest, absolute=True))
+    with pytest.raises(ValueError) as error:
+        check_feasible(space, Budget("params", smallest - 1, absolute=True))
+    message = str(error.value)
+    assert f"smallest the space reaches is {smallest:,} params" in message
+    assert "Raise the budget" in message
+    with pytest.raises(ValueError, match=f"{space.min_flops:,} FLOPs"):
+        check_feasible(space, Budget("flops", 0.9 * space.min_flops / space.dense_flops))
+    lowrank_only = variant_space("vit", ops=("lowrank",))
+    with pytest.raises(ValueError, match="infeasible"):
+        check_feasible(lowrank_only, Budget("params", 0.1))
+    with pytest.raises(ValueError, match="needs a latency table"):
+        check_feasible(space, Budget("latency", 1.0))

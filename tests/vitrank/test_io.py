@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _compress_cases import VARIANTS, build, calibration, images, model_args
+
+from vitrank.compress.apply import apply_specs
+from vitrank.compress.factorize import FactorCache
+from vitrank.compress.io import load_model, save_model, spec_from_dict, spec_to_dict
+from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+
+
+def _specs(name: str) -> list[BlockSpec]:
+    lowrank = AttentionSpec("lowrank", qkv_rank=5, proj_rank=0)
+    attn = lowrank if name == "qk_norm" else AttentionSpec("heads", qk_rank=3, vo_rank=5)
+    return [
+        BlockSpec(attn, MlpSpec("prune", hidden_kept=50), 0.3),
+        BlockSpec(AttentionSpec("prune", heads_kept=2), MlpSpec("lowrank", 7, 0), 0.25),
+    ]
+
+
+def _compressed(name: str):
+    teacher = build(name)
+    stats = calibration(teacher)
+    specs = _specs(name)
+    model = apply_specs(teacher, specs, FactorCache(teacher, stats), stats)
+    meta = {"model": VARIANTS[name][0], "model_args": model_args(name), "blocks": specs}
+    return model, meta
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_save_then_load_gives_identical_logits(tmp_path, name):
+    model, meta = _compressed(name)
+    save_model(model, tmp_path, {**meta, "note": "kept"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, read = load_model(tmp_path)
+    assert not loaded.training
+    x = images()
+    assert torch.equal(loaded(x), model(x))
+    assert read["note"] == "kept"
+    assert [spec_from_dict(b) for b in read["blocks"]] == meta["blocks"]
+
+
+def test_spec_dicts_round_trip():
+    spec = BlockSpec(AttentionSpec("heads", qk_rank=2, vo_rank=3), MlpSpec("prune", 0, 0, 9), 0.5)
+    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+
+
+def test_shared_tensors_are_saved_and_loaded(tmp_path):
+    model, meta = _compressed("vit")
+    # Tie two same-shaped parameters (as a user's model might): safetensors refuses
+    # shared storage unless save_model takes care of it.
+    model.blocks[1].norm2.weight = model.blocks[1].norm1.weight
+    save_model(model, tmp_path, meta)
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded.blocks[1].norm2.weight, model.blocks[1].norm1.weight)
+    assert torch.equal(loaded(images()), model(images()))
+
+
+def test_meta_must_say_how_to_rebuild(tmp_path):
+    model, meta = _compressed("vit")
+    with pytest.raises(ValueError, match=r"lacks \['blocks'\]"):
+        save_model(model, tmp_path, {"model": meta["model"], "model_args": {}})
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_missing_and_damaged_files_are_named(tmp_path):
+    model, meta = _compressed("vit")
+    save_model(model, tmp_path, meta)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    good_weights, good_config = weights.read_bytes(), config.read_text()
+
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_model(tmp_path)
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors is damaged"):
+        load_model(tmp_path)
+    weights.write_bytes(good_weights)
+
+    config.write_text(good_config[:-20])
+    with pytest.raises(ValueError, match="config.json is damaged"):
+        load_model(tmp_path)
+    config.write_text(json.dumps({"model": "vit_small_patch16_224"}))
+    with pytest.raises(ValueError, match=r"config.json is damaged: it lacks .*model_args"):
+        load_model(tmp_path)
+    config.unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_model(tmp_path)
+
+    # A config whose specs do not match the stored weights is refused with both names.
+    wrong = json.loads(good_config)
+    wrong["blocks"][1]["mlp"]["fc1_rank"] = 6
+    config.write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match=r"model.safetensors does not match .*config.json"):
+        load_model(tmp_path)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, meta = _compressed("vit")
+    save_model(model, tmp_path, meta)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    key = "blocks.0.attn.q.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key} holds 1 NaN/Inf"):
+        load_model(tmp_path)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"blocks.1.mlp.fc2.weight holds 1 NaN/Inf"):
+        save_model(model, tmp_path / "other", meta)
+
+
+def test_saving_over_an_existing_model_replaces_it_atomically(tmp_path):
+    model, meta = _compressed("vit")
+    save_model(model, tmp_path, meta)
+    other, other_meta = _compressed("registers")
+    save_model(other, tmp_path, other_meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded, _ = load_model(tmp_path)
+    assert torch.equal(loaded(images()), other(images()))
