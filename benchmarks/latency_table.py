@@ -27,7 +27,6 @@ from pathlib import Path
 import optuna
 import timm
 import torch
-from torch import nn
 
 from spaces import (
     CompressionConfig,
@@ -38,27 +37,19 @@ from spaces import (
     measure_latency_table,
     predict_latency,
 )
-from spaces._latency import machine_info, time_ms
-from vitrank.compress.apply import apply_specs
+from spaces._latency import machine_info, random_weight_model, time_ms
 
 RESULTS = Path(__file__).parent / "results" / "latency_table.json"
 
 
 def random_configs(space, count: int, seed: int) -> list[CompressionConfig]:
-    """Configs drawn uniformly from the raw parametrization (what a search starts from)."""
+    """Configs drawn from the raw parametrization by Optuna's random sampler (what a search
+    starts from); the table's own calibration models are drawn separately."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     fn = SpaceFunction(space, None, "raw")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     study.optimize(lambda trial: fn(trial) and 0.0, n_trials=count)
     return [CompressionConfig.from_json(t.user_attrs["config"]) for t in study.trials]
-
-
-def build(model: nn.Module, config: CompressionConfig) -> nn.Module:
-    student = apply_specs(model, config.blocks, None, None, structure_only=True)
-    for layer in student.modules():
-        if isinstance(layer, nn.Linear):
-            layer.reset_parameters()  # structure_only leaves memory uninitialised
-    return student.eval()
 
 
 def main() -> None:
@@ -100,8 +91,8 @@ def main() -> None:
     )
     images = torch.randn(args.batch, 3, args.img_size, args.img_size)
     rows = []
-    for index, config in enumerate(random_configs(space, args.configs, args.seed)):
-        student = build(model, config)
+    for index, config in enumerate(random_configs(space, args.configs, args.seed + 1000)):
+        student = random_weight_model(model, config).eval()
         with torch.inference_mode():
             measured = time_ms(
                 lambda student=student: student(images),

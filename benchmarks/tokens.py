@@ -66,17 +66,25 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def _seconds(model: nn.Module, images: torch.Tensor) -> float:
-    start = time.perf_counter()
+def _seconds(model: nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one forward pass."""
+    wall, cpu = time.perf_counter(), time.process_time()
     model(images)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def paired_throughput(
     teacher: nn.Module, merged: nn.Module, images: torch.Tensor, warmup: int, repeats: int
 ) -> dict[str, float]:
-    """Images per second of both models, timed alternately; the ratio is merged / teacher."""
-    times: dict[str, list[float]] = {"teacher": [], "merged": []}
+    """Images per second of both models, timed alternately; ratios are merged / teacher.
+
+    ``ratio`` is from median wall-clock times (what a user sees); ``cpu_time_ratio`` from
+    median process CPU times, which other processes on a shared machine disturb far less
+    (with one torch thread, CPU time is the wall time the pass would take on a quiet core).
+    """
+    models = {"teacher": teacher, "merged": merged}
+    wall: dict[str, list[float]] = {"teacher": [], "merged": []}
+    cpu: dict[str, list[float]] = {"teacher": [], "merged": []}
     with torch.inference_mode():
         for _ in range(warmup):
             teacher(images)
@@ -85,14 +93,21 @@ def paired_throughput(
             # Alternate who goes first so neither always runs on a warmer cache.
             order = ("teacher", "merged") if repeat % 2 == 0 else ("merged", "teacher")
             for name in order:
-                times[name].append(_seconds(teacher if name == "teacher" else merged, images))
+                seconds, cpu_seconds = _seconds(models[name], images)
+                wall[name].append(seconds)
+                cpu[name].append(cpu_seconds)
     batch = images.shape[0]
-    teacher_ips = batch / statistics.median(times["teacher"])
-    merged_ips = batch / statistics.median(times["merged"])
+    teacher_ips = batch / statistics.median(wall["teacher"])
+    merged_ips = batch / statistics.median(wall["merged"])
     return {
         "teacher_images_per_s": round(teacher_ips, 2),
         "merged_images_per_s": round(merged_ips, 2),
         "ratio": round(merged_ips / teacher_ips, 3),
+        "cpu_time_ratio": round(
+            statistics.median(cpu["teacher"]) / statistics.median(cpu["merged"]), 3
+        ),
+        "teacher_cpu_images_per_s": round(batch / statistics.median(cpu["teacher"]), 2),
+        "merged_cpu_images_per_s": round(batch / statistics.median(cpu["merged"]), 2),
     }
 
 
@@ -147,7 +162,8 @@ def _print_row(model: str, schedule: str, row: dict) -> None:
     parts = [f"{model:>14} {schedule:>16}  FLOPs x{row['flops_ratio']:.3f}"]
     for key, value in row.items():
         if key.startswith("throughput_batch"):
-            parts.append(f"b{key.removeprefix('throughput_batch')} x{value['ratio']:.2f}")
+            batch = key.removeprefix("throughput_batch")
+            parts.append(f"b{batch} x{value['ratio']:.2f} (cpu x{value['cpu_time_ratio']:.2f})")
     if "accuracy" in row:
         parts.append(f"acc {row['accuracy']:.4f}")
     print("  ".join(parts), flush=True)
@@ -169,17 +185,52 @@ def machine(threads: int) -> dict:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _digits(repeats: dict[int, int]) -> dict:
+    from vitrank import load_workload
+
+    workload = load_workload("digits-vit")
+    return run_model(
+        "digits-vit",
+        workload.model,
+        workload.input_size,
+        schedules(len(inspect_vit(workload.model).blocks), digits=True),
+        repeats,
+        val=workload.val,
+    )
+
+
+def _deit_small(repeats: dict[int, int]) -> dict:
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+    return run_model(
+        "deit_small_patch16_224 (random weights)",
+        deit,
+        (3, 224, 224),
+        schedules(len(inspect_vit(deit).blocks), digits=False),
+        repeats,
+    )
+
+
+MODELS = {"digits-vit": _digits, "deit_small": _deit_small}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
-    parser.add_argument("--repeats-batch1", type=int, default=30)
-    parser.add_argument("--repeats-batch32", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (fixed)")
+    parser.add_argument("--repeats-batch1", type=int, default=20)
+    parser.add_argument("--repeats-batch32", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 repeats each; not for figures")
-    parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(MODELS),
+        help="models to (re)measure; others already in --out are kept",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -187,41 +238,20 @@ def main(argv: list[str] | None = None) -> None:
     repeats = {1: args.repeats_batch1, 32: args.repeats_batch32}
     if args.quick:
         repeats = {1: 3, 32: 3}
-    report: dict = {
-        "machine": machine(torch.get_num_threads()),
-        "repeats": repeats,
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-        "models": [],
-    }
-
-    if not args.skip_digits:
-        from vitrank import load_workload
-
-        workload = load_workload("digits-vit")
-        depth = len(workload.model.blocks)
-        report["models"].append(
-            run_model(
-                "digits-vit",
-                workload.model,
-                workload.input_size,
-                schedules(depth, digits=True),
-                repeats,
-                val=workload.val,
-            )
-        )
-
-    torch.manual_seed(0)
-    deit = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    report["models"].append(
-        run_model(
-            "deit_small_patch16_224 (random weights)",
-            deit,
-            (3, 224, 224),
-            schedules(len(deit.blocks), digits=False),
-            repeats,
-        )
-    )
-    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    report: dict = {"models": {}}
+    if args.out.exists():
+        report = json.loads(args.out.read_text())
+    for name in args.models:
+        # Each model's figures carry the machine and its load while they were measured.
+        load_start = [round(v, 2) for v in os.getloadavg()]
+        result = MODELS[name](repeats)
+        result["machine"] = machine(torch.get_num_threads())
+        result["repeats"] = repeats
+        result["load_average"] = {
+            "start": load_start,
+            "end": [round(v, 2) for v in os.getloadavg()],
+        }
+        report["models"][name] = result
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from vitrank.compress.stats import CalibrationStats
 class _Accumulator:
     """The hooks and the running sums of one calibration pass."""
 
-    def __init__(self, blocks: nn.Sequential) -> None:
+    def __init__(self, blocks: Iterable[Any]) -> None:
         self.stats = CalibrationStats()
         self.abs_sums: dict[tuple[str, int], Tensor] = {}
         self.abs_counts: dict[tuple[str, int], int] = {}
@@ -67,7 +68,7 @@ class _Accumulator:
 
         return hook
 
-    def _attention_hook(self, index: int, attn: nn.Module):
+    def _attention_hook(self, index: int, attn: Any):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
             batch, tokens, dim = x.shape
@@ -80,8 +81,12 @@ class _Accumulator:
             )
             q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
             probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            mixed = probs.double() @ x.double().unsqueeze(1)  # (B, H, N, d) = A_h x
-            self._add(self.stats.head_gram, index, torch.einsum("bhni,bhnj->hij", mixed, mixed))
+            x64 = x.double()
+            grams = []
+            for h in range(H):  # one head at a time keeps the fp64 A_h x at (B, N, d)
+                mixed = (probs[:, h].double() @ x64).reshape(-1, dim)
+                grams.append(mixed.T @ mixed)
+            self._add(self.stats.head_gram, index, torch.stack(grams))
 
         return hook
 
@@ -130,7 +135,7 @@ def calibrate(
         raise ValueError(f"`max_images >= 1` must hold, but got {max_images=}.")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    accumulator = _Accumulator(model.blocks)
+    accumulator = _Accumulator(model.blocks)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
     seen, start = 0, time.monotonic()

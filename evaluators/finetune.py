@@ -9,6 +9,7 @@ restored at the end. Runs plain or inside a Ray Tune trial (`finetune_trainable`
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -188,13 +189,13 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
 
     Everything is loaded from plain values in `config`, so the function pickles by name:
     `student_dir` (a model saved by `vitrank.save`, required), `workload` / `model` /
-    `data` (the teacher and data, as `vitrank.load_workload` takes them), optional
-    `output_dir` (the fine-tuned model is saved there with its final metrics), and any
-    `finetune` keyword (`epochs`, `lr`, `temperature`, `alpha`, `batch_size`, `seed`,
-    `device`, ...). Outside a Tune session the metrics are only returned.
+    `data` / `pretrained` (the teacher and data, as `vitrank.load_workload` takes them),
+    optional `output_dir` (the fine-tuned model is saved there by `vitrank.save`, with
+    finetune.json holding the per-epoch history) and any `finetune` keyword (`epochs`,
+    `lr`, `temperature`, `alpha`, `batch_size`, `seed`, `device`, ...). Inside a Tune
+    trial every epoch is reported with `ray.tune.report`; the final metrics are returned.
     """
     import vitrank
-    from vitrank import api
 
     config = dict(config)
     student_dir = config.pop("student_dir", None)
@@ -207,8 +208,7 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
         data=config.pop("data", None),
         pretrained=config.pop("pretrained", False),
     )
-    loaded = api.load(student_dir)
-    student = loaded[0] if isinstance(loaded, tuple) else loaded
+    student = vitrank.load(student_dir)
     config.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     config.setdefault("progress", False)
     result = finetune(
@@ -220,7 +220,12 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
         "initial_accuracy": result.initial_accuracy,
     }
     if output_dir is not None:
-        api.save(student, Path(output_dir))
+        directory = Path(output_dir)
+        vitrank.save(student, directory)
+        record = {**final, "history": result.history, "settings": config}
+        tmp = directory / "finetune.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        tmp.replace(directory / "finetune.json")
     return final
 
 

@@ -208,31 +208,53 @@ def summary_markdown(
 ) -> str:
     """The run's settings, winners against the teacher and baselines, and how to reuse them."""
     teacher = teacher_costs(run)
-    header = ["model", "accuracy", "params", "FLOPs", "latency (ms)", "speed-up", "proxy"]
+    header = [
+        "model",
+        "accuracy",
+        "as built",
+        "params",
+        "FLOPs",
+        "latency ms (measured)",
+        "latency ms (predicted)",
+        "speed-up (predicted)",
+        "proxy",
+    ]
 
     def row(name: str, record: dict[str, Any]) -> list[str]:
-        latency = record.get("latency_ms")
-        base = teacher.get("latency_ms")
-        speedup = (
-            f"{base / latency:.2f}×"
-            if isinstance(latency, (int, float)) and base and latency and math.isfinite(latency)
-            else "–"
-        )
+        predicted, base = record.get("predicted_ms"), teacher.get("latency_ms")
+        speedup = "–"
+        if isinstance(predicted, (int, float)) and base and predicted and math.isfinite(predicted):
+            speedup = f"{base / predicted:.2f}×"
         params = record.get("params")
         share = f" ({params / teacher['params']:.0%})" if params and teacher.get("params") else ""
         return [
             name,
             _number(record.get("accuracy"), "percent"),
+            _number(record.get("initial_accuracy"), "percent"),
             _number(params) + share,
             _number(record.get("flops")),
-            _number(latency, "ms"),
+            _number(record.get("measured_ms"), "ms"),
+            _number(predicted, "ms"),
             speedup,
             _number(record.get("proxy"), "float"),
         ]
 
-    rows = [row("teacher", teacher)]
+    rows = [row("teacher", dict(teacher, predicted_ms=teacher.get("latency_ms")))]
+    predicted_by_trial = (
+        run.trials.set_index("number")["latency_ms"].to_dict()
+        if ("latency_ms" in run.trials.columns)
+        else {}
+    )
     for record in winners.to_dict("records"):
-        record = dict(record, accuracy=record.get("finetuned_accuracy"))
+        predicted = record.get("predicted_latency_ms")
+        if predicted is None or not math.isfinite(float(predicted)):
+            predicted = predicted_by_trial.get(record.get("number"))
+        record = dict(
+            record,
+            accuracy=record.get("finetuned_accuracy"),
+            measured_ms=record.get("latency_ms"),
+            predicted_ms=predicted,
+        )
         rows.append(
             row(f"{record['label']} (trial {record.get('number')}, {record['id']})", record)
         )
@@ -240,9 +262,8 @@ def summary_markdown(
         baselines = run.trials[run.trials["baseline"].fillna("").astype(str) != ""]
         for record in baselines.to_dict("records"):
             feasible = "" if record.get("feasible") else ", infeasible"
-            rows.append(
-                row(f"baseline {record['baseline']} (trial {record['number']}{feasible})", record)
-            )
+            name = f"baseline {record['baseline']} (trial {record['number']}{feasible})"
+            rows.append(row(name, dict(record, predicted_ms=record.get("latency_ms"))))
 
     settings = (
         "\n".join(f"- {key}: `{value}`" for key, value in run.settings.items()) or "- (no run.yaml)"
@@ -260,7 +281,12 @@ def summary_markdown(
         )
     lines += ["", "## Settings", "", settings, "", "## Winners, teacher and baselines", ""]
     lines += [_markdown_table(header, rows), ""]
-    lines += ["Accuracy of winners is after fine-tuning; latency is measured, not predicted.", ""]
+    lines += [
+        "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it). "
+        "Predicted latency comes from the run's latency table (batch and device of the "
+        "budget); measured latency is the winner's own timing.",
+        "",
+    ]
     lines += ["## Reuse", ""]
     model_option = _model_option(run.settings)
     for record in winners.to_dict("records"):

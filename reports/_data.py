@@ -190,7 +190,11 @@ def front_data(
     if winners is None or winners.empty or "number" not in winners.columns:
         chosen = table.iloc[0:0].assign(label=[], finetuned_accuracy=[])
     else:
-        keep = [c for c in ("number", "label", "finetuned_accuracy") if c in winners.columns]
+        keep = [
+            c
+            for c in ("number", "label", "finetuned_accuracy", "initial_accuracy")
+            if c in winners.columns
+        ]
         chosen = table.drop(columns=[c for c in keep if c != "number"], errors="ignore").merge(
             winners[keep], on="number", how="inner"
         )

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 AXIS_TITLES = {
     "params": "parameters",
     "flops": "FLOPs (batch 1)",
-    "latency_ms": "latency (ms)",
+    "latency_ms": "latency (ms, predicted by the latency table)",
     "proxy": "proxy (lower is better)",
     "accuracy": "accuracy",
     "finetuned_accuracy": "fine-tuned accuracy",
@@ -33,6 +33,17 @@ def _hover(table: object) -> list[str] | None:
     if "hover" not in table.columns:  # type: ignore[attr-defined]
         return None
     return [str(text) for text in table["hover"]]  # type: ignore[index]
+
+
+def winner_label(record: dict) -> str:
+    """'W1: 93.2%' (fine-tuned), or the accuracy as built when it was not fine-tuned."""
+    tuned = float(record.get("finetuned_accuracy", np.nan))
+    if np.isfinite(tuned):
+        return f"{record['label']}: {tuned:.1%}"
+    initial = float(record.get("initial_accuracy", np.nan))
+    if np.isfinite(initial):
+        return f"{record['label']}: {initial:.1%} (not fine-tuned)"
+    return str(record["label"])
 
 
 def front_figure(data: FrontData, title: str) -> go.Figure:
@@ -85,12 +96,7 @@ def front_figure(data: FrontData, title: str) -> go.Figure:
             )
         )
     if not data.winners.empty:
-        labels = [
-            f"{label}: {accuracy:.1%}" if np.isfinite(accuracy) else str(label)
-            for label, accuracy in zip(
-                data.winners["label"], data.winners["finetuned_accuracy"].astype(float), strict=True
-            )
-        ]
+        labels = [winner_label(record) for record in data.winners.to_dict("records")]
         figure.add_trace(
             go.Scatter(
                 x=data.winners[x],

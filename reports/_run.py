@@ -90,9 +90,19 @@ def load_run(root: str | Path) -> RunData:
         if (directory / "metrics.json").is_file():
             metrics = json.loads((directory / "metrics.json").read_text())
         winners.append(Winner(directory.name, directory, config, metrics))
+    # The search saves the best proxy first; W1 is that one.
+    winners.sort(key=lambda w: (_sort_key(w.metrics.get("proxy")), w.id))
     return RunData(
         root, root.name, settings, trials_table(pd.read_parquet(trials_path)), pareto, winners
     )
+
+
+def _sort_key(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return number if math.isfinite(number) else math.inf
 
 
 def trials_table(raw: pd.DataFrame) -> pd.DataFrame:
@@ -203,3 +213,23 @@ def winners_table(run: RunData) -> pd.DataFrame:
                 missing = table[column].isna() if column in table else pd.Series(True, table.index)
                 table.loc[missing, column] = table.loc[missing, "number"].map(known[column])
     return table
+
+
+# Settings of run.yaml that name the teacher and its images, as `load_workload` takes them.
+WORKLOAD_KEYS = ("workload", "model", "data", "pretrained", "calib_size", "seed")
+
+
+def recorded_workload(config: Any, directory: str | Path) -> dict[str, Any]:
+    """The workload a saved config or model was made with, as `load_workload` keywords.
+
+    `vitrank apply` records it in the config's provenance; a search's winner
+    (`runs/<name>/winners/<id>/`) has it in its run's run.yaml. Empty when neither says.
+    """
+    recorded = config.provenance.get("workload")
+    if isinstance(recorded, dict):
+        return {k: v for k, v in recorded.items() if k in WORKLOAD_KEYS and v is not None}
+    settings = Path(directory).resolve().parent.parent / "run.yaml"
+    if Path(directory).resolve().parent.name == "winners" and settings.is_file():
+        saved = yaml.safe_load(settings.read_text()) or {}
+        return {k: saved[k] for k in WORKLOAD_KEYS if saved.get(k) is not None}
+    return {}

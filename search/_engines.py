@@ -140,29 +140,38 @@ def _recorder(job: EngineJob) -> Any:
     from ray.tune import Callback
 
     class StudyRecorder(Callback):
-        """Stores each trial's full metrics on its Optuna trial, before OptunaSearch tells it."""
+        """Stores each trial's metrics on its Optuna trial before OptunaSearch tells it.
 
-        def __init__(self) -> None:
-            self._storage = storage(job.storage_url)
+        Tune pickles its callbacks with the experiment state; only the storage URL travels
+        (the driver-side progress hook and the database connection do not pickle).
+        """
+
+        def __init__(self, storage_url: str, on_trial_done: Callable[[], None] | None) -> None:
+            self.storage_url = storage_url
+            self.on_trial_done = on_trial_done
+            self._storage: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"storage_url": self.storage_url, "on_trial_done": None, "_storage": None}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):  # type: ignore[override]
             trial_id = trial.config.get(TRIAL_ID_KEY)
-            if trial_id is None:
-                return
             metrics = result.get(_REPORT_KEY)
-            if metrics is None:
+            if trial_id is None or metrics is None:
                 return
+            if self._storage is None:
+                self._storage = storage(self.storage_url)
             self._storage.set_trial_user_attr(trial_id, METRICS_ATTR, metrics)
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[override]
-            if job.on_trial_done is not None:
-                job.on_trial_done()
+            if self.on_trial_done is not None:
+                self.on_trial_done()
 
         def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[override]
-            if job.on_trial_done is not None:
-                job.on_trial_done()
+            if self.on_trial_done is not None:
+                self.on_trial_done()
 
-    return StudyRecorder()
+    return StudyRecorder(job.storage_url, job.on_trial_done)
 
 
 def run_ray(job: EngineJob) -> None:
@@ -174,7 +183,13 @@ def run_ray(job: EngineJob) -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     init_ray(job.ray_address)
+    import logging
+
     import ray
+
+    # Tune's own console output and its result-file warnings (we disable its loggers).
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = job.max_concurrent or max(1, int(cpus // job.cpus_per_trial))

@@ -192,6 +192,9 @@ def run_search(
     """
     from rich.console import Console
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
     console = Console(stderr=True)
     log = log or console.print
     run = RunDir(settings.run_dir())

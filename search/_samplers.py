@@ -10,13 +10,18 @@ if TYPE_CHECKING:
 
 
 def _tpe(seed: int) -> optuna.samplers.BaseSampler:
+    import warnings
+
     import optuna
 
-    # Multivariate TPE models the per-block knobs jointly; `constant_liar` keeps
-    # concurrent Ray trials from proposing the same point.
-    return optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
-    )
+    # Multivariate TPE models the per-block knobs jointly (grouped, as the knobs present
+    # depend on each block's operator); `constant_liar` keeps concurrent Ray trials from
+    # proposing the same point.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True, n_startup_trials=10
+        )
 
 
 def _nsga2(seed: int) -> optuna.samplers.BaseSampler:

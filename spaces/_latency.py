@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -48,8 +49,13 @@ class LatencyTable:
     # "norm/{dim}", "gelu/{width}" -> median ms at each token count.
     entries: dict[str, list[float]]
     outside_ms: float  # patch embedding, positions, final norm, pooling and head
-    offset_ms: float  # measured dense model minus the sum of its operators
+    # Whole models run slower than their operators alone (framework overhead; weights that
+    # no longer sit in cache): measured = offset_ms + scale * (sum of operators), fitted
+    # by least squares over whole calibration models (dense, smallest, random configs).
+    offset_ms: float
     dense_ms: float  # measured dense model (built as `apply` builds it)
+    scale: float = 1.0
+    calibration: list[list[float]] = field(default_factory=list)  # [operator sum, measured]
     repeats: int = 20
     warmup: int = 5
     clock: str = "wall"  # "wall" or "thread" (CPU time of one thread), see `time_ms`
@@ -193,13 +199,32 @@ def predict_latency(config: CompressionConfig, table: LatencyTable) -> float:
             f"The latency table was measured for fingerprint {table.fingerprint_digest}, but the "
             f"config is for {fp.digest} ({fp.architecture}); measure a table for this model."
         )
+    return table.offset_ms + table.scale * operator_sum(config, table)
+
+
+def operator_sum(config: CompressionConfig, table: LatencyTable) -> float:
+    """The config's operators' measured times, summed (before the whole-model fit)."""
+    fp = config.fingerprint
     tokens = config.token_schedule
-    total = table.outside_ms + table.offset_ms
+    total = table.outside_ms
     for i, (shape, spec) in enumerate(zip(fp.blocks, config.blocks, strict=True)):
         # Sizes differ (proportional attention) once any earlier block has merged.
         sized = tokens[i] < tokens[0]
         total += _block_latency(table, shape, spec, tokens[i], tokens[i + 1], sized)
     return total
+
+
+def _fit_line(points: list[list[float]]) -> tuple[float, float]:
+    """(offset, scale) of measured ≈ offset + scale · sum, by least squares."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    scale = (
+        sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var if var else 0
+    )
+    if scale <= 0:  # too few or too noisy points for a slope: a constant offset only
+        scale = 1.0
+    return mean_y - scale * mean_x, scale
 
 
 # ---- measurement ---------------------------------------------------------------------
@@ -305,6 +330,8 @@ def measure_latency_table(
     warmup: int = 5,
     repeats: int = 20,
     clock: str = "auto",
+    calibrate: int = 6,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> LatencyTable:
     """Measure every operator `space` (default: the full space of `model`) can run.
@@ -312,11 +339,12 @@ def measure_latency_table(
     Times are medians of `repeats` runs after `warmup`, at `batch` images, with torch's
     intra-op threads fixed to `threads` (default: the current count), restored afterwards.
     ``clock="auto"`` counts thread CPU time on a single-threaded CPU (robust to other jobs on
-    a shared machine) and wall time otherwise; see `time_ms`.
+    a shared machine) and wall time otherwise; see `time_ms`. `calibrate` whole models (the
+    dense one, the smallest, random configs drawn with `seed`) fit the line from operator
+    sums to whole-model times.
     """
     from timm.layers import get_act_layer
 
-    from vitrank.compress.apply import apply_specs
     from vitrank.compress.attention import attend
     from vitrank.compress.merge import match_tokens, merge_weighted
     from vitrank.compress.spec import merge_count
@@ -358,9 +386,9 @@ def measure_latency_table(
             x = rand(batch, n, *shape)
             if sized:
                 log_size = (rand(batch, n).abs() + 1).log()
-                times.append(timer(lambda x=x, s=log_size: fn(x, s)))
+                times.append(timer(functools.partial(fn, x, log_size)))
             else:
-                times.append(timer(lambda x=x: fn(x)))
+                times.append(timer(functools.partial(fn, x)))
         return times
 
     def on_tokens(fn: Callable[[torch.Tensor], Any], width: int) -> Callable[[int], Any]:
@@ -395,7 +423,9 @@ def measure_latency_table(
                     measure(f"gelu/{width}/0", on_tokens(act, width))
                 norm = nn.LayerNorm(shape.dim, device=device, dtype=dtype)
                 # A norm and the residual add that follows each sub-layer.
-                measure(f"norm/{shape.dim}", on_tokens(lambda x, norm=norm: x + norm(x), shape.dim))
+                measure(
+                    f"norm/{shape.dim}", on_tokens(functools.partial(_norm_add, norm), shape.dim)
+                )
 
                 def make_merge(n: int, shape=shape) -> Callable[[], Any]:
                     x, keys = rand(batch, n, shape.dim), rand(batch, n, shape.head_dim)
@@ -418,10 +448,14 @@ def measure_latency_table(
                 if progress is not None:
                     progress(key)
             outside_ms = _outside_ms(model, device, batch, timer)
-            dense = apply_specs(model, [BlockSpec()] * len(fingerprint.blocks), None, None)
-            dense = dense.to(device).eval()
             images = rand(batch, *_input_shape(model))
-            dense_ms = timer(lambda: dense(images))
+            rng = random.Random(seed)
+            configs = [space.dense(), space.smallest("flops")]
+            configs += [space.random_config(rng) for _ in range(max(0, calibrate - 2))]
+            measured = []
+            for config in configs:
+                whole = random_weight_model(model, config).to(device).eval()
+                measured.append(timer(functools.partial(whole, images)))
     finally:
         torch.set_num_threads(previous)
     table = LatencyTable(
@@ -433,15 +467,29 @@ def measure_latency_table(
         entries=entries,
         outside_ms=outside_ms,
         offset_ms=0.0,
-        dense_ms=dense_ms,
+        dense_ms=measured[0],
         repeats=repeats,
         warmup=warmup,
         clock=clock,
         machine=machine_info(device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
-    table.offset_ms = dense_ms - predict_latency(space.dense(), table)
+    table.calibration = [
+        [operator_sum(c, table), ms] for c, ms in zip(configs, measured, strict=True)
+    ]
+    table.offset_ms, table.scale = _fit_line(table.calibration)
     return table
+
+
+def random_weight_model(model: nn.Module, config: CompressionConfig) -> nn.Module:
+    """The model `apply` builds for `config`, with random weights (timing needs no factors)."""
+    from vitrank.compress.apply import apply_specs
+
+    built = apply_specs(model, config.blocks, None, None, structure_only=True)
+    for layer in built.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()  # structure_only leaves memory uninitialised
+    return built
 
 
 def _middle(grids: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -462,7 +510,6 @@ def _measure_glue(
     """
     from itertools import zip_longest
 
-    from vitrank.compress.apply import apply_specs
     from vitrank.compress.spec import AttentionSpec, MlpSpec
 
     fingerprint = space.fingerprint
@@ -478,11 +525,9 @@ def _measure_glue(
             mlp = MlpSpec(mlp_op, **_middle(choice.mlp_grids(mlp_op)))
             specs = [BlockSpec() for _ in fingerprint.blocks]
             specs[index] = BlockSpec(attn, mlp)
-            built = apply_specs(model, specs, None, None, structure_only=True)
-            for layer in built.blocks[index].modules():
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()  # structure_only leaves memory uninitialised
-            block = built.blocks[index].to(rand(1).device).eval()
+            built = random_weight_model(model, space.config(specs))
+            blocks: Any = built.blocks
+            block = blocks[index].to(rand(1).device).eval()
             for part, op in todo:
                 seen.add((part, op, shape.dim))
                 if part == "attn":
@@ -509,8 +554,12 @@ def _measure_glue(
                     )
 
 
+def _norm_add(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x + norm(x)
+
+
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
-    embed = model.patch_embed
+    embed: Any = model.patch_embed
     height, width = embed.img_size
     return (embed.proj.in_channels, height, width)
 

@@ -8,6 +8,7 @@ stay hardware-friendly. Per-head ranks (heads op) save whenever r < head_dim; th
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,19 @@ class SearchSpace:
     def dense(self) -> CompressionConfig:
         return self.config([BlockSpec() for _ in self.blocks])
 
+    def random_config(self, rng: random.Random) -> CompressionConfig:
+        """A point drawn uniformly per block: operator, then each of its knobs, then merging."""
+        specs = []
+        for choice in self.blocks:
+            op = rng.choice(choice.attention_ops)
+            attn = AttentionSpec(
+                op, **{k: rng.choice(g) for k, g in choice.attention_grids(op).items()}
+            )
+            op = rng.choice(choice.mlp_ops)
+            mlp = MlpSpec(op, **{k: rng.choice(g) for k, g in choice.mlp_grids(op).items()})
+            specs.append(BlockSpec(attn, mlp, rng.choice(choice.merge_ratios)))
+        return self.config(specs)
+
     @property
     def dense_params(self) -> int:
         return dense_params(self.fingerprint)
@@ -119,11 +133,8 @@ class SearchSpace:
         chosen = [opts[0] for opts in specs]
         measure = count_params if cost == "params" else count_flops
         for i, opts in enumerate(specs):
-            best = min(
-                opts,
-                key=lambda o, i=i: measure(self.config(chosen[:i] + [o] + chosen[i + 1 :])),
-            )
-            chosen[i] = best
+            costs = [measure(self.config(chosen[:i] + [o] + chosen[i + 1 :])) for o in opts]
+            chosen[i] = opts[costs.index(min(costs))]
         return self.config(chosen)
 
     @property

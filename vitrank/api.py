@@ -83,7 +83,7 @@ def compress(
             "be given (the calibration data), but got images=None."
         )
     student = apply_specs(model, config.blocks, factors, stats)
-    if config.compensate:
+    if config.compensate and images is not None:
         from vitrank.compress.compensate import compensate as refine
 
         refine(student, model, images, steps=compensation_steps)
@@ -126,8 +126,51 @@ def load(directory: str | Path) -> nn.Module:
     return model
 
 
-def search(*args: Any, **kwargs: Any) -> Any:
-    """The Pareto search against a budget (issue 7)."""
-    raise NotImplementedError(
-        "vitrank.search is not built yet (issue 7); use vitrank.compress with a config."
-    )
+def search(
+    config: str | Path | None = None,
+    *,
+    workload: Any = None,
+    report: bool = True,
+    **settings: Any,
+) -> Path:
+    """Search the Pareto front of compressed models under a budget; returns the run directory.
+
+    ``settings`` are the options of ``vitrank search`` with underscores (``budget_params=0.35``,
+    ``trials=100``, ``engine="optuna"``, ``out="runs/x"``, ``resume=True``, ...); ``config``
+    a run.yaml to start from (explicit settings win). ``workload`` is a workload name or a
+    ``vitrank.Workload`` object. When the ``reports`` package is installed the run's
+    report.html and summary.md are written at the end (``report=False`` skips them).
+    """
+    from search import SearchSettings, resolve_run, resolve_settings, run_search
+
+    given = dict(settings)
+    loaded = None
+    if workload is not None and not isinstance(workload, str):
+        loaded, given["workload"] = workload, workload.name
+    elif workload is not None:
+        given["workload"] = workload
+    if given.get("resume"):
+        # The run directory alone says how to continue; explicit settings may only extend it.
+        where = SearchSettings(**{k: given[k] for k in ("out", "name") if given.get(k)})
+        base = SearchSettings(**{**where.to_dict(), "resume": True})
+        resolved = resolve_run(base, given)
+    else:
+        resolved = resolve_run(resolve_settings(config, **given), given)
+    run_dir = run_search(resolved, loaded)
+    if report:
+        _build_report(run_dir)
+    return run_dir
+
+
+def _build_report(run_dir: Path) -> None:
+    """reports.build(run_dir) when the reports package is there (it depends on search)."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("reports") is None:
+        print(f"(no reports package: report not written for {run_dir})", file=sys.stderr)
+        return
+    import reports
+
+    paths = reports.build(run_dir)
+    print(f"report: {paths.html}\nsummary: {paths.summary}", file=sys.stderr)

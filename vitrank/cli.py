@@ -64,7 +64,7 @@ def _add_workload(parser: argparse.ArgumentParser, *, calib: bool = True) -> Non
         )
 
 
-def _add_device(parser: argparse.ArgumentParser, batch_help: str) -> None:
+def _add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, batch_help: str) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cpu)", metavar="D"
     )
@@ -239,8 +239,20 @@ def load_workload_from_args(args: argparse.Namespace) -> Any:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    workload = load_workload_from_args(args)  # refuses models vitrank cannot compress
-    print(f"Loaded {workload.name}; the search itself is still to come (issue 7).")
+    from pathlib import Path
+
+    from search import SearchSettings
+    from vitrank.api import search
+
+    known = set(SearchSettings.__dataclass_fields__)
+    given = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    run_dir = Path(search(args.config, **given))
+    winners = sorted(p for p in (run_dir / "winners").glob("*") if p.is_dir())
+    print(f"run: {run_dir}")
+    if (run_dir / "report.html").exists():
+        print(f"report: {run_dir / 'report.html'}")
+    for winner in winners:
+        print(f"winner: {winner}")
     return 0
 
 
@@ -263,6 +275,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from evaluators.calibration import calibrate
+    from reports import recorded_workload
     from spaces import CompressionConfig
     from vitrank.api import compress, save
     from vitrank.compress.structure import inspect_vit
@@ -275,12 +288,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "(runs/<name>/winners/<id>/config.json)."
         )
     config = CompressionConfig.load(path)
-    recorded = config.provenance.get("workload") or {}
-    if args.workload is None and args.model is None and args.data is None:
-        # No teacher named: the one the config was found for, as its provenance records.
-        for key in ("workload", "model", "data", "pretrained"):
-            if isinstance(recorded, dict) and recorded.get(key) is not None:
-                setattr(args, key, recorded[key])
+    recorded = recorded_workload(config, path.parent)
+    named = any(getattr(args, key) is not None for key in ("workload", "model", "data"))
+    for key, value in recorded.items():
+        # No teacher named: the one the config was found for. Calibration settings
+        # default to the run's, so a winner's config rebuilds the winner exactly.
+        if getattr(args, key, None) is None and (not named or key in ("calib_size", "seed")):
+            setattr(args, key, value)
     workload = load_workload_from_args(args)
     fingerprint = inspect_vit(workload.model, config.fingerprint.architecture)
     if fingerprint != config.fingerprint:
@@ -298,6 +312,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "model": args.model,
             "data": str(args.data) if args.data is not None else None,
             "pretrained": bool(args.pretrained),
+            "calib_size": args.calib_size,
+            "seed": args.seed,
         },
     }
     model = compress(workload.model, config.replace(provenance=provenance), stats)
@@ -321,6 +337,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from timm.data.model_config import resolve_input_data_config
 
     from evaluators import evaluate_accuracy, measure_latency
+    from reports import recorded_workload
     from spaces import count_flops, dense_flops
     from vitrank.api import CONFIG_ATTRIBUTE, load
 
@@ -333,14 +350,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load(directory)
     config = getattr(model, CONFIG_ATTRIBUTE)
     device, batch = args.device or "cpu", args.batch
-    recorded = config.provenance.get("workload")
+    recorded = recorded_workload(config, directory)
     named = any(getattr(args, key) is not None for key in ("workload", "model", "data"))
     workload = None
-    if not named and isinstance(recorded, dict):
+    if not named:
         for key in ("workload", "model", "data", "pretrained"):
             if recorded.get(key) is not None:
                 setattr(args, key, recorded[key])
-    if named or isinstance(recorded, dict):
+    if named or recorded:
         workload = load_workload_from_args(args)
     # Latency does not depend on the weights: without a workload, time the bare architecture.
     teacher = workload.model if workload else timm.create_model(config.model, **config.model_args)
@@ -392,7 +409,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    return _not_built("finetune")
+    import pandas as pd
+
+    import reports
+    from search import RunDir, SearchSettings
+    from search._problem import forget, problem
+    from search._run import _load_workload
+    from search._winners import save_winners
+
+    run = RunDir(args.run)
+    if not run.exists() or not run.trials.is_file():
+        raise FileNotFoundError(
+            f"{run.root} is not a finished search (run.yaml and trials.parquet are missing); "
+            "pass the run directory a `vitrank search` wrote."
+        )
+    if args.top is not None and args.top < 1 or args.epochs is not None and args.epochs < 1:
+        raise ValueError(
+            f"`--top >= 1` and `--epochs >= 1` must hold, but got {args.top=}, {args.epochs=}."
+        )
+    settings = SearchSettings.load(run.settings)
+    top = args.top or max(settings.finetune_top, 1)
+    epochs = args.epochs or max(settings.finetune_epochs, 1)
+    rows = pd.read_parquet(run.trials).to_dict("records")
+    with run:  # the search's lock: never while a search writes this directory
+        forget(run.root)
+        current = problem(run.root)
+        if args.device is not None:
+            current.settings.device = args.device
+        # The winners are chosen and built exactly as the search does (same front, same seed).
+        save_winners(
+            current,
+            _load_workload(settings),
+            rows,
+            top=top,
+            epochs=epochs,
+            ray=settings.engine == "ray",
+            log=lambda message: print(message, file=sys.stderr),
+        )
+    paths = reports.build(run.root)
+    print(f"fine-tuned the top {top} winner(s) in {run.winners}; report: {paths.html}")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

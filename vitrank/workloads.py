@@ -22,12 +22,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+if TYPE_CHECKING:
+    from torchvision.datasets import ImageFolder
 
 DIGITS = "digits-vit"
 WORKLOADS = (DIGITS,)
@@ -188,7 +191,10 @@ def _create_teacher(
             model_args["num_classes"] = num_classes
         try:
             teacher = timm.create_model(model_name, pretrained=pretrained, **model_args)
-        except (OSError, RuntimeError) as error:  # no network, no hub weights
+        except (OSError, RuntimeError) as error:
+            if not pretrained:
+                raise
+            # typically no network or no hub weights for this name
             raise RuntimeError(
                 f"could not load pretrained weights for {model_name}: {error}. Without a "
                 "network, pass a local checkpoint as --model local-dir:PATH."
@@ -252,7 +258,7 @@ class _PilImages(Dataset):
         return self.transform(image), int(self.labels[index])
 
 
-def _image_folder(root: Path, transform: Callable, mode: str) -> Dataset:
+def _image_folder(root: Path, transform: Callable, mode: str) -> ImageFolder:
     from PIL import Image
     from torchvision.datasets import ImageFolder
 
@@ -264,6 +270,31 @@ def _image_folder(root: Path, transform: Callable, mode: str) -> Dataset:
         return ImageFolder(str(root), transform=transform, loader=read)
     except FileNotFoundError as error:  # no class folders, or no images in them
         raise FileNotFoundError(f"no images found in {root}; expected {_FOLDER_LAYOUT}.") from error
+
+
+def _probe_classes(data: Path) -> tuple[int, list[str]]:
+    """Class folders of an ImageFolder tree, checked before a model is built for them."""
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist; expected {_FOLDER_LAYOUT}.")
+    has_train, has_val = (data / "train").is_dir(), (data / "val").is_dir()
+    if has_train != has_val:
+        raise FileNotFoundError(
+            f"{data} has {'train/' if has_train else 'val/'} but not "
+            f"{'val/' if has_train else 'train/'}; expected {_FOLDER_LAYOUT}."
+        )
+    root = data / "train" if has_train else data
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root}; expected {_FOLDER_LAYOUT}.")
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    for name in classes:
+        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / name).iterdir()):
+            raise FileNotFoundError(
+                f"no images ({', '.join(IMG_EXTENSIONS)}) in {root / name}; "
+                f"expected {_FOLDER_LAYOUT}."
+            )
+    return len(classes), classes
 
 
 def _folder_splits(data: Path, transform: Callable, mode: str) -> tuple[Dataset, Dataset, int]:
@@ -312,6 +343,8 @@ def load_workload(
     workload = workload or DIGITS
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; known workloads: {', '.join(WORKLOADS)}.")
+    if calib_size < 1:  # checked before any model is built
+        raise ValueError(f"`calib_size >= 1` must hold, but got {calib_size=}.")
     if model is None:
         if not (DIGITS_DIR / "model.safetensors").is_file():
             raise FileNotFoundError(
@@ -339,7 +372,7 @@ def load_workload(
         dataset = _PilImages(pixels, target, _transform(config), _pil_mode(config))
         train_idx, val_idx = stratified_split(target)
         train, val = Subset(dataset, train_idx.tolist()), Subset(dataset, val_idx.tolist())
-        num_classes, name = teacher.num_classes, f"{model}@digits"
+        num_classes, name = int(model_args["num_classes"]), f"{model}@digits"
     else:
         # the data's class count decides a randomly initialised head
         probe, _ = _probe_classes(data_path)
@@ -348,7 +381,8 @@ def load_workload(
         train, val, num_classes = _folder_splits(data_path, _transform(config), _pil_mode(config))
         name = f"{model}@{data_path}"
 
-    calib = Subset(train, calibration_indices(len(train), calib_size, seed).tolist())  # type: ignore[arg-type]
+    num_train = len(train)  # type: ignore[arg-type]  # every dataset here is sized
+    calib = Subset(train, calibration_indices(num_train, calib_size, seed).tolist())
     return Workload(
         name=name,
         model=teacher,
@@ -361,28 +395,3 @@ def load_workload(
         input_size=tuple(config["input_size"]),  # type: ignore[arg-type]
         data_config=config,
     )
-
-
-def _probe_classes(data: Path) -> tuple[int, list[str]]:
-    """Class folders of an ImageFolder tree, checked before a model is built for them."""
-    if not data.is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist; expected {_FOLDER_LAYOUT}.")
-    has_train, has_val = (data / "train").is_dir(), (data / "val").is_dir()
-    if has_train != has_val:
-        raise FileNotFoundError(
-            f"{data} has {'train/' if has_train else 'val/'} but not "
-            f"{'val/' if has_train else 'train/'}; expected {_FOLDER_LAYOUT}."
-        )
-    root = data / "train" if has_train else data
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"no class folders in {root}; expected {_FOLDER_LAYOUT}.")
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    for name in classes:
-        if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (root / name).iterdir()):
-            raise FileNotFoundError(
-                f"no images ({', '.join(IMG_EXTENSIONS)}) in {root / name}; "
-                f"expected {_FOLDER_LAYOUT}."
-            )
-    return len(classes), classes

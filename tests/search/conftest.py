@@ -62,3 +62,20 @@ def tiny_settings(out: Path, **overrides: Any) -> Any:
     )
     values.update(overrides)
     return SearchSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_problem(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A prepared run directory (cache written) on the tiny workload, and its `Problem`."""
+    import torch
+
+    from search._problem import prepare, problem
+    from search._rundir import RunDir, atomic_write_text
+
+    torch.set_num_threads(1)
+    settings = tiny_settings(tmp_path_factory.mktemp("prepared") / "run")
+    run = RunDir(settings.run_dir())
+    run.root.mkdir(parents=True)
+    atomic_write_text(run.settings, settings.to_yaml())
+    prepare(run, settings, tiny_workload(), log=lambda message: None)
+    return problem(run.root)

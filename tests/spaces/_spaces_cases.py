@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -29,6 +30,7 @@ def variant_model(key: str) -> nn.Module:
     return make_tiny_vit(arch, **overrides)
 
 
+@functools.cache
 def variant_space(key: str, **kwargs: Any) -> SearchSpace:
     arch, overrides = VARIANTS[key]
     args = {**TINY_VIT_ARGS, **overrides}

@@ -17,7 +17,7 @@ from spaces import (
     predict_latency,
 )
 from spaces._cost import attention_core, attention_linears, mlp_linears
-from spaces._latency import _operators, _token_grid
+from spaces._latency import _fit_line, _operators, _token_grid, operator_sum
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,13 @@ def test_measured_table(measured: tuple, tmp_path: Path) -> None:
     assert "glue/attn/heads/32/sized" in table.entries and "glue/mlp/prune/32" in table.entries
     assert all(len(v) == len(table.tokens) for v in table.entries.values())
     assert table.machine["torch"] and table.date
-    # The offset is defined so the dense model's prediction is its measured time.
-    assert predict_latency(space.dense(), table) == pytest.approx(table.dense_ms)
+    # Whole calibration models fit the line from operator sums to measured times.
+    assert len(table.calibration) == 6 and table.scale > 0
+    assert table.calibration[0][1] == table.dense_ms
+    dense_sum = operator_sum(space.dense(), table)
+    assert table.calibration[0][0] == pytest.approx(dense_sum)
+    expected = table.offset_ms + table.scale * dense_sum
+    assert predict_latency(space.dense(), table) == pytest.approx(expected)
     loaded = LatencyTable.load(table.save(tmp_path / "table.json"))
     assert loaded == table
     rng = random.Random(0)
@@ -78,7 +83,7 @@ def synthetic(space) -> LatencyTable:
             entries[f"gelu/{width}/0"] = [width * n * 1e-7 for n in tokens]
         entries[f"norm/{shape.dim}"] = [shape.dim * n * 1e-7 for n in tokens]
         entries[f"merge/{shape.dim}"] = [n * 1e-4 for n in tokens]
-    return LatencyTable("cpu", 1, 1, fp.digest, tokens, entries, 0.5, 0.25, 0.0)
+    return LatencyTable("cpu", 1, 1, fp.digest, tokens, entries, 0.5, 0.25, 0.0, scale=1.0)
 
 
 def expected_ms(config, space) -> float:
@@ -129,3 +134,10 @@ def test_latency_budget() -> None:
     study.optimize(lambda trial: fn(trial) and 0.0, n_trials=5)
     for trial in study.trials:
         assert trial.system_attrs["constraints:budget"] <= 0
+
+
+def test_fit_line() -> None:
+    assert _fit_line([[1.0, 3.0], [2.0, 5.0], [4.0, 9.0]]) == pytest.approx((1.0, 2.0))
+    # No slope to fit (one point, or a falling line from noise): a constant offset.
+    assert _fit_line([[2.0, 3.0]]) == pytest.approx((1.0, 1.0))
+    assert _fit_line([[1.0, 5.0], [2.0, 4.0]]) == pytest.approx((3.0, 1.0))

@@ -7,7 +7,8 @@ import torch
 from _compress_cases import VARIANTS, build, calibration, count_params, images, model_args
 
 import vitrank
-from spaces import CompressionConfig, count_params as config_params
+from spaces import CompressionConfig
+from spaces import count_params as config_params
 from vitrank.compress.factorize import FactorCache
 from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.compress.structure import inspect_vit

@@ -16,7 +16,7 @@ from _compress_cases import (
 )
 
 from vitrank.compress.apply import apply_specs
-from vitrank.compress.attention import DenseAttention, HeadFactorizedAttention, LowRankAttention
+from vitrank.compress.attention import HeadFactorizedAttention, LowRankAttention
 from vitrank.compress.blocks import CompressedBlocks
 from vitrank.compress.factorize import FactorCache
 from vitrank.compress.lowrank import LowRankLinear
@@ -103,6 +103,7 @@ def test_built_modules_are_the_named_operators_and_own_their_weights():
     assert isinstance(b0.mlp.fc1, LowRankLinear) and isinstance(b0.mlp.fc2, LowRankLinear)
     assert isinstance(b1.attn, HeadFactorizedAttention)
     assert b1.mlp.fc1.out_features == fp.blocks[1].mlp_hidden
+    assert not any(m.training for m in student.modules())  # the teacher's eval mode
     teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
     assert not teacher_ptrs & {p.data_ptr() for p in student.parameters()}
     # Gradients flow to every parameter (fine-tuning), and the teacher gets none.

@@ -50,9 +50,9 @@ def _comcat_full_rank(attn: Attention):
     Q = torch.cat([wk.transpose(1, 2), bk], dim=1)
     V = wv.transpose(1, 2)  # (H, d, dh)
     wo = attn.proj.weight.detach()  # (d, H*dh)
-    O = wo.T.reshape(h, dh, -1)  # (H, dh, d)
+    out_factor = wo.T.reshape(h, dh, -1)  # (H, dh, d)
     out_bias = attn.proj.bias.detach() + wo @ b[2 * h * dh :]
-    return P, Q, V, O, out_bias
+    return P, Q, V, out_factor, out_bias
 
 
 def test_attend_matches_explicit_softmax_with_and_without_size_bias():
@@ -143,9 +143,9 @@ def test_head_factorized_attention_with_unequal_ranks_and_size_bias():
     torch.manual_seed(3)
     h, d, rqk, rvo = 2, 6, 2, 3
     P, Q = torch.randn(h, d + 1, rqk), torch.randn(h, d + 1, rqk)
-    V, O, out_bias = torch.randn(h, d, rvo), torch.randn(h, rvo, d), torch.randn(d)
+    V, out_factor, out_bias = torch.randn(h, d, rvo), torch.randn(h, rvo, d), torch.randn(d)
     scale = 0.25  # the teacher's head_dim^-1/2, not rqk^-1/2
-    module = HeadFactorizedAttention.from_factors(P, Q, V, O, out_bias, scale)
+    module = HeadFactorizedAttention.from_factors(P, Q, V, out_factor, out_bias, scale)
     x, log_size = torch.randn(3, 5, d), torch.rand(3, 5).log1p()
     out, keys = module(x, log_size)
     xbar = torch.cat([x, torch.ones(3, 5, 1)], dim=-1)
@@ -153,7 +153,7 @@ def test_head_factorized_attention_with_unequal_ranks_and_size_bias():
     k = torch.einsum("bnd,hdr->bhnr", xbar, Q)
     v = torch.einsum("bnd,hdr->bhnr", x, V)
     heads_out = _explicit(q, k, v, scale, log_size)
-    expected = torch.einsum("bhnr,hrd->bnd", heads_out, O) + out_bias
+    expected = torch.einsum("bhnr,hrd->bnd", heads_out, out_factor) + out_bias
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(keys, k.mean(1))
     n_params = sum(p.numel() for p in module.parameters())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from vitrank.compress.attention import (
 )
 from vitrank.compress.blocks import CompressedBlock, CompressedBlocks
 from vitrank.compress.lowrank import LowRankLinear
-from vitrank.compress.spec import ATTENTION_OPS, MLP_OPS, BlockSpec
+from vitrank.compress.spec import ATTENTION_OPS, MLP_OPS, AttentionSpec, BlockSpec, MlpSpec
 from vitrank.compress.structure import BlockShape, inspect_vit
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def validate_specs(specs: Sequence[BlockSpec], shapes: Sequence[BlockShape]) -> 
         validate_block(spec, shape)
 
 
-def _replaced_linears(block: nn.Module, spec: BlockSpec) -> list[nn.Module]:
+def _replaced_linears(block: Any, spec: BlockSpec) -> list[nn.Module]:
     """The teacher Linears that the spec rebuilds (not worth copying)."""
     attn, mlp = block.attn, block.mlp
     out: list[nn.Module] = []
@@ -148,7 +148,7 @@ class _Builder:
         self.structure_only = structure_only
 
     def low_rank(self, key: str, teacher: nn.Linear, rank: int) -> LowRankLinear:
-        kw = {"dtype": teacher.weight.dtype, "device": teacher.weight.device}
+        kw: dict[str, Any] = {"dtype": teacher.weight.dtype, "device": teacher.weight.device}
         if self.structure_only:
             return LowRankLinear(
                 teacher.in_features, teacher.out_features, rank, teacher.bias is not None, **kw
@@ -157,9 +157,12 @@ class _Builder:
         down, up, bias = self.factors.linear(key, rank)
         return LowRankLinear.from_factors(down, up, bias, **kw)
 
-    def attention(self, index: int, teacher: nn.Module, copied: nn.Module, spec) -> nn.Module:
+    def attention(self, index: int, teacher: Any, copied: Any, spec: AttentionSpec) -> nn.Module:
         drops = (teacher.attn_drop.p, teacher.proj_drop.p)
-        kw = {"dtype": teacher.qkv.weight.dtype, "device": teacher.qkv.weight.device}
+        kw: dict[str, Any] = {
+            "dtype": teacher.qkv.weight.dtype,
+            "device": teacher.qkv.weight.device,
+        }
         if spec.op == "dense":
             return DenseAttention.from_timm(copied)
         if spec.op == "lowrank":
@@ -182,9 +185,13 @@ class _Builder:
                 return module
             assert self.factors is not None
             P, Q = self.factors.qk(index, spec.qk_rank)
-            V, O, out_bias = self.factors.vo(index, spec.vo_rank)
+            V, out_factor, out_bias = self.factors.vo(index, spec.vo_rank)
             return HeadFactorizedAttention.from_factors(
-                *(None if t is None else t.to(**kw) for t in (P, Q, V, O, out_bias)),
+                P.to(**kw),
+                Q.to(**kw),
+                V.to(**kw),
+                out_factor.to(**kw),
+                None if out_bias is None else out_bias.to(**kw),
                 teacher.scale,
                 *drops,
             )
@@ -219,7 +226,7 @@ class _Builder:
             kept, dh, teacher.scale, copied.q_norm, copied.k_norm, *drops,
         )  # fmt: skip
 
-    def mlp(self, index: int, teacher: nn.Module, copied: nn.Module, spec) -> nn.Module:
+    def mlp(self, index: int, teacher: Any, copied: Any, spec: MlpSpec) -> nn.Module:
         fc1, fc2 = teacher.fc1, teacher.fc2
         if spec.op == "lowrank":
             if spec.fc1_rank:
@@ -229,7 +236,7 @@ class _Builder:
         elif spec.op == "prune":
             kept = spec.hidden_kept
             if self.structure_only:
-                kw = {"dtype": fc1.weight.dtype, "device": fc1.weight.device}
+                kw: dict[str, Any] = {"dtype": fc1.weight.dtype, "device": fc1.weight.device}
                 copied.fc1 = empty_linear(fc1.in_features, kept, fc1.bias is not None, **kw)
                 copied.fc2 = empty_linear(kept, fc2.out_features, fc2.bias is not None, **kw)
             else:
@@ -285,7 +292,7 @@ def apply_specs(
                 f"{needing[0]}: low-rank and head-level operators are slices of a FactorCache, "
                 "so `factors` must be given, but got factors=None."
             )
-    teacher_blocks = list(model.blocks)
+    teacher_blocks: Any = list(model.blocks)  # type: ignore[arg-type]
     # Copy everything except the Linears that get rebuilt: a memo entry makes deepcopy
     # put None in their place instead of copying their weights.
     memo: dict[int, object] = {
@@ -294,11 +301,12 @@ def apply_specs(
         for layer in _replaced_linears(block, spec)
     }
     student = copy.deepcopy(model, memo)
+    student_blocks: Any = student.blocks
     builder = _Builder(factors, stats, structure_only)
     blocks = []
     with torch.no_grad():
         for index, (teacher, block, spec) in enumerate(
-            zip(teacher_blocks, student.blocks, specs, strict=True)
+            zip(teacher_blocks, student_blocks, specs, strict=True)
         ):
             attn = builder.attention(index, teacher.attn, block.attn, spec.attn)
             mlp = builder.mlp(index, teacher.mlp, block.mlp, spec.mlp)
@@ -312,4 +320,5 @@ def apply_specs(
                 )
             )
     student.blocks = CompressedBlocks(blocks)
-    return student
+    # New modules start in training mode; the student takes the teacher's mode throughout.
+    return student.train(model.training)

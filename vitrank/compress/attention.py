@@ -13,6 +13,8 @@ running explicit attention, and returns the keys alongside the output.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,7 +62,7 @@ def empty_linear(
     device: torch.device | str | None = None,
 ) -> nn.Linear:
     """An ``nn.Linear`` of the right shape with uninitialised weights (a state dict fills it)."""
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
     return _bare_linear(
         torch.empty(out_features, in_features, **kw),
         torch.empty(out_features, **kw) if bias else None,
@@ -127,7 +129,7 @@ class DenseAttention(_QkvAttention):
     """timm's Attention with the shared forward signature; also hosts head-pruned weights."""
 
     @classmethod
-    def from_timm(cls, attn: nn.Module) -> DenseAttention:
+    def from_timm(cls, attn: Any) -> DenseAttention:
         """Wrap a timm ``Attention``'s own modules (no copy: callers pass a copied model)."""
         return cls(
             attn.qkv,
@@ -235,26 +237,26 @@ class HeadFactorizedAttention(nn.Module):
         P: Tensor,
         Q: Tensor,
         V: Tensor,
-        O: Tensor,
+        out_factor: Tensor,
         out_bias: Tensor | None,
         scale: float,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> HeadFactorizedAttention:
         """From ``FactorCache.qk`` (P, Q: (H, d+1, r_qk)) and ``.vo`` (V: (H, d, r_vo),
-        O: (H, r_vo, d), out_bias: (d,)) factors; ``out_bias`` None (a teacher with neither
+        out_factor: (H, r_vo, d), out_bias: (d,)) factors; ``out_bias`` None (a teacher with neither
         value nor output bias) gives a zero bias, so the structure never depends on it."""
         heads, rows, qk_rank = P.shape
         dim = rows - 1
-        if Q.shape != P.shape or V.shape[:2] != (heads, dim) or O.shape[0] != heads:
+        if Q.shape != P.shape or V.shape[:2] != (heads, dim) or out_factor.shape[0] != heads:
             raise ValueError(
                 "`P.shape == Q.shape == (H, d+1, r_qk)`, `V.shape == (H, d, r_vo)` and "
-                f"`O.shape == (H, r_vo, d)` must hold, but got {tuple(P.shape)=}, "
-                f"{tuple(Q.shape)=}, {tuple(V.shape)=}, {tuple(O.shape)=}."
+                f"`out_factor.shape == (H, r_vo, d)` must hold, but got {tuple(P.shape)=}, "
+                f"{tuple(Q.shape)=}, {tuple(V.shape)=}, {tuple(out_factor.shape)=}."
             )
         vo_rank = V.shape[2]
         if out_bias is None:
-            out_bias = O.new_zeros(O.shape[2])
+            out_bias = out_factor.new_zeros(out_factor.shape[2])
 
         # Head h's columns j become output rows h * rank + j of the Linear.
         def stack(factor: Tensor, rank: int) -> Tensor:
@@ -264,7 +266,7 @@ class HeadFactorizedAttention(nn.Module):
             linear_from(stack(P[:, :dim], qk_rank), P[:, dim].reshape(-1)),
             linear_from(stack(Q[:, :dim], qk_rank), Q[:, dim].reshape(-1)),
             linear_from(stack(V, vo_rank), None),
-            linear_from(O.reshape(heads * vo_rank, O.shape[2]).T, out_bias),
+            linear_from(out_factor.reshape(heads * vo_rank, out_factor.shape[2]).T, out_bias),
             heads,
             scale,
             attn_drop,
@@ -283,7 +285,7 @@ class HeadFactorizedAttention(nn.Module):
         device: torch.device | str | None = None,
     ) -> HeadFactorizedAttention:
         """Right shapes, uninitialised weights: the skeleton that a saved state fills."""
-        kw = {"dtype": dtype, "device": device}
+        kw: dict[str, Any] = {"dtype": dtype, "device": device}
         return cls(
             empty_linear(dim, num_heads * qk_rank, True, **kw),
             empty_linear(dim, num_heads * qk_rank, True, **kw),

@@ -10,12 +10,25 @@ between calls.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 from torch import Tensor, nn
 
 from vitrank.compress.merge import identity_source, match_tokens, merge_source, merge_weighted
 from vitrank.compress.spec import merge_count
 
 _BLOCK_PARTS = ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2")
+
+
+def _block_part(block: nn.Module, name: str) -> nn.Module:
+    part = getattr(block, name, None)
+    if not isinstance(part, nn.Module):
+        raise TypeError(
+            f"`block` must be a timm pre-norm Block with {', '.join(_BLOCK_PARTS)}, but "
+            f"{type(block).__name__} has no module {name!r}."
+        )
+    return part
 
 
 class CompressedBlock(nn.Module):
@@ -35,25 +48,20 @@ class CompressedBlock(nn.Module):
         num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        missing = [name for name in _BLOCK_PARTS if not hasattr(block, name)]
-        if missing:
-            raise TypeError(
-                "`block` must be a timm pre-norm Block with "
-                f"{', '.join(_BLOCK_PARTS)}, but {type(block).__name__} lacks {missing}."
-            )
         merge_count(merge_ratio, 0, 0)  # validates the ratio now rather than at forward
         if num_prefix_tokens < 0:
             raise ValueError(f"`num_prefix_tokens >= 0` must hold, but got {num_prefix_tokens=}.")
         self.merge_ratio = float(merge_ratio)
         self.num_prefix_tokens = num_prefix_tokens
-        self.norm1 = block.norm1
+        # The block's own modules (shared parameters), in timm's order.
+        self.norm1 = _block_part(block, "norm1")
         self.attn = attn
-        self.ls1 = block.ls1
-        self.drop_path1 = block.drop_path1
-        self.norm2 = block.norm2
+        self.ls1 = _block_part(block, "ls1")
+        self.drop_path1 = _block_part(block, "drop_path1")
+        self.norm2 = _block_part(block, "norm2")
         self.mlp = mlp
-        self.ls2 = block.ls2
-        self.drop_path2 = block.drop_path2
+        self.ls2 = _block_part(block, "ls2")
+        self.drop_path2 = _block_part(block, "drop_path2")
 
     def forward(
         self, x: Tensor, size: Tensor | None = None, source: Tensor | None = None
@@ -96,6 +104,15 @@ class CompressedBlocks(nn.ModuleList):
     token sizes and the source map (for ``merge.unmerge`` back to the full grid).
     """
 
+    def __init__(self, blocks: Iterable[CompressedBlock] = ()) -> None:
+        blocks = list(blocks)
+        for index, block in enumerate(blocks):
+            if not isinstance(block, CompressedBlock):
+                raise TypeError(
+                    f"blocks[{index}] must be a CompressedBlock, but got {type(block).__name__}."
+                )
+        super().__init__(blocks)
+
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         size = None
         for block in self:
@@ -114,4 +131,4 @@ class CompressedBlocks(nn.ModuleList):
 
     @property
     def merge_ratios(self) -> tuple[float, ...]:
-        return tuple(block.merge_ratio for block in self)
+        return tuple(cast(CompressedBlock, block).merge_ratio for block in self)

@@ -21,8 +21,10 @@ that went into it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +71,8 @@ def _block_input(model: nn.Module, images: Tensor) -> Tensor:
     def hook(module: nn.Module, args: tuple) -> None:
         raise _Stop(args[0])
 
-    handle = model.blocks.register_forward_pre_hook(hook)
+    blocks: Any = model.blocks
+    handle = blocks.register_forward_pre_hook(hook)
     try:
         model(images)
     except _Stop as stop:
@@ -151,14 +154,21 @@ def compensate_block(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
-    best_error, best, before = float("inf"), None, None
+    # The start is the fallback even if every error is NaN (then `after` reports inf).
+    best: list[Tensor] = [p.detach().clone() for p in params]
+    best_error, before = float("inf"), float("nan")
     try:
         for step in range(steps + 1):
             optimizer.zero_grad(set_to_none=True)
             last = step == steps
             error = _error(block, states, targets, compressed, grad=not last)
-            if before is None:
+            if step == 0:
                 before = error
+                if not math.isfinite(before):
+                    raise ValueError(
+                        f"The block's output error must be finite before compensation, but got "
+                        f"{before} (NaN/Inf in the student's factors or inputs)."
+                    )
             if error < best_error:  # the error of the parameters *before* this step
                 best_error, best = error, [p.detach().clone() for p in params]
             if last:
@@ -174,8 +184,8 @@ def compensate_block(
 
 
 def compensate(
-    student: nn.Module,
-    teacher: nn.Module,
+    student: Any,
+    teacher: Any,
     images: Tensor | Dataset | DataLoader,
     steps: int = 100,
     lr: float = 1e-4,
@@ -204,7 +214,7 @@ def compensate(
     try:
         with torch.no_grad():
             teacher_x = [_block_input(teacher, c) for c in chunks]
-            states = []
+            states: list[tuple] = []
             for c in chunks:
                 x = _block_input(student, c)
                 if compressed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +82,7 @@ class FactorCache:
             for i, block in enumerate(blocks):
                 self._factorize_block(i, block, stats)
 
-    def _factorize_block(self, i: int, block: nn.Module, stats: CalibrationStats | None) -> None:
+    def _factorize_block(self, i: int, block: Any, stats: CalibrationStats | None) -> None:
         attn, mlp = block.attn, block.mlp
         layers = {
             "attn.qkv": attn.qkv,
@@ -99,7 +100,9 @@ class FactorCache:
         W, b = attn.qkv.weight, attn.qkv.bias
         bq, bk, bv = (None, None, None) if b is None else (b[:D], b[D : 2 * D], b[2 * D :])
         if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-            C_bar = stats.augmented_covariance(f"blocks.{i}.attn.qkv") if stats else None
+            C_bar = (
+                stats.augmented_covariance(f"blocks.{i}.attn.qkv") if stats is not None else None
+            )
             self._heads[f"blocks.{i}.attn.qk"] = factorize_qk(
                 W[:D],
                 bq,
@@ -112,7 +115,7 @@ class FactorCache:
             )
         else:
             self.qk_norm_blocks.add(i)
-        C_heads = stats.head_covariance(i) if stats else None
+        C_heads = stats.head_covariance(i) if stats is not None else None
         vo, bias = factorize_vo(
             W[2 * D :], bv, attn.proj.weight, attn.proj.bias, H, C_heads,
             whiten=self.whitening, name=f"blocks.{i}.attn.vo",
@@ -140,8 +143,16 @@ class FactorCache:
             )
         raise KeyError(f"No factors for {key!r}; the model has {self.num_blocks} blocks.")
 
-    def _cast(self, tensor: Tensor | None) -> Tensor | None:
+    def _cast(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.dtype)
+
+    def _cast_optional(self, tensor: Tensor | None) -> Tensor | None:
         return None if tensor is None else tensor.to(self.dtype)
+
+    def _head_factors(self, key: str) -> HeadFactors:
+        factors = self._factors(key)
+        assert isinstance(factors, HeadFactors)
+        return factors
 
     def linear(self, key: str, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(B: r × in, A: out × r, bias) with W ≈ A @ B; y = x Bᵀ Aᵀ + bias."""
@@ -149,22 +160,22 @@ class FactorCache:
         if not isinstance(factors, LinearFactors):
             raise KeyError(f"{key!r} is a head product; use `qk` or `vo`.")
         down, up, bias = factors.at_rank(rank, key)
-        return self._cast(down), self._cast(up), self._cast(bias)
+        return self._cast(down), self._cast(up), self._cast_optional(bias)
 
     def qk(self, block_index: int, rank: int) -> tuple[Tensor, Tensor]:
         """(P, Q), each (H, d + 1, r): q'_h = x̄ P_h, k'_h = x̄ Q_h, x̄ = [x, 1]."""
         key = f"blocks.{block_index}.attn.qk"
-        P, Q = self._factors(key).at_rank(rank, key)
+        P, Q = self._head_factors(key).at_rank(rank, key)
         return self._cast(P), self._cast(Q)
 
     def vo(self, block_index: int, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(V: (H, d, r), O: (H, r, d_out), out_bias): out = Σ_h A_h (x V_h) O_h + out_bias."""
         key = f"blocks.{block_index}.attn.vo"
-        V, O_t = self._factors(key).at_rank(rank, key)
+        V, O_t = self._head_factors(key).at_rank(rank, key)
         return (
             self._cast(V),
             self._cast(O_t.transpose(-1, -2)),
-            self._cast(self._vo_bias[block_index]),
+            self._cast_optional(self._vo_bias[block_index]),
         )
 
     def spectrum(self, key: str) -> Tensor:
@@ -200,9 +211,9 @@ class FactorCache:
             tensors[f"{key}.errors"] = f.errors
             if f.bias is not None:
                 tensors[f"{key}.bias"] = f.bias
-        for key, f in self._heads.items():
-            tensors.update({f"{key}.left": f.left, f"{key}.right": f.right})
-            tensors.update({f"{key}.sigma2": f.sigma2, f"{key}.errors": f.errors})
+        for key, h in self._heads.items():
+            tensors.update({f"{key}.left": h.left, f"{key}.right": h.right})
+            tensors.update({f"{key}.sigma2": h.sigma2, f"{key}.errors": h.errors})
         for i, bias in self._vo_bias.items():
             if bias is not None:
                 tensors[f"blocks.{i}.attn.vo.bias"] = bias

@@ -72,6 +72,10 @@ def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
 def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``directory``/model.safetensors and config.json (``meta``), each atomically.
 
@@ -98,7 +102,7 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) ->
         directory / WEIGHTS_FILE,
         lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
     )
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: _write_text(tmp, text))
     return directory
 
 

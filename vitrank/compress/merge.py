@@ -41,21 +41,23 @@ def match_tokens(metric: Tensor, r: int, num_prefix: int) -> Matching:
 
     Deterministic: ties in similarity are broken by position (stable sort, first maximum).
     """
-    batch, tokens, _ = metric.shape
+    tokens = metric.shape[1]
     patches = tokens - num_prefix
     if not 0 <= r <= patches // 2:
         raise ValueError(
             f"`0 <= r <= (tokens - num_prefix) // 2` must hold, but got {r=}, {tokens=}, "
             f"{num_prefix=}."
         )
-    metric = F.normalize(metric[:, num_prefix:].float(), dim=-1)
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    scores = a @ b.transpose(1, 2)  # (B, |A|, |B|) cosine similarities
-    best, best_b = scores.max(dim=-1)
-    order = torch.argsort(best, dim=-1, descending=True, stable=True)
-    merged = order[:, :r]
-    kept = order[:, r:].sort(dim=-1).values
-    into = best_b.gather(1, merged)
+    # Only indices come out of here: no autograd graph for the similarity matrix.
+    with torch.no_grad():
+        metric = F.normalize(metric[:, num_prefix:].float(), dim=-1)
+        a, b = metric[:, 0::2], metric[:, 1::2]
+        scores = a @ b.transpose(1, 2)  # (B, |A|, |B|) cosine similarities
+        best, best_b = scores.max(dim=-1)
+        order = torch.argsort(best, dim=-1, descending=True, stable=True)
+        merged = order[:, :r]
+        kept = order[:, r:].sort(dim=-1).values
+        into = best_b.gather(1, merged)
     return Matching(num_prefix, kept, merged, into, b.shape[1])
 
 

@@ -1,0 +1,61 @@
+"""On the shipped digits teacher: distillation recovers a half-size model (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def _half_size(digits):
+    from evaluators.calibration import calibrate
+    from spaces import allocate, build_space, count_params, parse_budget
+    from vitrank.compress.factorize import FactorCache
+
+    teacher = digits.model
+    stats = calibrate(teacher, digits.calib, progress=False)
+    space = build_space(teacher, model_name=digits.model_name, model_args=digits.model_args)
+    ops = {
+        (i, k): op
+        for i in range(len(space.blocks))
+        for k, op in (("attn", "heads"), ("mlp", "lowrank"))
+    }
+    config = allocate(
+        space, parse_budget(0.5), ops, dict.fromkeys(ops, 1.0), [0.0] * len(space.blocks)
+    )
+    fraction = count_params(config) / space.dense_params
+    return config, stats, FactorCache(teacher, stats), fraction
+
+
+@pytest.mark.slow
+def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_path):
+    import vitrank
+    from evaluators import finetune, finetune_trainable
+
+    torch.set_num_threads(2)
+    config, stats, factors, fraction = _half_size(digits)
+    assert 0.4 <= fraction <= 0.5
+    student = vitrank.compress(digits.model, config, stats, factors)
+    vitrank.save(student, tmp_path / "student")
+    result = finetune(student, digits.model, digits.train, digits.val, epochs=3, progress=False)
+    assert result.best_accuracy > result.initial_accuracy
+    assert result.best_epoch >= 1
+    assert len(result.history) == 4
+
+    # The Ray Tune trainable runs plain too: load, fine-tune, save, report.
+    metrics = finetune_trainable(
+        {
+            "student_dir": str(tmp_path / "student"),
+            "output_dir": str(tmp_path / "tuned"),
+            "epochs": 1,
+        }
+    )
+    assert metrics["initial_accuracy"] == pytest.approx(result.initial_accuracy)
+    assert metrics["best_accuracy"] >= metrics["initial_accuracy"]
+    record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
+    assert [h["epoch"] for h in record["history"]] == [0, 1]
+    reloaded = vitrank.load(tmp_path / "tuned")
+    from evaluators import evaluate_accuracy
+
+    assert evaluate_accuracy(reloaded, digits.val) == pytest.approx(metrics["best_accuracy"])

@@ -1,0 +1,144 @@
+"""`vitrank apply / eval / export` on a tiny saved teacher and a compressed winner of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitrank.cli import main
+
+CALIB = 64
+TEACHER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+
+
+def _save_teacher(directory: Path, **overrides) -> str:
+    import timm.models
+
+    from tests.conftest import make_tiny_vit
+
+    args = {**TEACHER_ARGS, **overrides}
+    timm.models.save_for_hf(
+        make_tiny_vit(**args), str(directory), model_args=args, safe_serialization=True
+    )
+    return f"local-dir:{directory}"
+
+
+@pytest.fixture(scope="module")
+def winner(tmp_path_factory):
+    """A teacher on the digits and a winner of it: every operator, merging included."""
+    from evaluators.calibration import calibrate
+    from spaces import CompressionConfig
+
+    from vitrank.api import compress, save
+    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.compress.structure import inspect_vit
+    from vitrank.workloads import load_workload
+
+    root = tmp_path_factory.mktemp("reuse")
+    model = _save_teacher(root / "teacher")
+    workload = load_workload(model=model, calib_size=CALIB)
+    blocks = (
+        BlockSpec(AttentionSpec("heads", qk_rank=4, vo_rank=8), MlpSpec("prune", hidden_kept=64), 0.25),
+        BlockSpec(
+            AttentionSpec("lowrank", qkv_rank=8, proj_rank=8),
+            MlpSpec("lowrank", fc1_rank=8, fc2_rank=16),
+        ),
+    )
+    config = CompressionConfig(
+        workload.model_name,
+        workload.model_args,
+        inspect_vit(workload.model, workload.model_name),
+        blocks,
+        provenance={"workload": {"model": model}},
+    )
+    student = compress(workload.model, config, calibrate(workload.model, workload.calib, progress=False))
+    save(student, root / "winner")
+    images = torch.stack([workload.val[i][0] for i in range(16)])
+    with torch.inference_mode():
+        logits = student(images)
+    return dict(root=root, model=model, images=images, logits=logits)
+
+
+def test_apply_of_a_winner_config_reproduces_its_logits(winner):
+    from vitrank.api import load
+
+    out = winner["root"] / "applied"
+    config = winner["root"] / "winner" / "config.json"
+    code = main(["apply", str(config), "--model", winner["model"], "--calib-size", str(CALIB), "--out", str(out)])
+    assert code == 0
+    with torch.inference_mode():
+        applied = load(out)(winner["images"])
+        saved = load(winner["root"] / "winner")(winner["images"])
+    torch.testing.assert_close(saved, winner["logits"])
+    torch.testing.assert_close(applied, winner["logits"])
+
+
+def test_apply_refuses_a_config_of_another_architecture(winner, tmp_path, capsys):
+    wider = _save_teacher(tmp_path / "wider", embed_dim=48, num_heads=3)
+    config = winner["root"] / "winner" / "config.json"
+    code = main(["apply", str(config), "--model", wider, "--out", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) <= 2
+    assert "was found for" in error[0] and "other_params: 2538 != 3802" in error[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_apply_of_a_missing_config_is_a_usage_error(tmp_path, capsys):
+    assert main(["apply", str(tmp_path / "none.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_reports_accuracy_params_flops_and_latency(winner, capsys):
+    from spaces import count_flops
+
+    from vitrank.api import CONFIG_ATTRIBUTE, load
+
+    directory = winner["root"] / "winner"
+    assert main(["eval", str(directory), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model = load(directory)
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+    assert result["flops"] == count_flops(getattr(model, CONFIG_ATTRIBUTE))
+    assert result["params"] < result["teacher"]["params"]
+    assert result["flops"] < result["teacher"]["flops"]
+    # The workload comes from the config's provenance: accuracy is measured on its val split.
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["teacher"]["accuracy"] <= 1.0
+    assert result["latency_ms"] > 0 and result["speedup"] > 0
+
+
+def test_eval_without_a_workload_prints_costs_and_latency(winner, tmp_path, capsys):
+    from vitrank.api import CONFIG_ATTRIBUTE, load, save
+
+    model = load(winner["root"] / "winner")
+    config = getattr(model, CONFIG_ATTRIBUTE)
+    setattr(model, CONFIG_ATTRIBUTE, config.replace(provenance={}))
+    save(model, tmp_path / "anonymous")
+    assert main(["eval", str(tmp_path / "anonymous")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "FLOPs" in out and "latency" in out
+    assert "accuracy" not in out.split("speed-up")[0]  # no data: no accuracy row
+    assert "--workload/--model/--data to measure accuracy" in out
+
+
+def test_eval_of_a_missing_directory_is_a_usage_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "holds no saved compressed model" in capsys.readouterr().err
+
+
+def test_export_matches_pytorch_logits_in_onnxruntime(winner, tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from vitrank.api import load
+
+    path = tmp_path / "winner.onnx"
+    assert main(["export", str(winner["root"] / "winner"), "--onnx", str(path)]) == 0
+    assert "onnxruntime matches PyTorch" in capsys.readouterr().out
+    # Checked here again on real images and another batch size (the batch axis is dynamic).
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": winner["images"].numpy()})[0]
+    with torch.inference_mode():
+        expected = load(winner["root"] / "winner")(winner["images"]).numpy()
+    assert abs(got - expected).max() < 1e-4

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from search import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
+from search.baselines import raw_expressible
+from spaces import parse_budget
+
+
+def _inputs(problem: Any, budget: str = "0.5", kind: str = "params") -> BaselineInputs:
+    return BaselineInputs(
+        space=problem.space,
+        budget=parse_budget(budget, kind=kind),
+        score=problem.proxy("whitened").score,
+        spectral=problem.proxy("whitened", "spectral").score,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(set(BASELINES) - {"tome"}))
+@pytest.mark.parametrize("budget", ["0.5", "0.35"])
+def test_rank_baselines_meet_the_budget(tiny_problem: Any, name: str, budget: str) -> None:
+    inputs = _inputs(tiny_problem, budget)
+    config = BASELINES[name](inputs)
+    assert inputs.cost(config) <= inputs.budget.limit(inputs.space)
+    # At the budget, not far below it: one more step of any kind would not fit.
+    assert inputs.cost(config) > 0.5 * inputs.budget.limit(inputs.space)
+
+
+def test_uniform_baselines_share_one_rank_and_differ_in_svd(tiny_problem: Any) -> None:
+    inputs = _inputs(tiny_problem)
+    plain, whitened = BASELINES["uniform-plain"](inputs), BASELINES["uniform-whitened"](inputs)
+    assert (plain.svd, whitened.svd) == ("plain", "whitened")
+    assert plain.blocks == whitened.blocks
+    ranks = {getattr(b.attn, f"{n}_rank") for b in plain.blocks for n in ("qkv", "proj")}
+    ranks |= {getattr(b.mlp, f"{n}_rank") for b in plain.blocks for n in ("fc1", "fc2")}
+    assert len(ranks) == 1
+
+
+def test_greedy_beats_uniform_on_the_spectral_proxy(tiny_problem: Any) -> None:
+    inputs = _inputs(tiny_problem)
+    greedy = BASELINES["greedy"](inputs)
+    uniform = BASELINES["uniform-whitened"](inputs)
+    assert inputs.spectral(greedy) <= inputs.spectral(uniform)
+
+
+def test_tome_cannot_meet_a_params_budget_but_meets_a_flops_one(tiny_problem: Any) -> None:
+    with pytest.raises(BaselineUnavailable, match="no parameters"):
+        BASELINES["tome"](_inputs(tiny_problem))
+    inputs = _inputs(tiny_problem, "0.9", "flops")
+    config = BASELINES["tome"](inputs)
+    assert {b.merge_ratio for b in config.blocks} != {0.0}
+    assert len({b.merge_ratio for b in config.blocks}) == 1
+    assert inputs.fits(config)
+
+
+def test_run_baselines_reports_why_one_is_skipped(tiny_problem: Any) -> None:
+    configs, skipped = run_baselines(_inputs(tiny_problem))
+    assert set(configs) == set(BASELINES) - {"tome"}
+    assert "tome" in skipped
+
+
+def test_only_grid_configs_are_raw_expressible(tiny_problem: Any) -> None:
+    inputs = _inputs(tiny_problem)
+    space = tiny_problem.space
+    assert raw_expressible(BASELINES["uniform-whitened"](inputs), space)
+    assert not raw_expressible(BASELINES["uniform-plain"](inputs), space)  # svd differs

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from search import RunDir, RunLockedError, atomic_write_json
+
+HOLD = """
+import sys, time
+from search import RunDir
+run = RunDir(sys.argv[1]); run.acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold(path: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "pareto.json"
+    atomic_write_json(target, {"front": [1]})
+    atomic_write_json(target, {"front": [2, 3]})
+    assert json.loads(target.read_text()) == {"front": [2, 3]}
+    assert [p.name for p in target.parent.iterdir()] == ["pareto.json"]
+
+
+def test_a_second_writer_is_refused_with_the_holder_pid(tmp_path: Path) -> None:
+    proc = _hold(tmp_path / "run")
+    try:
+        with pytest.raises(RunLockedError, match=rf"pid {proc.pid}"):
+            RunDir(tmp_path / "run").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
+    proc = _hold(tmp_path / "run")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with RunDir(tmp_path / "run"):
+                break
+        except RunLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
