@@ -56,6 +56,27 @@ def rate(evaluate: Any, configs: list, min_seconds: float) -> dict[str, float]:
     }
 
 
+def speeds(proxies: dict[str, Any], configs: list, thread_counts: list[int]) -> dict[str, Any]:
+    """Candidates per second of each proxy at each torch thread count (restored after)."""
+    before = torch.get_num_threads()
+    result: dict[str, Any] = {}
+    try:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for name, proxy in proxies.items():
+                seconds = 2.0 if name == "spectral" else 0.0
+                result.setdefault(name, {})[f"threads_{threads}"] = rate(
+                    proxy.evaluate, configs, seconds
+                )
+    finally:
+        torch.set_num_threads(before)
+    for by_threads in result.values():
+        by_threads["candidates_per_s"] = max(
+            r["candidates_per_s"] for r in by_threads.values() if isinstance(r, dict)
+        )
+    return result
+
+
 def digits(args: argparse.Namespace) -> dict[str, Any]:
     from vitrank import load_workload
 
@@ -74,10 +95,7 @@ def digits(args: argparse.Namespace) -> dict[str, Any]:
 
     spectral = SpectralProxy(factors, sensitivity, teacher=teacher, stats=stats)
     logits = LogitsProxy(teacher, factors, stats, images, labels)
-    speed = {
-        "spectral": rate(spectral.evaluate, configs, min_seconds=2.0),
-        "logits": rate(logits.evaluate, configs, min_seconds=0.0),
-    }
+    speed = speeds({"spectral": spectral, "logits": logits}, configs, args.thread_counts)
     rows = []
     for config in configs:
         candidate = apply_specs(teacher, config.blocks, factors, stats)
@@ -177,10 +195,7 @@ def deit(args: argparse.Namespace) -> dict[str, Any]:
         "calibration_images": len(calib),
         "setup_seconds": {"calibration_and_factors": setup_s},
         "configs": len(configs),
-        "speed": {
-            "spectral": rate(spectral.evaluate, configs, min_seconds=2.0),
-            "logits": rate(logits.evaluate, configs, min_seconds=0.0),
-        },
+        "speed": speeds({"spectral": spectral, "logits": logits}, configs, args.thread_counts),
     }
 
 
@@ -188,7 +203,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=60, help="random digits configs")
     parser.add_argument("--heldout", type=int, default=64, help="held-out images (logits)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (speed is also measured at 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-4, help="fine-tuning learning rate")
     parser.add_argument("--skip-deit", action="store_true")
@@ -196,9 +213,16 @@ def main() -> None:
     parser.add_argument("--deit-heldout", type=int, default=8)
     parser.add_argument("--deit-calib", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    # Speed at one thread too: on 2 cores a search runs two single-threaded trials at once.
+    args.thread_counts = sorted({1, args.threads})
+    # Untimed work (calibration, accuracy, fine-tuning) single-threaded: on a shared
+    # 2-core machine oversubscribed threads are far slower than one.
+    torch.set_num_threads(1)
     result: dict[str, Any] = {
         "machine": {**machine_info(args.threads), "load_average_at_start": os.getloadavg()},
+        "note": "candidates_per_s: wall clock, best over the thread counts measured; "
+        "cpu_candidates_per_s: per second of this process's CPU time (what an unloaded "
+        "machine would give at one thread).",
         "settings": vars(args),
         "digits": digits(args),
     }

@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--drop-path", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DIGITS_DIR)
@@ -73,7 +74,7 @@ def main() -> None:
     x_val, y_val = images[val_idx], labels[val_idx]
     print(f"digits: {len(x_train)} train, {len(x_val)} val; mean {mean}, std {std}")
 
-    model = timm.create_model(DIGITS_MODEL_NAME, drop_path_rate=0.1, **DIGITS_MODEL_ARGS)
+    model = timm.create_model(DIGITS_MODEL_NAME, drop_path_rate=args.drop_path, **DIGITS_MODEL_ARGS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, 3 * steps_per_epoch

@@ -201,7 +201,7 @@ class SpectralProxy(Proxy):
         if teacher is not None and shape is not None and stats is not None:
             from vitrank.compress.prune import head_scores, mlp_unit_scores
 
-            block = teacher.blocks[i]
+            block: Any = teacher.blocks[i]  # type: ignore[index]
             head = head_scores(
                 block.attn.proj.weight, stats.head_abs_mean[i], shape.num_heads, shape.head_dim
             )
@@ -284,7 +284,7 @@ class SpectralProxy(Proxy):
 # -- logits -----------------------------------------------------------------------------
 
 
-def _embed(model: nn.Module, images: Tensor) -> Tensor:
+def _embed(model: Any, images: Tensor) -> Tensor:
     """Tokens entering the first block: timm VisionTransformer.forward_features up to blocks."""
     x = model.patch_embed(images)
     x = model._pos_embed(x)
@@ -292,7 +292,7 @@ def _embed(model: nn.Module, images: Tensor) -> Tensor:
     return model.norm_pre(x)
 
 
-def _head(model: nn.Module, tokens: Tensor) -> Tensor:
+def _head(model: Any, tokens: Tensor) -> Tensor:
     """Logits from the last block's tokens: the rest of timm's forward."""
     return model.forward_head(model.norm(tokens))
 
@@ -339,7 +339,7 @@ def _shared_shell(teacher: nn.Module) -> nn.Module:
     makes new containers, and any other module is returned as is: a candidate shares the
     shell's unchanged modules (never the teacher's: the shell is a copy, only ever read).
     """
-    shell = copy.deepcopy(teacher).eval()
+    shell: Any = copy.deepcopy(teacher).eval()
     containers = [shell, shell.blocks]
     for block in shell.blocks:
         containers += [block, block.attn, block.mlp]
@@ -382,38 +382,31 @@ class LogitsProxy(Proxy):
                 f"one label per held-out image is needed, but got {len(heldout_labels)} labels "
                 f"for {len(heldout_images)} images."
             )
-        self.teacher = teacher.eval()
+        self.teacher = teacher
         self.factors = factors
         self.stats = stats
-        self.batch_size = batch_size
         self.fingerprint = inspect_vit(teacher)
-        self._shell = _shared_shell(teacher)
+        self._shell: Any = _shared_shell(teacher)  # also runs the teacher: same weights, eval mode
         parameter = next(teacher.parameters())
         images = heldout_images.to(device=parameter.device, dtype=parameter.dtype)
-        self._chunks = list(images.split(batch_size))
         self.labels = None if heldout_labels is None else heldout_labels.to(parameter.device)
         depth = len(self.fingerprint.blocks)
-        # states[k][c]: chunk c's tokens entering block k (k = depth: leaving the last block).
-        self._states: list[list[Tensor]] = []
-        logits = []
         with torch.inference_mode():
-            for chunk in self._chunks:
-                x = _embed(teacher, chunk)
-                for k in range(depth + 1):
-                    if k == len(self._states):
-                        self._states.append([])
-                    self._states[k].append(x)
-                    if k < depth:
-                        x = teacher.blocks[k](x)
-                logits.append(_head(teacher, x))
-            self.teacher_log_probs = F.log_softmax(torch.cat(logits), dim=-1)
+            tokens = [_embed(self._shell, chunk) for chunk in images.split(batch_size)]
+            per_state = sum(t.numel() * t.element_size() for t in tokens)
+            # The teacher's tokens entering block k (k = depth: leaving the last block) for
+            # k < cached; a candidate starts from the last cached state before its first
+            # compressed block.
+            self._cached = max(1, min(depth + 1, cache_bytes // max(per_state, 1)))
+            self._states = [tokens]
+            blocks: Any = self._shell.blocks
+            for k in range(depth):
+                tokens = [blocks[k](x) for x in tokens]
+                if k + 1 < self._cached:
+                    self._states.append(tokens)
+            logits = torch.cat([_head(self._shell, x) for x in tokens])
+            self.teacher_log_probs = F.log_softmax(logits, dim=-1)
             self.teacher_top1 = self.teacher_log_probs.argmax(-1)
-        per_state = sum(t.numel() * t.element_size() for t in self._states[0])
-        keep = max(1, min(depth + 1, cache_bytes // max(per_state, 1)))
-        # Beyond the budget only block 0's input is kept (the run then starts there).
-        self._cached = [k < keep for k in range(depth + 1)]
-        for k in range(keep, depth + 1):
-            self._states[k] = []
 
     @classmethod
     def from_inputs(cls, inputs: ProxyInputs) -> LogitsProxy:
@@ -431,8 +424,8 @@ class LogitsProxy(Proxy):
             _check_factor_kind(config, self.factors)
         return self.evaluate_specs(config.blocks)
 
-    def build(self, specs: Sequence[BlockSpec]) -> nn.Module:
-        """The candidate model (a new model; the teacher is untouched)."""
+    def _build(self, specs: Sequence[BlockSpec]) -> nn.Module:
+        """The candidate, for one read-only forward: it shares modules with the shell."""
         from vitrank.compress.apply import apply_specs
 
         return apply_specs(self._shell, specs, self.factors, self.stats)
@@ -441,12 +434,12 @@ class LogitsProxy(Proxy):
         """KL, agreement (and accuracy) of the candidate built from per-block specs."""
         specs = tuple(specs)
         first = next((i for i, s in enumerate(specs) if not s.is_dense), len(specs))
-        start = max(k for k in range(first + 1) if self._cached[k])
+        start = min(first, self._cached - 1)
         with torch.inference_mode():
             if start == len(specs):  # nothing compressed: the teacher itself
                 log_probs = self.teacher_log_probs
             else:
-                candidate = self.build(specs)
+                candidate = self._build(specs)
                 log_probs = torch.cat(
                     [
                         F.log_softmax(self._run(candidate, start, x), dim=-1)
@@ -465,7 +458,7 @@ class LogitsProxy(Proxy):
         return result
 
     @staticmethod
-    def _run(candidate: nn.Module, start: int, x: Tensor) -> Tensor:
+    def _run(candidate: Any, start: int, x: Tensor) -> Tensor:
         size = None  # no token is merged before the first compressed block
         for block in candidate.blocks[start:]:
             x, size, _ = block(x, size, None)
@@ -568,13 +561,14 @@ def heldout_batch(workload: Any, size: int = 256, seed: int = 0) -> tuple[Tensor
     from torch.utils.data import Subset
 
     train, calib = workload.train, workload.calib
+    num_train = len(train)
     if not isinstance(calib, Subset) or calib.dataset is not train:
         raise ValueError("`workload.calib` must be a Subset of `workload.train`.")
     excluded = set(int(i) for i in calib.indices)
-    remaining = np.array([i for i in range(len(train)) if i not in excluded])
+    remaining = np.array([i for i in range(num_train) if i not in excluded])
     if len(remaining) == 0:
         raise ValueError(
-            f"every one of the {len(train)} training images is a calibration image; use a "
+            f"every one of the {num_train} training images is a calibration image; use a "
             "smaller calib_size to leave held-out images for the proxy."
         )
     chosen = np.sort(

@@ -108,7 +108,7 @@ def _page(title: str, intro: str, figures: Sequence[tuple[str, Any]], tables: st
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
-section{{margin-bottom:2em}}</style></head>
+section{{margin-bottom:2em}}pre{{white-space:pre-wrap}}</style></head>
 <body><h1>{html.escape(title)}</h1>{intro}
 {_figures_html(figures)}
 {tables}
@@ -146,7 +146,7 @@ def build(run_dir: str | Path, out: str | Path | None = None) -> ReportPaths:
             ("Winners' choices per block", _figures.block_map_figure(grid, "fraction kept"))
         )
     fidelity = _data.proxy_fidelity(winners, proxy=score)
-    if fidelity.n:
+    if fidelity.n >= 2:
         figures.append(
             ("Proxy vs fine-tuned accuracy", _figures.fidelity_figure(fidelity, "winners"))
         )
@@ -255,9 +255,9 @@ def summary_markdown(
             measured_ms=record.get("latency_ms"),
             predicted_ms=predicted,
         )
-        rows.append(
-            row(f"{record['label']} (trial {record.get('number')}, {record['id']})", record)
-        )
+        origin = f", baseline {record['baseline']}" if record.get("baseline") else ""
+        name = f"{record['label']} (trial {record.get('number')}{origin}, {record['id']})"
+        rows.append(row(name, record))
     if "baseline" in run.trials.columns:
         baselines = run.trials[run.trials["baseline"].fillna("").astype(str) != ""]
         for record in baselines.to_dict("records"):
@@ -266,7 +266,8 @@ def summary_markdown(
             rows.append(row(name, dict(record, predicted_ms=record.get("latency_ms"))))
 
     settings = (
-        "\n".join(f"- {key}: `{value}`" for key, value in run.settings.items()) or "- (no run.yaml)"
+        "\n".join(f"- {key}: `{value}`" for key, value in run.settings.items() if value is not None)
+        or "- (no run.yaml)"
     )
     lines = [
         f"# vitrank run `{run.name}`",

@@ -35,6 +35,15 @@ def _hover(table: object) -> list[str] | None:
     return [str(text) for text in table["hover"]]  # type: ignore[index]
 
 
+def _spans_decades(values: object, decades: float = 2.0) -> bool:
+    """A log axis reads better when the positive values span more than `decades` decades."""
+    array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]
+    if len(array) < 2 or (array <= 0).any():
+        return False
+    return bool(np.log10(array.max() / array.min()) > decades)
+
+
 def winner_label(record: dict) -> str:
     """'W1: 93.2%' (fine-tuned), or the accuracy as built when it was not fine-tuned."""
     tuned = float(record.get("finetuned_accuracy", np.nan))
@@ -121,6 +130,7 @@ def front_figure(data: FrontData, title: str) -> go.Figure:
         title=title,
         xaxis_title=_title(x),
         yaxis_title=_title(y),
+        yaxis_type="log" if _spans_decades(trials[y]) else "linear",
         hovermode="closest",
         template="plotly_white",
         legend=dict(orientation="h", y=-0.2),

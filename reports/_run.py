@@ -15,13 +15,17 @@ from typing import Any, NamedTuple
 import pandas as pd
 import yaml
 
-# Names a value may have in metrics files, first one wins; the report uses the key.
-_ALIASES = {
-    "number": ("number", "trial", "trial_number"),
-    "finetuned_accuracy": ("finetuned_accuracy", "best_accuracy", "accuracy"),
-    "initial_accuracy": ("initial_accuracy", "accuracy_before", "compressed_accuracy"),
-    "latency_ms": ("latency_ms", "latency", "measured_latency_ms"),
-}
+# Columns of search's trials table (search/_table.py) that a report cannot do without.
+REQUIRED_COLUMNS = ("number", "state", "proxy", "params", "feasible")
+# Keys of a winner's metrics.json (search/_winners.py) the report reads; absent ones are NaN.
+WINNER_METRICS = (
+    "number",
+    "proxy",
+    "finetuned_accuracy",
+    "initial_accuracy",
+    "latency_ms",
+    "predicted_latency_ms",
+)
 
 
 class Winner(NamedTuple):
@@ -38,13 +42,6 @@ class RunData(NamedTuple):
     trials: pd.DataFrame  # one row per trial, flat columns
     pareto: dict[str, Any]  # pareto.json
     winners: list[Winner]
-
-
-def _pick(data: dict[str, Any], key: str) -> Any:
-    for name in _ALIASES.get(key, (key,)):
-        if name in data and data[name] is not None:
-            return data[name]
-    return None
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -69,8 +66,8 @@ def load_run(root: str | Path) -> RunData:
         raise FileNotFoundError(f"Run directory {root} does not exist; pass the --out of a search.")
     if not trials_path.is_file():
         raise FileNotFoundError(
-            f"{root} has no trials.parquet; is it a search's run directory (runs/<name>/)? "
-            "A search that was stopped early writes it with `vitrank search --resume`."
+            f"{root} has no trials.parquet; pass a search's run directory (the --out of "
+            "`vitrank search`)."
         )
     settings: dict[str, Any] = {}
     if (root / "run.yaml").is_file():
@@ -92,9 +89,8 @@ def load_run(root: str | Path) -> RunData:
         winners.append(Winner(directory.name, directory, config, metrics))
     # The search saves the best proxy first; W1 is that one.
     winners.sort(key=lambda w: (_sort_key(w.metrics.get("proxy")), w.id))
-    return RunData(
-        root, root.name, settings, trials_table(pd.read_parquet(trials_path)), pareto, winners
-    )
+    trials = trials_table(pd.read_parquet(trials_path), trials_path)
+    return RunData(root, root.name, settings, trials, pareto, winners)
 
 
 def _sort_key(value: Any) -> float:
@@ -105,29 +101,18 @@ def _sort_key(value: Any) -> float:
     return number if math.isfinite(number) else math.inf
 
 
-def trials_table(raw: pd.DataFrame) -> pd.DataFrame:
-    """The trials table with the columns a report relies on: number, feasible, hover."""
+def trials_table(raw: pd.DataFrame, source: str | Path = "trials.parquet") -> pd.DataFrame:
+    """Search's trials table, by trial number, with each trial's hover text added."""
+    missing = [column for column in REQUIRED_COLUMNS if column not in raw.columns]
+    if missing:
+        raise ValueError(
+            f"{source} lacks the columns {missing}; was it written by another vitrank version? "
+            "Rewrite it with `vitrank search --resume` on the run."
+        )
     table = raw.copy()
-    if "number" not in table.columns:
-        for alias in _ALIASES["number"]:
-            if alias in table.columns:
-                table = table.rename(columns={alias: "number"})
-                break
-        else:
-            table["number"] = range(len(table))
-    if "feasible" not in table.columns:
-        if "violation" in table.columns:
-            table["feasible"] = table["violation"].astype(float) <= 0
-        else:
-            table["feasible"] = True
-    if "state" in table.columns:
-        # A failed or pruned trial has no scores to place on the front.
-        table.loc[table["state"].astype(str).str.upper() != "COMPLETE", "feasible"] = False
+    table["feasible"] = table["feasible"].fillna(False).astype(bool)
     table["hover"] = [trial_summary(row) for row in table.to_dict("records")]
     return table.sort_values("number").reset_index(drop=True)
-
-
-_SUMMARY_SKIP = {"hover", "config", "number", "state"}
 
 
 def trial_summary(row: dict[str, Any]) -> str:
@@ -186,26 +171,28 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def winners_table(run: RunData) -> pd.DataFrame:
     """One row per winner: its id, trial number, label, scores and fine-tuned accuracy."""
     rows = []
     for index, winner in enumerate(run.winners):
-        metrics = _flat(winner.metrics)
         row: dict[str, Any] = {"id": winner.id, "label": f"W{index + 1}"}
-        row.update(metrics)
-        for key in _ALIASES:
-            row[key] = _pick(metrics, key)
-        if row["number"] is None and winner.config is not None:
-            row["number"] = winner.config.provenance.get("trial")
+        row.update({key: math.nan for key in WINNER_METRICS})
+        row.update(_flat(winner.metrics))
+        if _missing(row["number"]) and winner.config is not None:
+            row["number"] = winner.config.provenance.get("trial", math.nan)
         row["directory"] = str(winner.directory)
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
-        return pd.DataFrame(columns=["id", "label", "number", "finetuned_accuracy"])
-    for column in ("finetuned_accuracy", "initial_accuracy", "latency_ms"):
+        return pd.DataFrame(columns=["id", "label", *WINNER_METRICS, "directory"])
+    for column in WINNER_METRICS:
         table[column] = pd.to_numeric(table[column], errors="coerce")
     # Scores the search gave the winner's trial, where the metrics file does not repeat them.
-    if "number" in table and table["number"].notna().all():
+    if table["number"].notna().all():
         table["number"] = table["number"].astype(int)
         known = run.trials.set_index("number")
         for column in ("proxy", "params", "flops"):

@@ -98,9 +98,13 @@ def _number(text: str) -> tuple[float, bool]:
 
 
 def parse_budget(
-    budget: str | float | Budget, kind: str | None = None, batch: int = 1, device: str = "cpu"
+    budget: str | float | Budget,
+    kind: str | None = None,
+    batch: int | None = 1,
+    device: str | None = "cpu",
 ) -> Budget:
     """Read a budget from the CLI / API forms listed in the module docstring."""
+    batch, device = batch or 1, device or "cpu"
     if isinstance(budget, Budget):
         return budget
     if isinstance(budget, (int, float)):

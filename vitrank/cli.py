@@ -316,7 +316,13 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             "seed": args.seed,
         },
     }
-    model = compress(workload.model, config.replace(provenance=provenance), stats)
+    refine: dict[str, Any] = {}
+    if config.compensate:
+        from search._winners import COMPENSATION_STEPS
+
+        # Error compensation as the search ran it for its winners, on the calibration images.
+        refine = {"images": workload.calib, "compensation_steps": COMPENSATION_STEPS}
+    model = compress(workload.model, config.replace(provenance=provenance), stats, **refine)
     out = save(model, args.out)
     params = sum(p.numel() for p in model.parameters())
     teacher = sum(p.numel() for p in workload.model.parameters())
@@ -370,7 +376,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             row["accuracy"] = evaluate_accuracy(
                 module, workload.val, batch_size=batch or 256, device=device, progress=False
             )
-        latency = measure_latency(module.eval(), input_size, batch=batch or 1, device=device)
+        # As the search measures its winners (search/_winners.py), so the numbers compare.
+        latency = measure_latency(
+            module.eval(), input_size, batch=batch or 1, device=device, warmup=5, repeats=30
+        )
         row["latency_ms"] = latency.median_ms
     rows["compressed"]["flops"] = count_flops(config, batch=1)
     rows["teacher"]["flops"] = dense_flops(config.fingerprint, batch=1)
@@ -652,7 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vitrank.compress.structure import UnsupportedModelError
 
         # the user's input is wrong (a model, a path, a value): say what, exit 2
-        usage = isinstance(error, (UnsupportedModelError, ValueError, FileNotFoundError))
+        usage = isinstance(
+            error, (UnsupportedModelError, ValueError, FileNotFoundError, FileExistsError)
+        )
         message = str(error) or type(error).__name__
         print(f"vitrank {args.command}: error: {message}", file=sys.stderr)
         if not usage:

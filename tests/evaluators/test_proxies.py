@@ -124,6 +124,14 @@ def test_logits_proxy_reacts_to_compression_and_keeps_the_teacher_intact(tiny_se
     assert 0 < proxy.evaluate(mild)["kl"] < first["kl"]
     assert proxy.evaluate(harsh) == first  # candidates share nothing that they change
     assert proxy.evaluate(s.space.dense())["kl"] == 0.0
+    # Keeping only the first block's input (a tiny cache) runs every block: same answers.
+    uncached = LogitsProxy(s.teacher, s.factors, s.stats, s.images, s.labels, cache_bytes=1)
+    for config in (mild, harsh):
+        found, expected = uncached.evaluate(config), proxy.evaluate(config)
+        assert found["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-7)
+        assert found["agreement"] == expected["agreement"]
+    dense = uncached.evaluate(s.space.dense())
+    assert dense["kl"] == pytest.approx(0.0, abs=1e-7) and dense["agreement"] == 1.0
     for key, value in s.teacher.state_dict().items():
         assert torch.equal(value, before[key]), key
 

@@ -18,7 +18,6 @@ TEACHER_DEPTH = 3
 def _configs(count: int, seed: int) -> list:
     """`count` random but valid configs of a 3-block tiny ViT."""
     from spaces import CompressionConfig
-
     from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
     from vitrank.compress.structure import inspect_vit
 
@@ -44,7 +43,9 @@ def _configs(count: int, seed: int) -> list:
             for _ in fingerprint.blocks
         )
         configs.append(
-            CompressionConfig("vit_small_patch16_224", {"depth": TEACHER_DEPTH}, fingerprint, blocks)
+            CompressionConfig(
+                "vit_small_patch16_224", {"depth": TEACHER_DEPTH}, fingerprint, blocks
+            )
         )
     assert shape.mlp_hidden == 128
     return configs
@@ -62,21 +63,28 @@ def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> 
         params = count_params(config)
         # A proxy that falls as parameters grow, with noise: a real-looking front.
         proxy = float((dense / params - 1.0) + 0.3 * rng.random())
+        violation = (params - 0.8 * dense) / (0.8 * dense)
+        # The columns of search's trials table (search/_table.py).
         rows.append(
             dict(
                 number=number,
                 state="COMPLETE",
                 proxy=proxy,
-                params=params,
-                flops=count_flops(config),
+                params=float(params),
+                flops=float(count_flops(config)),
                 latency_ms=float(0.1 + params / dense + 0.01 * rng.random()),
-                violation=(params - 0.8 * dense) / (0.8 * dense),
-                baseline={0: "uniform-whitened", 1: "tome"}.get(number),
+                cost=float(params),
+                violation=violation,
+                feasible=violation <= 0,
+                baseline={0: "uniform_whitened", 1: "tome"}.get(number),
+                interrupted=False,
                 config=config.to_json(indent=None),
+                sampled="{}",
+                duration_s=0.1,
+                **{"proxy.kl": proxy, "proxy.agreement": 0.9},
             )
         )
     table = pd.DataFrame(rows)
-    table["feasible"] = table["violation"] <= 0
     root.mkdir(parents=True, exist_ok=True)
     (root / "run.yaml").write_text(
         yaml.safe_dump(
@@ -89,7 +97,17 @@ def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> 
     front = table[pareto_front(table, ("proxy", "params"))].sort_values("params")
     chosen = front["number"].tolist()[:winners]
     (root / "pareto.json").write_text(
-        json.dumps({"objectives": ["proxy", "params"], "front": front["number"].tolist()})
+        json.dumps(
+            {
+                "objectives": ["proxy", "params"],
+                "front": front["number"].tolist(),
+                "points": [],
+                "budget": {"kind": "params", "text": "params=0.8", "limit": 0.8 * dense},
+                "teacher": {"params": float(dense), "flops": 1.0e6, "accuracy": 0.95},
+                "trials": trials,
+                "feasible": int(table["feasible"].sum()),
+            }
+        )
     )
     for rank, number in enumerate(chosen):
         directory = root / "winners" / f"trial-{number:04d}"
@@ -97,14 +115,24 @@ def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> 
         config = configs[number].replace(provenance={"run": root.name, "trial": number})
         config.save(directory / "config.json")
         record = table.iloc[number]
+        # The keys of search's winners' metrics.json (search/_winners.py).
         (directory / "metrics.json").write_text(
             json.dumps(
                 {
                     "number": int(number),
+                    "baseline": record["baseline"],
                     "proxy": float(record["proxy"]),
+                    "compressed_accuracy": 0.7 - 0.05 * rank,
+                    "initial_accuracy": 0.7 - 0.05 * rank,
                     "params": int(record["params"]),
+                    "params_built": int(record["params"]),
+                    "flops": int(record["flops"]),
                     "finetuned_accuracy": 0.9 - 0.05 * rank,
-                    "latency_ms": float(record["latency_ms"]),
+                    "finetune_history": [{"epoch": 0, "val_accuracy": 0.7}],
+                    "finetune_epochs": 1,
+                    "latency_ms": float(record["latency_ms"]) * 1.1,
+                    "latency_batch": 1,
+                    "latency_device": "cpu",
                 }
             )
         )

@@ -59,7 +59,9 @@ def test_report_renders_in_headless_chromium(synthetic_run, tmp_path):
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     pareto = _figure(dumped.stdout, 0)
     assert "main-svg" in pareto, "plotly did not draw the Pareto plot's SVG"
-    assert len(re.findall(r'class="trace scatter', pareto)) >= 4  # trials, front, baselines, winners
+    assert (
+        len(re.findall(r'class="trace scatter', pareto)) >= 4
+    )  # trials, front, baselines, winners
     run = reports.load_run(synthetic_run)
     points = len(re.findall(r'<path class="point"', pareto))
     # Every trial is a marker; baselines and winners are drawn again on top.

@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+
 import reports
 from vitrank.cli import main
 
@@ -43,7 +44,7 @@ def test_report_html_is_self_contained_and_holds_the_plots_data(synthetic_run):
     # Winners with their fine-tuned accuracy, baselines by name, the budget line.
     for winner in reports.winners_table(run).itertuples():
         assert f"{winner.label}: {winner.finetuned_accuracy:.1%}" in text
-    assert "uniform-whitened" in text and '"budget"' in text
+    assert "uniform_whitened" in text and '"budget"' in text
     assert "Kendall τ" in text
 
 
@@ -77,7 +78,9 @@ def test_winner_metrics_are_read_from_the_run(synthetic_run):
     run = reports.load_run(synthetic_run)
     table = reports.winners_table(run)
     assert table["label"].tolist() == ["W1", "W2", "W3"]
-    numbers = [json.loads((w.directory / "metrics.json").read_text())["number"] for w in run.winners]
+    numbers = [
+        json.loads((w.directory / "metrics.json").read_text())["number"] for w in run.winners
+    ]
     assert table["number"].tolist() == numbers
     assert table["finetuned_accuracy"].notna().all()
 
@@ -109,3 +112,26 @@ def test_cli_report_one_and_several_runs(synthetic_run, make_run, tmp_path, caps
     assert main(["report", str(tmp_path / "missing")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) <= 2 and "does not exist" in error[0]
+
+
+def test_a_winner_knows_the_workload_of_its_run(synthetic_run):
+    run = reports.load_run(synthetic_run)
+    winner = run.winners[0]
+    assert reports.recorded_workload(winner.config, winner.directory) == {
+        "workload": "digits-vit",
+        "seed": 0,
+    }
+    # Outside a run directory, and with no provenance, nothing is known.
+    assert reports.recorded_workload(winner.config, synthetic_run) == {}
+    applied = winner.config.replace(provenance={"workload": {"model": "local-dir:x", "data": None}})
+    assert reports.recorded_workload(applied, synthetic_run) == {"model": "local-dir:x"}
+
+
+def test_compare_refuses_runs_with_other_objectives(synthetic_run, make_run, tmp_path):
+    other = make_run(tmp_path / "run-b", seed=1)
+    pareto = json.loads((other / "pareto.json").read_text())
+    (other / "pareto.json").write_text(
+        json.dumps({**pareto, "objectives": ["proxy", "latency_ms"]})
+    )
+    with pytest.raises(ValueError, match="must share their objectives"):
+        reports.compare([synthetic_run, other], tmp_path / "cmp")

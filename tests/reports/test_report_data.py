@@ -55,9 +55,7 @@ def test_front_matches_brute_force_dominance():
     points = rng.integers(0, 6, size=(40, 2)).astype(float)  # many ties on purpose
     mask = pareto_front(_table(points), ("proxy", "params"))
     for i, p in enumerate(points):
-        dominated = any(
-            (q <= p).all() and (q < p).any() for j, q in enumerate(points) if j != i
-        )
+        dominated = any((q <= p).all() and (q < p).any() for j, q in enumerate(points) if j != i)
         duplicate_before = any((points[j] == p).all() for j in range(i))
         assert mask[i] == (not dominated and not duplicate_before)
 
@@ -115,7 +113,11 @@ def test_kendall_tau_on_known_orderings():
 
 def test_proxy_fidelity_of_winners():
     winners = pd.DataFrame(
-        {"label": ["W1", "W2", "W3"], "proxy": [0.1, 0.2, 0.3], "finetuned_accuracy": [0.9, 0.8, 0.7]}
+        {
+            "label": ["W1", "W2", "W3"],
+            "proxy": [0.1, 0.2, 0.3],
+            "finetuned_accuracy": [0.9, 0.8, 0.7],
+        }
     )
     data = proxy_fidelity(winners)
     assert data.labels == ["W1", "W2", "W3"]
@@ -139,7 +141,6 @@ def test_front_data_marks_baselines_winners_and_front():
 def _config(blocks):
     from spaces import CompressionConfig
     from tests.conftest import make_tiny_vit
-
     from vitrank.compress.structure import inspect_vit
 
     model = make_tiny_vit(depth=len(blocks))  # dim 32, 2 heads of 16, hidden 128, 16+1 tokens

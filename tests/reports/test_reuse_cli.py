@@ -31,7 +31,6 @@ def winner(tmp_path_factory):
     """A teacher on the digits and a winner of it: every operator, merging included."""
     from evaluators.calibration import calibrate
     from spaces import CompressionConfig
-
     from vitrank.api import compress, save
     from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
     from vitrank.compress.structure import inspect_vit
@@ -41,7 +40,9 @@ def winner(tmp_path_factory):
     model = _save_teacher(root / "teacher")
     workload = load_workload(model=model, calib_size=CALIB)
     blocks = (
-        BlockSpec(AttentionSpec("heads", qk_rank=4, vo_rank=8), MlpSpec("prune", hidden_kept=64), 0.25),
+        BlockSpec(
+            AttentionSpec("heads", qk_rank=4, vo_rank=8), MlpSpec("prune", hidden_kept=64), 0.25
+        ),
         BlockSpec(
             AttentionSpec("lowrank", qkv_rank=8, proj_rank=8),
             MlpSpec("lowrank", fc1_rank=8, fc2_rank=16),
@@ -54,7 +55,9 @@ def winner(tmp_path_factory):
         blocks,
         provenance={"workload": {"model": model}},
     )
-    student = compress(workload.model, config, calibrate(workload.model, workload.calib, progress=False))
+    student = compress(
+        workload.model, config, calibrate(workload.model, workload.calib, progress=False)
+    )
     save(student, root / "winner")
     images = torch.stack([workload.val[i][0] for i in range(16)])
     with torch.inference_mode():
@@ -67,7 +70,18 @@ def test_apply_of_a_winner_config_reproduces_its_logits(winner):
 
     out = winner["root"] / "applied"
     config = winner["root"] / "winner" / "config.json"
-    code = main(["apply", str(config), "--model", winner["model"], "--calib-size", str(CALIB), "--out", str(out)])
+    code = main(
+        [
+            "apply",
+            str(config),
+            "--model",
+            winner["model"],
+            "--calib-size",
+            str(CALIB),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     with torch.inference_mode():
         applied = load(out)(winner["images"])
@@ -94,7 +108,6 @@ def test_apply_of_a_missing_config_is_a_usage_error(tmp_path, capsys):
 
 def test_eval_reports_accuracy_params_flops_and_latency(winner, capsys):
     from spaces import count_flops
-
     from vitrank.api import CONFIG_ATTRIBUTE, load
 
     directory = winner["root"] / "winner"

@@ -65,13 +65,15 @@ def _wait_for(proc: subprocess.Popen, db: Path, count: int, timeout: float = 240
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path: Path) -> None:
-    run, trials = tmp_path / "run", 16
+    run, trials = tmp_path / "run", 40
     proc = _start(run, trials)
     _wait_for(proc, run / "study.db", 7)
     # While it runs, a second search on the directory is refused.
     with pytest.raises(RunLockedError, match=rf"pid {proc.pid}"):
         run_search(SearchSettings.load(run / "run.yaml"), tiny_workload())
+    assert proc.poll() is None, "the search finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     with sqlite3.connect(run / "study.db") as connection:

@@ -45,8 +45,8 @@ def test_space_prints_the_teachers_blocks_with_shapes():
     assert "tokens 17 (1 prefix)" in result.stdout
 
 
-def test_search_with_a_non_vit_fails_cleanly():
-    result = _vitrank("search", "--model", "resnet18")
+def test_search_with_a_non_vit_fails_cleanly(tmp_path):
+    result = _vitrank("search", "--model", "resnet18", "--out", str(tmp_path / "run"))
     assert result.returncode != 0
     assert "resnet18" in result.stderr and "ViT" in result.stderr
     assert "Traceback" not in result.stderr
@@ -59,9 +59,9 @@ def test_unknown_model_suggests_close_names(capsys):
     assert "deit_small_patch16_224" in err and len(err.strip().splitlines()) <= 2
 
 
-def test_verbose_shows_the_traceback():
+def test_verbose_shows_the_traceback(tmp_path):
     with pytest.raises(UnsupportedModelError):
-        main(["search", "--model", "resnet18", "--verbose"])
+        main(["search", "--model", "resnet18", "--out", str(tmp_path / "run"), "--verbose"])
     with pytest.raises(UnsupportedModelError):
         main(["--verbose", "space", "--model", "resnet18"])
 
