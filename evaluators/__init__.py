@@ -22,6 +22,8 @@ _LAZY = {
     "SpectralProxy": "evaluators.proxies",
     "LogitsProxy": "evaluators.proxies",
     "create_proxy": "evaluators.proxies",
+    "get_proxy": "evaluators.proxies",
+    "heldout_batch": "evaluators.proxies",
     "proxy_names": "evaluators.proxies",
     "measure_sensitivity": "evaluators.proxies",
 }

@@ -118,7 +118,8 @@ def finetune(
         raise ValueError("fine-tuning needs a sized training set or loader (len() must work).")
     total_steps = epochs * steps_per_epoch
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         student.to(device)
         teacher.to(device).eval()
@@ -184,7 +185,7 @@ def finetune(
     )
 
 
-def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
+def finetune_trainable(config: dict[str, Any]) -> dict[str, float] | None:
     """A Ray Tune function trainable: fine-tune one saved compressed model, report per epoch.
 
     Everything is loaded from plain values in `config`, so the function pickles by name:
@@ -193,7 +194,8 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
     optional `output_dir` (the fine-tuned model is saved there by `vitrank.save`, with
     finetune.json holding the per-epoch history) and any `finetune` keyword (`epochs`,
     `lr`, `temperature`, `alpha`, `batch_size`, `seed`, `device`, ...). Inside a Tune
-    trial every epoch is reported with `ray.tune.report`; the final metrics are returned.
+    trial every epoch is reported with `ray.tune.report` (with `best_accuracy`); run plain,
+    the final metrics are returned.
     """
     import vitrank
 
@@ -211,8 +213,9 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
     student = vitrank.load(student_dir)
     config.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     config.setdefault("progress", False)
+    report = _tune_report()
     result = finetune(
-        student, workload.model, workload.train, workload.val, report=_tune_report(), **config
+        student, workload.model, workload.train, workload.val, report=report, **config
     )
     final = {
         "best_accuracy": result.best_accuracy,
@@ -226,7 +229,8 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float]:
         tmp = directory / "finetune.json.tmp"
         tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
         tmp.replace(directory / "finetune.json")
-    return final
+    # Tune reports a returned dict as one more result; every epoch is reported already.
+    return None if report is not None else final
 
 
 def _tune_report() -> Callable[[dict[str, float]], None] | None:

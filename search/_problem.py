@@ -38,6 +38,7 @@ BASELINE_KEY = "__baseline__"  # constant naming the baseline a trial replays ("
 BASELINE_ATTR = "baseline"  # Optuna user attr of enqueued baseline trials
 BASELINE_PARAMS_ATTR = "baseline_params"  # True when the baseline was enqueued with raw params
 HELDOUT_SIZE = 256
+SENSITIVITY_IMAGES = 64  # held-out images for per-term sensitivity and ASVD's list
 
 
 @dataclass
@@ -87,6 +88,20 @@ class Problem:
             )
             self._proxies[key] = create_proxy(name, inputs)
         return self._proxies[key]
+
+    def quick_score(self) -> Any:
+        """The logits KL on the first `SENSITIVITY_IMAGES` held-out images (whitened)."""
+        from evaluators.proxies import LogitsProxy
+
+        key = "quick"
+        if key not in self._proxies:
+            self._proxies[key] = LogitsProxy(
+                self.teacher,
+                self.factor_cache("whitened"),
+                self.stats,
+                self.heldout[0][:SENSITIVITY_IMAGES],
+            )
+        return self._proxies[key].score
 
     def baseline(self, name: str) -> CompressionConfig:
         if name not in self._baselines:
@@ -265,7 +280,8 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
         Path(str(paths["heldout"]) + ".tmp").replace(paths["heldout"])
     if not paths["sensitivity"].exists():
         log("measuring per-layer sensitivity for the spectral proxy ...")
-        images = _load_tensors(paths["heldout"])["images"]
+        # A quarter of the held-out batch: one KL per term, ranking terms, not scoring.
+        images = _load_tensors(paths["heldout"])["images"][:SENSITIVITY_IMAGES]
         factors = FactorCache.load(factor_path(run, settings.svd), teacher)
         sensitivity = measure_sensitivity(teacher, factors, stats, images)
         atomic_write_json(paths["sensitivity"], sensitivity)

@@ -110,12 +110,11 @@ def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
     skipped_path = run.baselines / "_skipped.json"
     if todo and not skipped_path.exists():
         log(f"computing baselines at the budget: {', '.join(todo)} ...")
-        whitened = current.proxy("whitened")
         spectral = current.proxy("whitened", "spectral")
         inputs = BaselineInputs(
             space=current.space,
             budget=current.budget,
-            score=whitened.score,
+            score=current.quick_score(),
             spectral=spectral.score,
             latency_table=current.latency_table,
         )
@@ -190,9 +189,8 @@ def run_search(
     `workload` replaces loading `settings.workload` (tests and notebooks pass one); the
     ray engine's fine-tuning reloads the workload by name, so it then runs in-process.
     """
-    from rich.console import Console
-
     import optuna
+    from rich.console import Console
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
     console = Console(stderr=True)

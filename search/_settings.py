@@ -42,7 +42,7 @@ class SearchSettings:
     parametrization: str = "raw"
     svd: str = "whitened"  # factors of the searched configs: "whitened" or "plain"
     # How the search runs.
-    trials: int = 60
+    trials: int = 40
     sampler: str = "tpe"  # tpe | nsga2 | gp | random | baseline:NAME
     baselines: bool = True  # enqueue the baselines' configs as the first trials
     seed: int = 0
@@ -51,8 +51,8 @@ class SearchSettings:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     # Winners: the top K of the feasible front, fine-tuned by distillation.
-    finetune_top: int = 2
-    finetune_epochs: int = 2
+    finetune_top: int = 1
+    finetune_epochs: int = 1
     compensate: bool = True  # error compensation of winners before fine-tuning
     # Where the run lives: `out` itself when given, else `runs/<name>/`.
     out: str | None = None

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from search._problem import Problem
     from vitrank.workloads import Workload
 
-COMPENSATION_STEPS = 50
+COMPENSATION_STEPS = 20
 
 
 def winner_id(number: int) -> str:

@@ -71,6 +71,8 @@ class BlockChoices:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """Per-block choices of one model; `config` turns per-block specs into a config of it."""
+
     model: str  # timm name the configs rebuild
     model_args: dict[str, Any] = field(compare=False)
     fingerprint: Fingerprint = field(repr=False)

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parametrization", choices=["raw", "budgeted"], default=None, help="default: raw"
     )
     p.add_argument("--svd", choices=["whitened", "plain"], default=None, help="default: whitened")
-    p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 100")
+    p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 40")
     p.add_argument(
         "--sampler",
         default=None,
@@ -372,13 +372,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, module in (("compressed", model), ("teacher", teacher)):
         row = rows[name]
         row["params"] = sum(p.numel() for p in module.parameters())
+        module.to(device).eval()  # accuracy runs where the model is
         if workload is not None:
             row["accuracy"] = evaluate_accuracy(
                 module, workload.val, batch_size=batch or 256, device=device, progress=False
             )
         # As the search measures its winners (search/_winners.py), so the numbers compare.
         latency = measure_latency(
-            module.eval(), input_size, batch=batch or 1, device=device, warmup=5, repeats=30
+            module, input_size, batch=batch or 1, device=device, warmup=5, repeats=30
         )
         row["latency_ms"] = latency.median_ms
     rows["compressed"]["flops"] = count_flops(config, batch=1)
@@ -551,7 +552,9 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     workload = load_workload_from_args(args)
     device, batch = args.device or "cpu", args.batch or 1
     threads = args.threads or (1 if device == "cpu" else None)
-    space = build_space(workload.model, model_name=workload.model_name)
+    space = build_space(
+        workload.model, model_name=workload.model_name, model_args=dict(workload.model_args)
+    )
     table = measure_latency_table(
         workload.model,
         space.fingerprint,
@@ -617,6 +620,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
         ops=args.ops or OPS,
         granularity=args.granularity or 8,
         model_name=workload.model_name,
+        model_args=dict(workload.model_args),
     )
     console.print(space.describe(), soft_wrap=True, highlight=False, markup=False)
     return 0

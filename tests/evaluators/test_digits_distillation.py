@@ -51,6 +51,7 @@ def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_
             "epochs": 1,
         }
     )
+    assert metrics is not None  # run plain (no Tune session): the final metrics come back
     assert metrics["initial_accuracy"] == pytest.approx(result.initial_accuracy)
     assert metrics["best_accuracy"] >= metrics["initial_accuracy"]
     record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())

@@ -96,4 +96,9 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
     assert [str(t)[:19] for t in kept] == [str(t)[:19] for t in before["datetime_complete"]]
     # Each baseline was scored exactly once.
     scored = table[table["state"] == "COMPLETE"]["baseline"].dropna()
-    assert scored.is_unique and set(scored) == {"uniform-plain", "uniform-whitened", "greedy", "asvd"}
+    assert scored.is_unique and set(scored) == {
+        "uniform-plain",
+        "uniform-whitened",
+        "greedy",
+        "asvd",
+    }

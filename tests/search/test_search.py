@@ -106,9 +106,7 @@ def test_resume_extends_a_finished_run_without_rerunning(tmp_path: Path, workloa
     torch.set_num_threads(1)
     run = run_search(tiny_settings(tmp_path / "run", trials=6, baselines=False), workload)
     before = pd.read_parquet(run / "trials.parquet")
-    settings = resolve_run(
-        SearchSettings(out=str(run), resume=True), {"trials": 9, "resume": True}
-    )
+    settings = resolve_run(SearchSettings(out=str(run), resume=True), {"trials": 9, "resume": True})
     assert settings.trials == 9
     run_search(settings, workload)
     after = pd.read_parquet(run / "trials.parquet")

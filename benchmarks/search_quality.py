@@ -1,0 +1,184 @@
+"""Search quality and engine overhead on the digits teacher -> results/search_quality.json.
+
+1. At budgets 0.5 and 0.35 of the parameters: the validation accuracy (no fine-tuning,
+   no compensation) of the best searched config (lowest proxy among feasible non-baseline
+   trials) against every baseline's config at the same budget.
+2. The wall time of the same 200-trial search with the ray engine over the optuna engine
+   (both start from the same prepared cache, so calibration and factorization are not
+   counted; baselines are computed in both).
+
+    python benchmarks/search_quality.py [--trials 200] [--parametrization budgeted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "search_quality.json"
+
+
+def _settings(out: Path, budget: str, engine: str, args: argparse.Namespace) -> Any:
+    from search import SearchSettings
+
+    return SearchSettings(
+        out=str(out),
+        budget_params=budget,
+        engine=engine,
+        trials=args.trials,
+        parametrization=args.parametrization,
+        proxy=args.proxy,
+        seed=args.seed,
+        finetune_top=0,
+        finetune_epochs=0,
+        compensate=False,
+    )
+
+
+def _accuracies(run: Path, workload: Any) -> dict[str, Any]:
+    """Validation accuracy of every baseline and of the best searched config of a run."""
+    import pandas as pd
+
+    import vitrank
+    from evaluators import evaluate_accuracy
+    from search._problem import problem
+    from spaces import CompressionConfig
+
+    current = problem(run)
+    table = pd.read_parquet(run / "trials.parquet")
+    feasible = table[table["feasible"]]
+    searched = feasible[feasible["baseline"].isna()].sort_values("proxy")
+    picks = {
+        f"baseline:{r['baseline']}": r
+        for r in feasible.dropna(subset=["baseline"]).to_dict("records")
+    }
+    if len(searched):
+        picks["searched"] = searched.iloc[0].to_dict()
+    out: dict[str, Any] = {}
+    for label, row in picks.items():
+        config = CompressionConfig.from_json(row["config"])
+        model = vitrank.compress(
+            current.teacher, config, current.stats, current.factor_cache(config.svd)
+        )
+        out[label] = {
+            "trial": int(row["number"]),
+            "val_accuracy": float(evaluate_accuracy(model, workload.val, progress=False)),
+            "proxy": float(row["proxy"]),
+            "params": int(row["params"]),
+            "params_fraction": float(row["params"]) / current.space.dense_params,
+        }
+    skipped = run / "baselines" / "_skipped.json"
+    if skipped.exists():
+        for name, reason in json.loads(skipped.read_text()).items():
+            out[f"baseline:{name}"] = {"skipped": reason}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--budgets", default="0.5,0.35")
+    parser.add_argument("--parametrization", default="budgeted")
+    parser.add_argument("--proxy", default="logits")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", default=None, help="keep the run directories here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from evaluators import evaluate_accuracy
+    from search import run_search
+    from search._problem import prepare
+    from search._rundir import RunDir, atomic_write_json, atomic_write_text
+    from vitrank import load_workload
+
+    workload = load_workload("digits-vit", seed=args.seed)
+    root = Path(args.keep or tempfile.mkdtemp(prefix="vitrank-bench-"))
+    budgets = [b.strip() for b in args.budgets.split(",")]
+
+    # One prepared cache (calibration, factors, held-out batch, sensitivity) for every run.
+    base = RunDir(root / "prepared")
+    base.root.mkdir(parents=True, exist_ok=True)
+    first = _settings(base.root, budgets[0], "optuna", args)
+    atomic_write_text(base.settings, first.to_yaml())
+    prepare(base, first, workload, log=print)
+
+    def run(name: str, budget: str, engine: str) -> tuple[Path, float]:
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(base.cache, out / "cache")
+        start = time.perf_counter()
+        run_search(_settings(out, budget, engine, args), workload)
+        return out, time.perf_counter() - start
+
+    result: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+        },
+        "workload": "digits-vit",
+        "teacher_val_accuracy": float(
+            evaluate_accuracy(workload.model, workload.val, progress=False)
+        ),
+        "settings": {
+            "trials": args.trials,
+            "parametrization": args.parametrization,
+            "proxy": args.proxy,
+            "seed": args.seed,
+            "fine_tuning": "none",
+        },
+        "budgets": {},
+    }
+    timings: dict[str, float] = {}
+    for budget in budgets:
+        path, seconds = run(f"optuna-{budget}", budget, "optuna")
+        timings.setdefault("optuna_s", seconds)
+        scores = _accuracies(path, workload)
+        searched = scores.get("searched", {}).get("val_accuracy", float("nan"))
+        baselines = {
+            k: v for k, v in scores.items() if k.startswith("baseline:") and "val_accuracy" in v
+        }
+        result["budgets"][budget] = {
+            "configs": scores,
+            "searched_beats_every_baseline": all(
+                searched > v["val_accuracy"] for v in baselines.values()
+            ),
+            "searched_at_least_every_baseline": all(
+                searched >= v["val_accuracy"] for v in baselines.values()
+            ),
+        }
+        print(json.dumps({budget: result["budgets"][budget]}, indent=1))
+    _, ray_seconds = run(f"ray-{budgets[0]}", budgets[0], "ray")
+    timings["ray_s"] = ray_seconds
+    result["engines"] = {
+        "budget": budgets[0],
+        "trials": args.trials,
+        **timings,
+        "ray_over_optuna": timings["ray_s"] / timings["optuna_s"],
+        "target": "<= 1.5",
+    }
+    atomic_write_json(RESULTS, result)
+    print(json.dumps(result["engines"], indent=1))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The ray engine: the same run directory as the optuna engine, and joining a cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from search import run_search
+from tests.search.conftest import tiny_settings, tiny_workload
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    import ray
+
+    from search._engines import init_ray
+
+    init_ray(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path) -> None:
+    run = run_search(tiny_settings(tmp_path / "run", engine="ray", trials=8), tiny_workload())
+    table = pd.read_parquet(run / "trials.parquet")
+    study = optuna.load_study(study_name="vitrank", storage=f"sqlite:///{run / 'study.db'}")
+    assert len(table) == len(study.trials) == 8
+    assert (table["state"] == "COMPLETE").all()
+    # The recorder stored the proxy's metrics on every Optuna trial before it was told.
+    assert table["proxy.kl"].notna().all()
+    assert table["proxy"].tolist() == pytest.approx([t.values[0] for t in study.trials])
+    assert table.head(4)["baseline"].tolist() == [
+        "uniform-plain",
+        "uniform-whitened",
+        "greedy",
+        "asvd",
+    ]
+    assert (run / "tune" / "session-0").is_dir()
+    assert any((run / "winners").iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_search_joins_an_existing_cluster(tmp_path: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray_bin is not None
+    port = _free_port()
+    # A short private temp dir (Ray's socket paths must stay short) names our processes.
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    start = [
+        ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        settings = tiny_settings(
+            tmp_path / "run", engine="ray", trials=5, ray_address=f"127.0.0.1:{port}"
+        )
+        run = run_search(settings, tiny_workload())
+        table = pd.read_parquet(run / "trials.parquet")
+        assert len(table) == 5 and (table["state"] == "COMPLETE").all()
+        assert ray.is_initialized()
+        assert ray.cluster_resources().get("CPU") == 1.0  # the cluster we started, not a new one
+    finally:
+        ray.shutdown()
+        _stop_cluster(temp_dir)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop the head node this test started, and only it.
+
+    `ray stop` would stop every Ray process of the user on the machine (other sessions
+    included), so the processes are found by the private temp dir in their command line.
+    """
+    mine = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if temp_dir in command:
+            mine.append(int(entry.name))
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in mine):
+        time.sleep(0.2)
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
