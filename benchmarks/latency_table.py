@@ -160,6 +160,10 @@ def main() -> None:
             "dense_ms": round(table.dense_ms, 4),
             "offset_ms": round(table.offset_ms, 4),
             "outside_ms": round(table.outside_ms, 4),
+            "scale": round(table.scale, 4),
+            "calibration_operator_sum_vs_measured_ms": [
+                [round(x, 3), round(y, 3)] for x, y in table.calibration
+            ],
             "seconds_to_measure": round(table_s, 1),
         },
         "rows": rows,

@@ -4,7 +4,7 @@ At matched parameter counts, no fine-tuning, validation accuracy and KL(teacher 
 
 1. every Linear of every block low rank at one uniform rank ratio (3 compression levels):
    plain SVD vs whitened (activation-aware) SVD, the same shapes for both;
-2. attention only (COMCAT Table 1's setting), 20 / 40 / 60 % of the attention parameters
+2. attention only (COMCAT Table 1's setting), 20 / 40 / 60 / 80 % of the attention parameters
    removed: matrix level (qkv and proj low rank) vs head level (W_qᵀW_k and W_vᵀW_oᵀ per
    head), both whitened, each the largest ranks within the same parameter budget;
 3. every whitened configuration again after block-wise error compensation.
@@ -35,8 +35,11 @@ from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.compress.structure import BlockShape, inspect_vit
 
 RESULTS = Path(__file__).parent / "results" / "operators.json"
-SVD_LEVELS = (0.25, 0.4, 0.55)  # fraction of every block Linear's weights removed
-ATTENTION_LEVELS = (0.2, 0.4, 0.6)  # fraction of the attention parameters removed
+SVD_LEVELS = (0.4, 0.6, 0.8)  # fraction of every block Linear's weights removed
+ATTENTION_LEVELS = (0.2, 0.4, 0.6, 0.8)  # fraction of the attention parameters removed
+# KL differences below this (nats) are numerical noise for "not worse" (a start that is
+# already within it of the teacher cannot be improved measurably).
+KL_NOISE = 1e-6
 
 
 def machine() -> dict:
@@ -77,6 +80,10 @@ def quality(
     kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1).mean()
     accuracy = (student_logits.argmax(-1) == labels).double().mean()
     return {"accuracy": round(float(accuracy), 4), "kl": float(kl)}
+
+
+def not_worse(after: dict, before: dict) -> bool:
+    return after["accuracy"] >= before["accuracy"] and after["kl"] <= before["kl"] + KL_NOISE
 
 
 def uniform_rank(rows: int, cols: int, removed: float) -> int:
@@ -211,14 +218,16 @@ def run(workload, steps: int, lr: float) -> dict:
         "heads_params_not_above_matrix": all(
             r["head_attention_params"] <= r["matrix_attention_params"] for r in attention_rows
         ),
-        "compensation_not_worse_kl": all(
-            r["whitened+compensation"]["kl"] <= r["whitened"]["kl"] for r in svd_rows
+        # Not worse: accuracy not lower and KL not higher beyond the noise floor.
+        "compensation_not_worse": all(
+            not_worse(r["whitened+compensation"], r["whitened"]) for r in svd_rows
         )
         and all(
-            r[f"{op}+compensation"]["kl"] <= r[op]["kl"]
+            not_worse(r[f"{op}+compensation"], r[op])
             for r in attention_rows
             for op in ("matrix", "heads")
         ),
+        "compensation_kl_noise_nats": KL_NOISE,
     }
     return {
         "workload": workload.name,
@@ -273,8 +282,8 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="compensation Adam steps per block")
-    parser.add_argument("--lr", type=float, default=1e-3, help="compensation learning rate")
+    parser.add_argument("--steps", type=int, default=50, help="compensation Adam steps per block")
+    parser.add_argument("--lr", type=float, default=1e-4, help="compensation learning rate")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )

@@ -27,7 +27,7 @@ import abc
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -77,7 +77,11 @@ class Proxy(abc.ABC):
 PROXIES: dict[str, type[Proxy]] = {}
 
 
-def register_proxy(cls: type[Proxy]) -> type[Proxy]:
+_ProxyClass = TypeVar("_ProxyClass", bound=type[Proxy])
+
+
+def register_proxy(cls: _ProxyClass) -> _ProxyClass:
+    """Class decorator: make the proxy available by its `name`."""
     PROXIES[cls.name] = cls
     return cls
 

@@ -127,11 +127,14 @@ def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
     return {n: current.baseline(n) for n in names if (run.baselines / f"{n}.json").exists()}
 
 
-def _repair_study(study: optuna.Study) -> int:
-    """Mark trials a killed search left running as failed+interrupted; count the finished."""
+def _repair_study(study: optuna.Study, storage_url: str) -> int:
+    """Mark trials a killed search left running as failed+interrupted; count the finished.
+
+    Only one search holds the run's lock, so a RUNNING trial here belongs to a dead one.
+    """
     from optuna.trial import TrialState
 
-    rdb = study._storage
+    rdb = storage(storage_url)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rdb.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
         rdb.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -225,7 +228,7 @@ def run_search(
             gpus_per_trial=settings.gpus_per_trial,
         )
         study = open_study(job)
-        done = _repair_study(study)
+        done = _repair_study(study, run.storage_url)
         _enqueue_baselines(study, current, configs)
         total = 1 if only else settings.trials
         job.n_trials = max(0, total - done)

@@ -188,7 +188,9 @@ def _block_latency(
     if m < n:
         total += table.merge(dim, n)
     total += table.norm(dim, m) + _mlp_part(table, shape, spec, m)
-    return total + table.glue("mlp", spec.mlp.op, dim, m)
+    total += table.glue("mlp", spec.mlp.op, dim, m)
+    # The block's own work around its modules: residuals, sizes, and merging when it merges.
+    return total + table.glue("block", "merged" if m < n else "plain", dim, n)
 
 
 def predict_latency(config: CompressionConfig, table: LatencyTable) -> float:
@@ -330,7 +332,7 @@ def measure_latency_table(
     warmup: int = 5,
     repeats: int = 20,
     clock: str = "auto",
-    calibrate: int = 6,
+    calibrate: int = 10,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> LatencyTable:
@@ -447,6 +449,10 @@ def measure_latency_table(
                 entries[key] = values
                 if progress is not None:
                     progress(key)
+            for key, values in _measure_block_glue(model, space, partial, rand, timer):
+                entries[key] = values
+                if progress is not None:
+                    progress(key)
             outside_ms = _outside_ms(model, device, batch, timer)
             images = rand(batch, *_input_shape(model))
             rng = random.Random(seed)
@@ -552,6 +558,43 @@ def _measure_glue(
                         f"glue/mlp/{op}/{shape.dim}",
                         [r - p for r, p in zip(real, parts, strict=True)],
                     )
+
+
+def _measure_block_glue(
+    model: nn.Module,
+    space: SearchSpace,
+    table: LatencyTable,
+    rand: Callable[..., torch.Tensor],
+    timer: Callable[[Callable], float],
+) -> Iterable[tuple[str, list[float]]]:
+    """Per block width: a real dense block's time minus its operators and module glue.
+
+    Once without merging ("plain") and once merging a tenth of the tokens with sizes
+    already unequal ("merged"), so what merging costs beyond matching and the weighted
+    mean (sizes, the log-size bias, bookkeeping) is counted.
+    """
+    fingerprint = space.fingerprint
+    merging = any(max(c.merge_ratios) > 0 for c in space.blocks)
+    seen: set[int] = set()
+    for index, shape in enumerate(fingerprint.blocks):
+        if shape.dim in seen:
+            continue
+        seen.add(shape.dim)
+        variants = [("plain", 0.0)] + ([("merged", 0.1)] if merging else [])
+        for tag, ratio in variants:
+            specs = [BlockSpec() for _ in fingerprint.blocks]
+            specs[index] = BlockSpec(merge_ratio=ratio)
+            blocks: Any = random_weight_model(model, space.config(specs)).blocks
+            block = blocks[index].to(rand(1).device).eval()
+            glue = []
+            for n in table.tokens:
+                x = rand(table.batch, n, shape.dim)
+                size = rand(table.batch, n).abs() + 1 if tag == "merged" else None
+                real = timer(functools.partial(block, x, size, None))
+                out = block(x, size, None)[0].shape[1]
+                parts = _block_latency(table, shape, specs[index], n, out, tag == "merged")
+                glue.append(real - parts)
+            yield f"glue/block/{tag}/{shape.dim}", glue
 
 
 def _norm_add(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

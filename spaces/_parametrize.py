@@ -109,7 +109,12 @@ def _assemble(
 
 
 def _cheapest_op(
-    space: SearchSpace, budget: Budget, part: _Part, table: Any, parts: list[_Part], ratios
+    space: SearchSpace,
+    budget: Budget,
+    part: _Part,
+    table: Any,
+    parts: list[_Part],
+    ratios: list[float],
 ) -> list:
     """The ladder (of the block's ops) whose cheapest step costs least, other parts fixed."""
     choice = space.blocks[part.block]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 
 def _half_size(digits):
@@ -33,7 +32,6 @@ def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_
     import vitrank
     from evaluators import finetune, finetune_trainable
 
-    torch.set_num_threads(2)
     config, stats, factors, fraction = _half_size(digits)
     assert 0.4 <= fraction <= 0.5
     student = vitrank.compress(digits.model, config, stats, factors)

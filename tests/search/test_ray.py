@@ -35,6 +35,7 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path) -> None:
     run = run_search(tiny_settings(tmp_path / "run", engine="ray", trials=8), tiny_workload())
     table = pd.read_parquet(run / "trials.parquet")

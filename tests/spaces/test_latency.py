@@ -39,10 +39,11 @@ def test_measured_table(measured: tuple, tmp_path: Path) -> None:
         table.entries
     )
     assert "glue/attn/heads/32/sized" in table.entries and "glue/mlp/prune/32" in table.entries
+    assert "glue/block/plain/32" in table.entries and "glue/block/merged/32" in table.entries
     assert all(len(v) == len(table.tokens) for v in table.entries.values())
     assert table.machine["torch"] and table.date
     # Whole calibration models fit the line from operator sums to measured times.
-    assert len(table.calibration) == 6 and table.scale > 0
+    assert len(table.calibration) == 10 and table.scale > 0
     assert table.calibration[0][1] == table.dense_ms
     dense_sum = operator_sum(space.dense(), table)
     assert table.calibration[0][0] == pytest.approx(dense_sum)

@@ -187,7 +187,7 @@ def compensate(
     student: Any,
     teacher: Any,
     images: Tensor | Dataset | DataLoader,
-    steps: int = 100,
+    steps: int = 50,
     lr: float = 1e-4,
     batch_size: int = 64,
 ) -> list[BlockCompensation]:
