@@ -254,7 +254,7 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
         stats = CalibrationStats.load(paths["stats"])
     else:
         log("calibrating the teacher ...")
-        key = f"{workload.name}/calib/{len(workload.calib)}/seed{settings.seed}"
+        key = f"{workload.name}/calib/{len(workload.calib)}/seed{settings.seed}"  # type: ignore[arg-type]
         stats = calibrate_cached(teacher, workload.calib, run.cache, key, progress=False)
         stats.save(paths["stats"])
     space = make_space(settings, teacher, meta)

@@ -132,11 +132,13 @@ def _finetune_ray(
     )
     results = tuner.fit()
     out: dict[str, dict[str, Any]] = {}
-    for result in results:
+    for index in range(len(results)):
+        result = results[index]
+        directory = (result.config or {})["winner_dir"]
         if result.error is not None:
-            raise RuntimeError(f"fine-tuning {result.config['winner_dir']} failed: {result.error}")
+            raise RuntimeError(f"fine-tuning {directory} failed: {result.error}")
         metrics = result.metrics or {}
-        out[result.config["winner_dir"]] = {
+        out[directory] = {
             "finetuned_accuracy": float(metrics.get("best_accuracy", float("nan"))),
             "finetune_epochs_run": int(metrics.get("epoch", 0)),
         }
@@ -165,7 +167,7 @@ def save_winners(
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
         model, metrics = build_winner(problem, workload, row, settings.compensate, device)
-        config = model.vitrank_config
+        config = getattr(model, "vitrank_config")  # noqa: B009  (set by vitrank.compress)
         metrics.update(
             params=int(count_params(config)),
             params_built=int(sum(p.numel() for p in model.parameters())),
