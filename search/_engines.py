@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +41,6 @@ class EngineJob:
     gpus_per_trial: float = 0.0
     max_concurrent: int | None = None
     on_trial_done: Callable[[], None] | None = None  # driver side, after each finished trial
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sqlite_pragmas(connection: Any, record: Any) -> None:

@@ -120,14 +120,14 @@ class SearchSettings:
         if self.budget_latency is not None:
             return f"{self.budget_latency}ms@{self.batch}/{self.device}"
         if self.budget_flops is not None:
-            return f"flops:{self.budget_flops}"
+            return f"flops={self.budget_flops}"
         return str(self.budget_params)
 
     def run_name(self) -> str:
         if self.name:
             return self.name
         source = self.workload or Path(self.model or "model").name
-        budget = self.budget_text.replace("/", "-").replace("@", "-").replace(":", "")
+        budget = self.budget_text.replace("/", "-").replace("@", "-").replace("=", "")
         return f"{source}-{budget}-{self.engine}-s{self.seed}"
 
     def run_dir(self) -> Path:
