@@ -14,6 +14,12 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """CPU model, cores, torch version, device and date, recorded next to every figure."""
     cpu = platform.processor() or platform.machine()
@@ -28,6 +34,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "torch": torch.__version__,
+        "timm": _timm_version(),
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
-import timm
 import torch
+from _common import machine_info
 from torch import nn
 
 import vitrank
@@ -40,25 +38,6 @@ ATTENTION_LEVELS = (0.2, 0.4, 0.6, 0.8)  # fraction of the attention parameters 
 # KL differences below this (nats) are numerical noise for "not worse" (a start that is
 # already within it of the teacher cannot be improved measurably).
 KL_NOISE = 1e-6
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def count_params(model: nn.Module) -> int:
@@ -297,7 +276,7 @@ def main() -> None:
     result = run(workload, args.steps, args.lr)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine_info(),
         "wall_s": round(time.monotonic() - started, 1),
         **result,
     }

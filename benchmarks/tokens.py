@@ -14,16 +14,15 @@ same machine load, torch threads fixed) and, on digits, validation accuracy.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import timm
 import torch
+from _common import machine_info
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -170,26 +169,6 @@ def _print_row(model: str, schedule: str, row: dict) -> None:
     print("  ".join(parts), flush=True)
 
 
-def machine(threads: int) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _digits(repeats: dict[int, int]) -> dict:
     from vitrank import load_workload
 
@@ -247,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         # Each model's figures carry the machine and its load while they were measured.
         load_start = [round(v, 2) for v in os.getloadavg()]
         result = MODELS[name](repeats)
-        result["machine"] = machine(torch.get_num_threads())
+        result["machine"] = machine_info(torch.get_num_threads())
         result["load_average"] = {
             "start": load_start,
             "end": [round(v, 2) for v in os.getloadavg()],

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitrank.compress._files import atomic_write_text
 from vitrank.compress.apply import validate_block
 from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.compress.structure import Fingerprint
@@ -187,11 +188,7 @@ class CompressionConfig:
         """Write JSON (.json) or YAML (.yaml/.yml), atomically (write then rename)."""
         path = Path(path)
         text = self.to_json() if _format(path) == "json" else self.to_yaml()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionConfig:

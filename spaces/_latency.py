@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrank.compress._files import atomic_write_text
 from vitrank.compress.spec import BlockSpec, token_schedule
 from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
 
@@ -76,12 +77,7 @@ class LatencyTable:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyTable:

@@ -36,6 +36,15 @@ def make_tiny_vit(
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny tensors: on a shared 2-core machine one thread is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_vit() -> Callable[..., nn.Module]:
     """Factory: `tiny_vit(**overrides)` -> a seeded random-weight timm ViT (eval mode)."""

@@ -11,15 +11,6 @@ from evaluators.calibration import calibrate, calibrate_cached
 from vitrank.compress.stats import CalibrationStats, linear_keys
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrix products on a shared 2-core machine are faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny(**overrides):
     from tests.conftest import make_tiny_vit
 

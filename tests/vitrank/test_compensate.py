@@ -15,15 +15,6 @@ from vitrank.compress.lowrank import LowRankLinear
 from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrix products on a shared 2-core machine are faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup():
     from tests.conftest import make_tiny_vit

@@ -18,15 +18,6 @@ ARCHS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls on a shared 2-core machine are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randn(
         n, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64

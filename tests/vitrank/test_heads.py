@@ -10,15 +10,6 @@ from vitrank.compress.heads import factorize_qk, factorize_vo
 H, DH, D = 3, 4, 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls on a shared 2-core machine are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _setup(seed: int = 0, bias: bool = True):
     g = torch.Generator().manual_seed(seed)
 

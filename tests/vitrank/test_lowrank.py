@@ -8,15 +8,6 @@ import torch
 from vitrank.compress.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls on a shared 2-core machine are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(n: int = 400, d_in: int = 12, d_out: int = 9, seed: int = 0):
     """Correlated, non-centred inputs (as after a LayerNorm with bias) and a Linear."""
     g = torch.Generator().manual_seed(seed)

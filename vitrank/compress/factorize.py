@@ -13,13 +13,13 @@ products, see `heads`). Errors are per-token output errors on the calibration da
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vitrank.compress._files import load_tensors, save_tensors
 from vitrank.compress.heads import HeadFactors, factorize_qk, factorize_vo
 from vitrank.compress.lowrank import LinearFactors, factorize_linear
 from vitrank.compress.stats import LINEAR_KEYS, CalibrationStats
@@ -203,8 +203,6 @@ class FactorCache:
 
     def save(self, path: str | Path) -> None:
         """One safetensors file (atomic write)."""
-        from safetensors.torch import save_file
-
         tensors: dict[str, Tensor] = {}
         for key, f in self._linear.items():
             tensors.update({f"{key}.down": f.down, f"{key}.up": f.up, f"{key}.sigma2": f.sigma2})
@@ -225,34 +223,14 @@ class FactorCache:
             "num_blocks": self.num_blocks,
             "qk_norm_blocks": sorted(self.qk_norm_blocks),
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"vitrank": json.dumps(header)})
-        tmp.replace(path)
+        save_tensors(path, tensors, header)
 
     @classmethod
     def load(
         cls, path: str | Path, model: nn.Module, dtype: torch.dtype | None = None
     ) -> FactorCache:
         """Read factors saved for exactly this model's weights (checked by digest)."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {}).get("vitrank", "{}"))
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except FileNotFoundError:
-            raise
-        except Exception as error:
-            raise ValueError(
-                f"Factor file {path} is damaged or not safetensors: {error}"
-            ) from error
-        if header.get("format") != _FORMAT:
-            raise ValueError(
-                f"Factor file {path} must have format {_FORMAT!r}, got {header.get('format')!r}."
-            )
+        header, tensors = load_tensors(path, "Factor file", _FORMAT)
         digest = weights_digest(model)
         if header["digest"] != digest:
             raise ValueError(

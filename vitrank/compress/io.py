@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitrank.compress._files import atomic_write, atomic_write_text
 from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
 
 WEIGHTS_FILE = "model.safetensors"
@@ -38,18 +37,6 @@ def spec_from_dict(data: dict[str, Any]) -> BlockSpec:
         mlp=MlpSpec(**data["mlp"]),
         merge_ratio=float(data["merge_ratio"]),
     )
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through ``write(tmp_path)`` and rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -70,10 +57,6 @@ def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(storage)
         state[key] = tensor
     return state
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
 
 
 def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -98,11 +81,11 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) ->
     state = _unshared_state(model)
     _check_finite_state(state, directory / WEIGHTS_FILE, "save")
     text = json.dumps(meta, indent=2)
-    _atomic_write(
+    atomic_write(
         directory / WEIGHTS_FILE,
         lambda tmp: save_file(state, tmp, metadata={"format": "pt"}),
     )
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: _write_text(tmp, text))
+    atomic_write_text(directory / CONFIG_FILE, text)
     return directory
 
 

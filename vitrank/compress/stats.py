@@ -14,12 +14,13 @@ mean |h| of each MLP hidden unit and the mean |o_h| of each head's attention out
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vitrank.compress._files import load_tensors, save_tensors
 
 LINEAR_KEYS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 _FORMAT = "vitrank.calibration/1"
@@ -114,37 +115,13 @@ class CalibrationStats:
 
     def save(self, path: str | Path) -> None:
         """One safetensors file; the small JSON header rides in its metadata. Atomic."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": _FORMAT, "num_images": self.num_images, "meta": self.meta}
-        tensors = {k: v.contiguous() for k, v in self._named_tensors().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"vitrank": json.dumps(header)})
-        tmp.replace(path)
+        save_tensors(path, self._named_tensors(), header)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:
         """Read a file written by `save`; a damaged or foreign file raises ValueError."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {}).get("vitrank", "{}"))
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # safetensors raises several types for a bad file
-            raise ValueError(
-                f"Calibration file {path} is damaged or not safetensors: {error}"
-            ) from error
-        if header.get("format") != _FORMAT:
-            raise ValueError(
-                f"Calibration file {path} must have format {_FORMAT!r}, but got "
-                f"{header.get('format')!r}."
-            )
+        header, tensors = load_tensors(path, "Calibration file", _FORMAT)
         stats = cls(num_images=int(header["num_images"]), meta=header.get("meta", {}))
         tables = {
             "head_gram": stats.head_gram,
