@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=16, help="budgeted draws per budget")
     parser.add_argument("--repeats-batch1", type=int, default=30)
     parser.add_argument("--repeats-batch32", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads throughout")
+    # One thread by default, as tokens.py and latency_table.py: on a shared 2-core machine
+    # two threads oversubscribe and the figures swing; process CPU time is recorded too.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads throughout")
     parser.add_argument("--skip-speedups", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="fewer images/configs/repeats")

@@ -238,6 +238,7 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
     from evaluators.calibration import calibrate_cached
     from evaluators.proxies import heldout_batch, measure_sensitivity
     from spaces import check_feasible
+    from vitrank.compress._files import atomic_write
     from vitrank.compress.factorize import FactorCache
     from vitrank.compress.stats import CalibrationStats
 
@@ -247,8 +248,7 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
     meta = {"model_name": workload.model_name, "model_args": dict(workload.model_args)}
     if not paths["teacher"].exists():
         state = {k: v.detach().contiguous() for k, v in teacher.state_dict().items()}
-        save_file(state, str(paths["teacher"]) + ".tmp")
-        Path(str(paths["teacher"]) + ".tmp").replace(paths["teacher"])
+        atomic_write(paths["teacher"], lambda tmp: save_file(state, tmp))
         atomic_write_json(paths["teacher_meta"], meta)
     if paths["stats"].exists():
         stats = CalibrationStats.load(paths["stats"])
@@ -273,11 +273,8 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
             cache.save(factor_path(run, svd))
     if not paths["heldout"].exists():
         images, labels = heldout_batch(workload, size=HELDOUT_SIZE, seed=settings.seed)
-        save_file(
-            {"images": images.contiguous(), "labels": labels.contiguous()},
-            str(paths["heldout"]) + ".tmp",
-        )
-        Path(str(paths["heldout"]) + ".tmp").replace(paths["heldout"])
+        tensors = {"images": images.contiguous(), "labels": labels.contiguous()}
+        atomic_write(paths["heldout"], lambda tmp: save_file(tensors, tmp))
     if not paths["sensitivity"].exists():
         log("measuring per-layer sensitivity for the spectral proxy ...")
         # A quarter of the held-out batch: one KL per term, ranking terms, not scoring.

@@ -6,7 +6,6 @@ import errno
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
     A reader (or a search killed half-way) sees the old file or the new one, never half.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from vitrank.compress._files import atomic_write
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

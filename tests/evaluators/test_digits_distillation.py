@@ -35,7 +35,9 @@ def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_
     student = vitrank.compress(digits.model, config, stats, factors)
     vitrank.save(student, tmp_path / "student")
     result = finetune(student, digits.model, digits.train, digits.val, epochs=3, progress=False)
-    assert result.best_accuracy > result.initial_accuracy
+    # Pruning half the parameters costs the teacher's ~96 % about 16 points; 3 epochs win
+    # most of them back.
+    assert result.best_accuracy > result.initial_accuracy + 0.05
     assert result.best_epoch >= 1
     assert len(result.history) == 4
 

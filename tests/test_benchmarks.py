@@ -1,0 +1,213 @@
+"""benchmarks/run_all.py: RESULTS.md rendering from sample results (no benchmark is run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+
+
+@pytest.fixture(scope="module")
+def run_all() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("vitrank_bench_run_all", RUN_ALL)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+MACHINE = {
+    "cpu": "Test CPU 9000",
+    "cores": 2,
+    "torch_threads": 1,
+    "torch": "2.14.1",
+    "device": "cpu",
+    "date": "2026-11-22 03:00 UTC",
+}
+
+
+def quality_sample() -> dict:
+    def config(before: float, after: float, baseline: str | None = None) -> dict:
+        return {
+            "trial": 3,
+            "baseline": baseline,
+            "params_fraction": 0.4987,
+            "accuracy_before": before,
+            "accuracy_after": after,
+        }
+
+    return {
+        "machine": MACHINE,
+        "command": "python benchmarks/quality.py --quick",
+        "teacher_accuracy": 0.9610,
+        "val_images": 359,
+        "settings": {"trials": 30, "parametrization": "raw", "proxy": "logits", "epochs": 3},
+        "budgets": {
+            "0.5": {
+                "configs": {
+                    "vitrank winner": config(0.9443, 0.9582, "asvd"),
+                    "vitrank best sampled": config(0.9123, 0.9415),
+                    "baseline uniform-plain": config(0.8711, 0.9305, "uniform-plain"),
+                    "baseline tome": {"skipped": "token merging removes no parameters"},
+                },
+                "goal": {"max_drop": 0.01, "drop_after_finetune": 0.0028, "met": True},
+            },
+            "0.35": {
+                "configs": {"vitrank winner": config(0.80, 0.90)},
+                "goal": {"max_drop": 0.03, "drop_after_finetune": 0.061, "met": False},
+            },
+        },
+    }
+
+
+def speed_sample() -> dict:
+    return {
+        "machine": MACHINE,
+        "command": "python benchmarks/speed.py --quick",
+        "setup": {
+            "deit_small": {
+                "model": "deit_small_patch16_224 (random weights)",
+                "params": 22050664,
+                "calibration_images": 8,
+                "calibration_s": 12.5,
+                "factorization_s": 61.25,
+                "total_s": 73.75,
+                "date": "2026-11-22 03:30 UTC",
+            }
+        },
+        "speedups": {
+            "model": "deit_small_patch16_224 (random weights)",
+            "selection": "best spectral proxy of 6 budgeted random-sampler draws",
+            "threads": 2,
+            "rows": [
+                {
+                    "budget": "flops=0.5",
+                    "params_fraction": 0.61,
+                    "flops_ratio": 0.5,
+                    "inverse_flops_ratio": 2.0,
+                    "batch1": {"teacher_ms": 80.0, "compressed_ms": 50.0, "speedup": 1.6},
+                    "batch32": {"teacher_ms": 2000.0, "compressed_ms": 1100.0, "speedup": 1.818},
+                }
+            ],
+        },
+    }
+
+
+def assert_tables_well_formed(markdown: str) -> int:
+    """Every markdown table has the same number of cells on each of its rows."""
+    tables, current = 0, []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(len(re.findall(r"(?<!\\)\|", line)))
+            continue
+        if current:
+            assert len(set(current)) == 1, f"ragged table: cell counts {current}"
+            assert len(current) >= 3  # header, rule, at least one row
+            tables += 1
+            current = []
+    return tables
+
+
+def test_quality_section_shows_every_config_and_the_goals(run_all: ModuleType) -> None:
+    text = run_all.render_quality(quality_sample())
+    assert assert_tables_well_formed(text) == 1
+    assert "Test CPU 9000" in text and "2026-11-22 03:00 UTC" in text
+    assert "`python benchmarks/quality.py --quick`" in text
+    assert "96.10 %" in text  # the teacher
+    assert "| 0.5 | vitrank winner (= asvd) | 0.499 | 94.43 % | 95.82 % | 0.28 |" in text
+    assert "| 0.5 | baseline tome | skipped |" in text
+    assert "0.35: winner 6.10 points below the teacher (goal ≤ 3) — NOT met" in text
+    assert "0.5: winner 0.28 points below the teacher (goal ≤ 1) — met" in text
+
+
+def test_speed_section_puts_speedups_next_to_the_flops_ratio(run_all: ModuleType) -> None:
+    text = run_all.render_speed(speed_sample())
+    assert assert_tables_well_formed(text) == 2
+    assert "| flops=0.5 | 0.61 | 0.5 | ×2.00 | ×1.60 | ×1.82 |" in text
+    assert "61.2 s" in text and "73.8 s" in text
+
+
+def test_full_document_has_every_section_and_what_it_does_not_show(
+    run_all: ModuleType,
+) -> None:
+    suite = {
+        "quick": True,
+        "scripts": {
+            "quality": {
+                "command": "python benchmarks/quality.py --quick",
+                "exit_code": 0,
+                "seconds": 250.0,
+                "finished": "2026-11-22 03:40 UTC",
+                "quick": True,
+            },
+            "speed": {
+                "command": "python benchmarks/speed.py --quick",
+                "exit_code": 1,
+                "seconds": 12.0,
+                "finished": "2026-11-22 03:41 UTC",
+                "quick": True,
+            },
+        },
+    }
+    text = run_all.render_results({"quality": quality_sample(), "speed": speed_sample()}, suite)
+    assert_tables_well_formed(text)
+    for _, (title, _) in run_all.RENDERERS.items():
+        assert f"## {title}" in text
+    assert "*Not run yet: `python benchmarks/operators.py`.*" in text
+    assert "exit 1" in text and "4.37 min" in text  # the suite table: 262 s in all
+    assert "a `--quick` run" in text
+    not_shown = text.split("## What these figures do not show", 1)[1]
+    assert "No ImageNet" in not_shown
+    for figure in ("79.8 → 79.58 %", "−43.8 %", "81.8 → 82.26 %", "−61 %", "< 1 %", "2×"):
+        assert figure in not_shown
+    assert "theirs, not ours" in not_shown
+
+
+def test_a_result_of_unexpected_shape_does_not_hide_the_others(run_all: ModuleType) -> None:
+    text = run_all.render_results({"speed": {"setup": {"x": 3}}, "quality": quality_sample()})
+    assert "speed.json could not be rendered" in text
+    assert "vitrank winner" in text
+
+
+def test_machine_line_reads_each_scripts_machine_record(run_all: ModuleType) -> None:
+    # latency_table.py and search_quality.py record their machine differently.
+    line = run_all.machine_line(
+        {"platform": "Linux-x86_64", "cpus": 2, "torch": "2.14"}, "2026-01-01"
+    )
+    assert line == ("*Machine:* Linux-x86_64, 2 cores, torch 2.14, device cpu. *Date:* 2026-01-01.")
+    assert "date not recorded" in run_all.machine_line({})
+
+
+def test_commands_use_each_scripts_quick_settings(run_all: ModuleType) -> None:
+    assert run_all.command_of("speed", quick=True) == ["python", "benchmarks/speed.py", "--quick"]
+    assert run_all.command_of("quality", quick=False) == ["python", "benchmarks/quality.py"]
+    assert "--skip-deit" in run_all.command_of("proxy", quick=True)
+    for name in run_all.SCRIPTS:
+        assert (RUN_ALL.parent / f"{name}.py").exists()
+    with pytest.raises(ValueError, match="known: operators"):
+        run_all.command_of("nope", quick=True)
+
+
+def test_render_writes_results_md_from_a_directory(run_all: ModuleType, tmp_path: Path) -> None:
+    (tmp_path / "quality.json").write_text(json.dumps(quality_sample()))
+    (tmp_path / "broken.json").write_text("{not json")
+    output = run_all.render(tmp_path, tmp_path / "RESULTS.md")
+    text = output.read_text()
+    assert "vitrank winner (= asvd)" in text
+    assert "*Not run yet: `python benchmarks/speed.py`.*" in text
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0.0001234, "0.000123"), (54054.5, "54,054"), (8.64, "8.64"), (250.0, "250"), (7, "7")],
+)
+def test_numbers_are_compact(run_all: ModuleType, value: float, expected: str) -> None:
+    assert run_all.fmt(value) == expected
