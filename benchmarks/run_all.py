@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -382,6 +383,11 @@ def render_search_quality(data: dict[str, Any], suite: dict[str, Any] | None = N
     return "\n".join(out)
 
 
+def wall_and_cpu(row: dict[str, Any], what: str) -> str:
+    """`12.5 s (CPU 12.1 s)` from a row's `<what>_s` and `<what>_cpu_s`."""
+    return f"{fmt(row.get(f'{what}_s'))} s (CPU {fmt(row.get(f'{what}_cpu_s'))} s)"
+
+
 def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> str:
     out = [provenance(data, "speed", suite), ""]
     setup = data.get("setup", {})
@@ -402,8 +408,8 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
                         row.get("model", name),
                         fmt(row.get("params")),
                         row.get("calibration_images"),
-                        f"{fmt(row.get('calibration_s'))} s (CPU {fmt(row.get('calibration_cpu_s'))} s)",
-                        f"{fmt(row.get('factorization_s'))} s (CPU {fmt(row.get('factorization_cpu_s'))} s)",
+                        wall_and_cpu(row, "calibration"),
+                        wall_and_cpu(row, "factorization"),
                         f"{fmt(row.get('total_s'))} s",
                         row.get("date", "?"),
                     ]
@@ -416,7 +422,7 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
         out += [
             "",
             f"Measured speed-ups on {speedups.get('model')} ({speedups.get('selection')}; "
-            f"{speedups.get('threads')} torch threads; teacher and compressed timed back to "
+            f"torch threads: {speedups.get('threads')}; teacher and compressed timed back to "
             "back):",
             "",
             table(
@@ -432,7 +438,7 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
                 [
                     [
                         row.get("budget"),
-                        fmt(row.get("params_fraction")),
+                        pct(row.get("params_fraction"), 1),
                         fmt(row.get("flops_ratio")),
                         times(row.get("inverse_flops_ratio")),
                         times(row.get("batch1", {}).get("speedup")),
@@ -580,7 +586,7 @@ def render_results(results: dict[str, dict[str, Any]], suite: dict[str, Any] | N
             parts.append(f"*Not run yet: `python benchmarks/{name}.py`.*")
         parts.append("")
     parts.append(NOT_SHOWN)
-    return "\n".join(parts)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(parts))
 
 
 def load_results(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:

@@ -223,7 +223,7 @@ def make_space(settings: SearchSettings, teacher: nn.Module, meta: dict[str, Any
 
     return build_space(
         teacher,
-        ops=settings.ops,
+        ops=settings.ops or (),
         granularity=settings.granularity,
         model_name=meta["model_name"],
         model_args=meta["model_args"],

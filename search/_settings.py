@@ -18,6 +18,9 @@ PROXIES = ("logits", "spectral")
 PARAMETRIZATIONS = ("raw", "budgeted")
 COSTS = ("params", "flops", "latency_ms")
 DEFAULT_OPS = ("lowrank", "heads", "tokens", "prune")
+# Token merging removes no parameters: under a parameter budget it can only cost accuracy,
+# so it is searched by default only against FLOPs or latency budgets.
+PARAMS_BUDGET_OPS = ("lowrank", "heads", "prune")
 
 
 @dataclass
@@ -36,7 +39,7 @@ class SearchSettings:
     device: str = "cpu"
     # What is searched and how a candidate is scored.
     objectives: str | None = None  # "proxy,params" (default) | "proxy,flops" | "proxy,latency"
-    ops: tuple[str, ...] = DEFAULT_OPS
+    ops: tuple[str, ...] | None = None  # default: by budget kind (see PARAMS_BUDGET_OPS)
     granularity: int = 8
     proxy: str = "logits"
     parametrization: str = "raw"
@@ -60,7 +63,10 @@ class SearchSettings:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.ops, str):
+        if self.ops is None:
+            by_cost = self.budget_latency is not None or self.budget_flops is not None
+            self.ops = DEFAULT_OPS if by_cost else PARAMS_BUDGET_OPS
+        elif isinstance(self.ops, str):
             self.ops = tuple(op.strip() for op in self.ops.split(",") if op.strip())
         else:
             self.ops = tuple(self.ops)
@@ -135,7 +141,7 @@ class SearchSettings:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["ops"] = list(self.ops)
+        data["ops"] = list(self.ops or ())
         return data
 
     def to_yaml(self) -> str:

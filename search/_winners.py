@@ -175,6 +175,10 @@ def save_winners(
         )
         if problem.latency_table is not None:
             metrics["predicted_latency_ms"] = float(predict_latency(config, problem.latency_table))
+        # Measured before any fine-tuning (which keeps the structure, hence the latency), so
+        # that Ray fine-tuning workers never share the cores with the measurement.
+        metrics["latency_ms"] = _latency(model, workload, settings.batch, device)
+        metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
         vitrank.save(model, directory)
         directories.append(directory)
         records.append((directory, model, metrics))
@@ -207,13 +211,10 @@ def save_winners(
                 "finetuned_accuracy": float(result.best_accuracy),
                 "finetune_history": result.history,
             }
-    for directory, model, metrics in records:
+    for directory, _, metrics in records:
         extra = tuned.get(str(directory.resolve()))
         if extra is not None:
-            model = vitrank.load(directory)
             metrics.update(extra, finetune_epochs=epochs)
-        metrics["latency_ms"] = _latency(model, workload, settings.batch, device)
-        metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
         atomic_write_json(
             directory / "metrics.json", json.loads(json.dumps(metrics, default=float))
         )

@@ -131,7 +131,7 @@ def test_quality_section_shows_every_config_and_the_goals(run_all: ModuleType) -
 def test_speed_section_puts_speedups_next_to_the_flops_ratio(run_all: ModuleType) -> None:
     text = run_all.render_speed(speed_sample())
     assert assert_tables_well_formed(text) == 2
-    assert "| flops=0.5 | 0.61 | 0.5 | ×2.00 | ×1.60 | ×1.82 |" in text
+    assert "| flops=0.5 | 61.0 % | 0.5 | ×2.00 | ×1.60 | ×1.82 |" in text
     assert "61.2 s" in text and "73.8 s" in text
 
 

@@ -76,7 +76,7 @@ def _add_ops(parser: argparse.ArgumentParser) -> None:
         "--ops",
         default=None,
         help="operator families to search, comma separated: lowrank,heads,tokens,prune "
-        "(default: all)",
+        "(default: all for FLOPs/latency budgets; lowrank,heads,prune for a params budget)",
     )
     parser.add_argument(
         "--granularity",
