@@ -110,7 +110,8 @@ def evaluate_picks(
             )
             done[number] = {
                 "trial": number,
-                "baseline": row["baseline"],
+                # pandas gives NaN where a trial replays no baseline.
+                "baseline": row["baseline"] if isinstance(row["baseline"], str) else None,
                 "svd": config.svd,
                 "compensated": bool(config.compensate),
                 "proxy": float(row["proxy"]),

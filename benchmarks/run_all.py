@@ -42,9 +42,9 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "speed": ([], ["--quick"]),
     "quality": ([], ["--quick"]),
 }
-# Rough --quick wall times on 2 quiet cores, scaled from runs at load 5-9 (CPU seconds):
-# tokens ~3 min, operators ~0.5, proxy ~1.5, latency_table ~0.3, search_quality ~2.5,
-# speed ~4, quality ~3.5; about 15 min in all.
+# --quick wall times measured one by one on the 2-core machine (load average 0.7-7, so
+# upper bounds): tokens 150 s of CPU, operators 49 s, proxy 45 s, latency_table 19 s,
+# search_quality 67 s, speed 182 s, quality 181 s -- about 12 minutes in all.
 
 
 # ---- running ------------------------------------------------------------------------
@@ -453,12 +453,22 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
     return "\n".join(out)
 
 
+def points_from_teacher(drop: float) -> str:
+    """`0.28 points below the teacher` / `0.56 points above the teacher`."""
+    side = "below" if drop >= 0 else "above"
+    return f"{abs(drop) * 100:.2f} points {side} the teacher"
+
+
 def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) -> str:
     settings = data.get("settings", {})
     teacher = data.get("teacher_accuracy")
+    images = data.get("val_images")
+    teacher_text = f"Teacher accuracy {pct(teacher)}"
+    if images:
+        teacher_text += f" on {images} validation images (one image = {100 / images:.2f} points)"
     out = [
         provenance(data, "quality", suite),
-        f"Teacher accuracy {pct(teacher)} on {data.get('val_images', '?')} validation images. "
+        f"{teacher_text}. "
         f"Search: {settings.get('trials', '?')} trials per budget (optuna engine, "
         f"{settings.get('parametrization', '?')} parametrization, {settings.get('proxy', '?')} "
         f"proxy); fine-tune: {settings.get('epochs', '?')} epochs of distillation for every "
@@ -473,11 +483,10 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
                 continue
             after = config.get("accuracy_after")
             drop = None if teacher is None or after is None else 100 * (teacher - after)
-            name = (
-                label
-                if not config.get("baseline") or "baseline" in label
-                else (f"{label} (= {config['baseline']})")
-            )
+            baseline = config.get("baseline")
+            name = label
+            if isinstance(baseline, str) and "baseline" not in label:
+                name = f"{label} (= {baseline})"
             rows.append(
                 [
                     budget,
@@ -490,13 +499,20 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
             )
     out.append(
         table(
-            ["budget", "config", "params", "before fine-tune", "after", "points below teacher"],
+            [
+                "budget",
+                "config",
+                "params",
+                "before fine-tune",
+                "after",
+                "points below teacher (− above)",
+            ],
             rows,
         )
     )
     goals = [
-        f"{budget}: winner {entry['goal']['drop_after_finetune'] * 100:.2f} points below the "
-        f"teacher (goal ≤ {entry['goal']['max_drop'] * 100:.0f}) — "
+        f"{budget}: winner {points_from_teacher(entry['goal']['drop_after_finetune'])} "
+        f"(goal: at most {entry['goal']['max_drop'] * 100:.0f} below) — "
         f"{'met' if entry['goal']['met'] else 'NOT met'}"
         for budget, entry in data.get("budgets", {}).items()
         if "goal" in entry
