@@ -147,7 +147,11 @@ def factorize_linear(
 
 
 class LowRankLinear(nn.Module):
-    """y = up(down(x)): a rank-r Linear, `down` (r × in, no bias), `up` (out × r, bias)."""
+    """y = up(down(x)): a rank-r Linear, `down` (r × in, no bias), `up` (out × r, bias).
+
+    The weights start uninitialised: `from_factors` or a state dict fills them, and a
+    random initialisation would cost more than building the rest of a block.
+    """
 
     def __init__(
         self,
@@ -166,8 +170,9 @@ class LowRankLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        kw: dict = {"device": device, "dtype": dtype}
+        self.down = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
+        self.up = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, **kw)
 
     @property
     def rank(self) -> int:
