@@ -170,7 +170,8 @@ class LowRankLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        kw: dict = {"device": device, "dtype": dtype}
+        # skip_init builds on the meta device and then moves to `device` (cpu when unset).
+        kw: dict = {"dtype": dtype, "device": device if device is not None else "cpu"}
         self.down = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
         self.up = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, **kw)
 
