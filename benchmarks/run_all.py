@@ -36,7 +36,7 @@ QUICK_LIMIT_S = 20 * 60
 SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "operators": ([], ["--steps", "10", "--threads", "1"]),
     "tokens": ([], ["--quick"]),
-    "proxy": ([], ["--configs", "20", "--heldout", "32", "--skip-deit"]),
+    "proxy": ([], ["--configs", "50", "--skip-deit"]),
     "latency_table": ([], ["--quick"]),
     "search_quality": ([], ["--trials", "30"]),
     "speed": ([], ["--quick"]),
