@@ -11,8 +11,8 @@ from vitrank.compress.attention import (
     HeadFactorizedAttention,
     LowRankAttention,
     attend,
-    linear_from,
 )
+from vitrank.compress.lowrank import linear_from
 
 DIM, HEADS, TOKENS = 24, 3, 7
 

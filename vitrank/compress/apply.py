@@ -20,11 +20,9 @@ from vitrank.compress.attention import (
     DenseAttention,
     HeadFactorizedAttention,
     LowRankAttention,
-    empty_linear,
-    linear_from,
 )
 from vitrank.compress.blocks import CompressedBlock, CompressedBlocks
-from vitrank.compress.lowrank import LowRankLinear
+from vitrank.compress.lowrank import LowRankLinear, empty_linear, linear_from
 from vitrank.compress.spec import ATTENTION_OPS, MLP_OPS, AttentionSpec, BlockSpec, MlpSpec
 from vitrank.compress.structure import BlockShape, inspect_vit
 

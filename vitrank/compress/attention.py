@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitrank.compress.lowrank import empty_linear, linear_from
+
 
 def attend(
     q: Tensor,
@@ -37,48 +39,6 @@ def attend(
     if log_size is not None:
         mask = log_size[:, None, None, :].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-
-
-def _bare_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` around the given tensors, skipping the initialisation.
-
-    ``nn.Linear.__init__`` runs a Kaiming initialisation that is overwritten at once; a
-    search builds thousands of layers, so this skips it (even on the meta device it costs
-    a millisecond per layer).
-    """
-    layer = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(layer)
-    layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
-    layer.weight = nn.Parameter(weight)
-    layer.register_parameter("bias", None if bias is None else nn.Parameter(bias))
-    return layer
-
-
-def empty_linear(
-    in_features: int,
-    out_features: int,
-    bias: bool,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> nn.Linear:
-    """An ``nn.Linear`` of the right shape with uninitialised weights (a state dict fills it)."""
-    kw: dict[str, Any] = {"dtype": dtype, "device": device}
-    return _bare_linear(
-        torch.empty(out_features, in_features, **kw),
-        torch.empty(out_features, **kw) if bias else None,
-    )
-
-
-def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding copies of ``weight`` (out × in) and ``bias``.
-
-    Copies, because the tensors are often slices of a factor cache or views of the
-    teacher's weights, which fine-tuning must not write through to.
-    """
-    return _bare_linear(
-        weight.detach().clone(memory_format=torch.contiguous_format),
-        None if bias is None else bias.detach().clone(memory_format=torch.contiguous_format),
-    )
 
 
 class _QkvAttention(nn.Module):

@@ -16,6 +16,7 @@ no damping was needed (y_iᵀ C y_i = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -146,6 +147,48 @@ def factorize_linear(
     return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
 
 
+def _bare_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` around the given tensors, skipping the initialisation.
+
+    ``nn.Linear.__init__`` runs a Kaiming initialisation that is overwritten at once; a
+    search builds thousands of layers, so this skips it (even on the meta device it costs
+    a millisecond per layer).
+    """
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
+    layer.weight = nn.Parameter(weight)
+    layer.register_parameter("bias", None if bias is None else nn.Parameter(bias))
+    return layer
+
+
+def empty_linear(
+    in_features: int,
+    out_features: int,
+    bias: bool,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Linear:
+    """An ``nn.Linear`` of the right shape with uninitialised weights (a state dict fills it)."""
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
+    return _bare_linear(
+        torch.empty(out_features, in_features, **kw),
+        torch.empty(out_features, **kw) if bias else None,
+    )
+
+
+def linear_from(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out × in) and ``bias``.
+
+    Copies, because the tensors are often slices of a factor cache or views of the
+    teacher's weights, which fine-tuning must not write through to.
+    """
+    return _bare_linear(
+        weight.detach().clone(memory_format=torch.contiguous_format),
+        None if bias is None else bias.detach().clone(memory_format=torch.contiguous_format),
+    )
+
+
 class LowRankLinear(nn.Module):
     """y = up(down(x)): a rank-r Linear, `down` (r × in, no bias), `up` (out × r, bias).
 
@@ -170,10 +213,8 @@ class LowRankLinear(nn.Module):
             )
         self.in_features = in_features
         self.out_features = out_features
-        # skip_init builds on the meta device and then moves to `device` (cpu when unset).
-        kw: dict = {"dtype": dtype, "device": device if device is not None else "cpu"}
-        self.down = nn.utils.skip_init(nn.Linear, in_features, rank, bias=False, **kw)
-        self.up = nn.utils.skip_init(nn.Linear, rank, out_features, bias=bias, **kw)
+        self.down = empty_linear(in_features, rank, False, dtype=dtype, device=device)
+        self.up = empty_linear(rank, out_features, bias, dtype=dtype, device=device)
 
     @property
     def rank(self) -> int:
