@@ -37,14 +37,14 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {
     "operators": ([], ["--steps", "10", "--threads", "1"]),
     "tokens": ([], ["--quick"]),
     "proxy": ([], ["--configs", "50", "--skip-deit"]),
-    "latency_table": ([], ["--quick"]),
+    "latency_table": ([], []),  # the full run: the figure needs >= 20 configs
     "search_quality": ([], ["--trials", "30"]),
     "speed": ([], ["--quick"]),
     "quality": ([], ["--quick"]),
 }
 # --quick wall times measured one by one on the 2-core machine (load average 0.7-7, so
-# upper bounds): tokens 150 s of CPU, operators 49 s, proxy 45 s, latency_table 19 s,
-# search_quality 67 s, speed 182 s, quality 181 s -- about 12 minutes in all.
+# upper bounds): tokens 150 s of CPU, operators 49 s, proxy 45 s, latency_table (full) ~120 s,
+# search_quality 67 s, speed 182 s, quality 181 s -- about 14 minutes in all.
 
 
 # ---- running ------------------------------------------------------------------------
