@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,18 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     return info
 
 
+def command_line() -> str:
+    """The command that is running, as a reader would retype it from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    root = RESULTS.parent.parent
+    if script.is_relative_to(root):
+        script = script.relative_to(root)
+    return " ".join(["python", str(script), *sys.argv[1:]])
+
+
 def write_result(name: str, data: dict[str, Any], out_dir: Path | None = None) -> Path:
     """Write `results/<name>.json` atomically and return its path."""
+    data.setdefault("command", command_line())
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"

@@ -29,6 +29,7 @@ from pathlib import Path
 import optuna
 import timm
 import torch
+from _common import command_line
 
 from spaces import (
     CompressionConfig,
@@ -168,6 +169,7 @@ def main() -> None:
         },
         "rows": rows,
     }
+    result["command"] = command_line()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine_info
+from _common import command_line, machine_info
 from torch import nn
 
 import vitrank
@@ -281,6 +281,7 @@ def main() -> None:
         **result,
     }
     print_table(result)
+    result["command"] = command_line()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.output}")

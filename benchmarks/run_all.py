@@ -166,7 +166,9 @@ def provenance(
     record = (suite or {}).get("scripts", {}).get(name, {})
     command = data.get("command") or record.get("command") or f"python benchmarks/{name}.py"
     line = machine_line(data.get("machine"), date or data.get("date"))
-    quick = " (a `--quick` run: small settings, not for citing)" if record.get("quick") else ""
+    # The suite's record speaks for this file only when the file came from that command.
+    from_suite = record.get("quick") and record.get("command") == command
+    quick = " (a `--quick` run: small settings, not for citing)" if from_suite else ""
     # Blank lines keep machine, command and the text below apart in rendered markdown.
     return f"{line}\n\n*Command:* `{command}`{quick}\n"
 

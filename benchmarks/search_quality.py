@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -175,6 +176,7 @@ def main() -> None:
         "ray_over_optuna": timings["ray_s"] / timings["optuna_s"],
         "target": "<= 1.5",
     }
+    result["command"] = command_line()
     atomic_write_json(RESULTS, result)
     print(json.dumps(result["engines"], indent=1))
     print(f"wrote {RESULTS}")

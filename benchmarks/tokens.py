@@ -22,7 +22,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _common import machine_info
+from _common import command_line, machine_info
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         report["models"][name] = result
 
+    report["command"] = command_line()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
