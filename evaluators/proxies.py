@@ -432,7 +432,9 @@ class LogitsProxy(Proxy):
         """The candidate, for one read-only forward: it shares modules with the shell."""
         from vitrank.compress.apply import apply_specs
 
-        return apply_specs(self._shell, specs, self.factors, self.stats)
+        return apply_specs(
+            self._shell, specs, self.factors, self.stats, fingerprint=self.fingerprint
+        )
 
     def evaluate_specs(self, specs: Sequence[BlockSpec]) -> dict[str, float]:
         """KL, agreement (and accuracy) of the candidate built from per-block specs."""

@@ -24,7 +24,7 @@ from vitrank.compress.attention import (
 from vitrank.compress.blocks import CompressedBlock, CompressedBlocks
 from vitrank.compress.lowrank import LowRankLinear, empty_linear, linear_from
 from vitrank.compress.spec import ATTENTION_OPS, MLP_OPS, AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import BlockShape, inspect_vit
+from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
 
 if TYPE_CHECKING:
     from vitrank.compress.factorize import FactorCache
@@ -270,14 +270,18 @@ def apply_specs(
     stats: CalibrationStats | None = None,
     *,
     structure_only: bool = False,
+    fingerprint: Fingerprint | None = None,
 ) -> nn.Module:
     """A new model whose blocks follow ``specs`` (one per block); ``model`` is untouched.
+
+    ``fingerprint`` may pass ``inspect_vit(model)`` when the caller already has it (a proxy
+    building thousands of candidates from one teacher); it is read from the model otherwise.
 
     ``factors`` (a ``FactorCache`` of ``model``) is needed for ``lowrank`` and ``heads``;
     ``stats`` for ``prune``. With ``structure_only`` neither is read: modules get the
     right shapes and uninitialised weights, for ``load_state_dict`` to fill.
     """
-    fingerprint = inspect_vit(model)
+    fingerprint = fingerprint or inspect_vit(model)
     specs = tuple(specs)
     validate_specs(specs, fingerprint.blocks)
     if not structure_only and factors is None:

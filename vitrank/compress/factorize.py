@@ -72,6 +72,7 @@ class FactorCache:
         self.whitening = bool(whitening and stats is not None)
         self.calibrated = stats is not None
         self.dtype = dtype or next(model.parameters()).dtype
+        self._cast_cache: dict[str, tuple[Tensor | None, ...]] = {}
         self.digest = weights_digest(model)
         self.num_blocks = len(blocks)
         self._linear: dict[str, LinearFactors] = {}
@@ -143,11 +144,17 @@ class FactorCache:
             )
         raise KeyError(f"No factors for {key!r}; the model has {self.num_blocks} blocks.")
 
-    def _cast(self, tensor: Tensor) -> Tensor:
-        return tensor.to(self.dtype)
+    def _cast_full(self, key: str, tensors: tuple[Tensor | None, ...]) -> tuple[Any, ...]:
+        """The full-rank factors of `key` in the model's dtype, cast once and kept.
 
-    def _cast_optional(self, tensor: Tensor | None) -> Tensor | None:
-        return None if tensor is None else tensor.to(self.dtype)
+        Factors are computed in fp64; casting a slice on every lookup would cost more than
+        building the block, and every rank is a slice of these.
+        """
+        cast = self._cast_cache.get(key)
+        if cast is None:
+            cast = tuple(None if t is None else t.to(self.dtype) for t in tensors)
+            self._cast_cache[key] = cast
+        return cast
 
     def _head_factors(self, key: str) -> HeadFactors:
         factors = self._factors(key)
@@ -159,24 +166,27 @@ class FactorCache:
         factors = self._factors(key)
         if not isinstance(factors, LinearFactors):
             raise KeyError(f"{key!r} is a head product; use `qk` or `vo`.")
-        down, up, bias = factors.at_rank(rank, key)
-        return self._cast(down), self._cast(up), self._cast_optional(bias)
+        factors.check_rank(rank, key)
+        down, up, bias = self._cast_full(key, (factors.down, factors.up, factors.bias))
+        return down[:rank], up[:, :rank], bias
 
     def qk(self, block_index: int, rank: int) -> tuple[Tensor, Tensor]:
         """(P, Q), each (H, d + 1, r): q'_h = x̄ P_h, k'_h = x̄ Q_h, x̄ = [x, 1]."""
         key = f"blocks.{block_index}.attn.qk"
-        P, Q = self._head_factors(key).at_rank(rank, key)
-        return self._cast(P), self._cast(Q)
+        factors = self._head_factors(key)
+        factors.check_rank(rank, key)
+        P, Q = self._cast_full(key, (factors.left, factors.right))
+        return P[..., :rank], Q[..., :rank]
 
     def vo(self, block_index: int, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(V: (H, d, r), O: (H, r, d_out), out_bias): out = Σ_h A_h (x V_h) O_h + out_bias."""
         key = f"blocks.{block_index}.attn.vo"
-        V, O_t = self._head_factors(key).at_rank(rank, key)
-        return (
-            self._cast(V),
-            self._cast(O_t.transpose(-1, -2)),
-            self._cast_optional(self._vo_bias[block_index]),
+        factors = self._head_factors(key)
+        factors.check_rank(rank, key)
+        V, O_t, bias = self._cast_full(
+            key, (factors.left, factors.right, self._vo_bias[block_index])
         )
+        return V[..., :rank], O_t[..., :rank].transpose(-1, -2), bias
 
     def spectrum(self, key: str) -> Tensor:
         """Squared singular values, descending; (k,) for Linears, (H, k) for head products."""
@@ -240,6 +250,7 @@ class FactorCache:
         cache = cls.__new__(cls)
         cache.whitening, cache.calibrated = header["whitening"], header["calibrated"]
         cache.dtype = dtype or next(model.parameters()).dtype
+        cache._cast_cache = {}
         cache.digest, cache.num_blocks = digest, header["num_blocks"]
         cache.qk_norm_blocks = set(header["qk_norm_blocks"])
         cache._linear, cache._heads, cache._vo_bias = {}, {}, {}
