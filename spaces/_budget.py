@@ -9,7 +9,7 @@ parameters), ``"11M"`` / ``"11e6"`` / ``"params=11M"`` (absolute parameters),
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from ._config import CompressionConfig
@@ -139,10 +139,33 @@ def smallest_reachable(
     elif budget.kind == "flops":
         config = space.smallest("flops")
     else:
-        # Latency follows FLOPs closely but not exactly; the cheaper of the two extremes.
-        candidates = [space.smallest("flops"), space.smallest("params")]
-        config = min(candidates, key=lambda c: budget.cost(c, latency_table))
+        config = _fastest(space, budget, latency_table)
     return budget.cost(config, latency_table), config
+
+
+def _fastest(space: SearchSpace, budget: Budget, latency_table: Any) -> CompressionConfig:
+    """The fastest config among the extremes, then improved block by block.
+
+    Latency is not monotone in size: on a small model a factorized layer or a merge step
+    can be slower than the dense one. So every block may take its dense, fewest-FLOPs or
+    fewest-params choice, whichever the table predicts fastest with the others fixed.
+    """
+    extremes = [space.dense(), space.smallest("flops"), space.smallest("params")]
+
+    def cost(config: CompressionConfig) -> float:
+        return float(budget.cost(config, latency_table))
+
+    best = min(extremes, key=cost)
+    best_cost = cost(best)
+    for index in range(len(best.blocks)):
+        for extreme in extremes:
+            blocks = list(best.blocks)
+            blocks[index] = extreme.blocks[index]
+            candidate = replace(best, blocks=tuple(blocks))
+            candidate_cost = cost(candidate)
+            if candidate_cost < best_cost:
+                best, best_cost = candidate, candidate_cost
+    return best
 
 
 def check_feasible(space: SearchSpace, budget: Budget, latency_table: Any = None) -> None:

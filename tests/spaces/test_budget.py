@@ -62,3 +62,25 @@ def test_infeasible_budgets_say_the_smallest_reachable() -> None:
         check_feasible(lowrank_only, Budget("params", 0.1))
     with pytest.raises(ValueError, match="needs a latency table"):
         check_feasible(space, Budget("latency", 1.0))
+
+
+def test_smallest_latency_is_found_where_compression_is_slower(monkeypatch) -> None:
+    """On a tiny model a compressed block can be slower than the dense one."""
+    from spaces._budget import smallest_reachable
+
+    space = variant_space("vit")
+
+    def fake_latency(self, config, latency_table=None) -> float:
+        # Dense blocks cost 1 ms, compressed ones 2 ms, except block 0's compression (0.5 ms).
+        return sum(
+            1.0 if spec.is_dense else (0.5 if index == 0 else 2.0)
+            for index, spec in enumerate(config.blocks)
+        )
+
+    monkeypatch.setattr(Budget, "cost", fake_latency)
+    budget = Budget("latency", 100.0)
+    reachable, config = smallest_reachable(space, budget, latency_table=object())
+    blocks = len(space.blocks)
+    assert reachable == pytest.approx(0.5 + (blocks - 1))
+    assert not config.blocks[0].is_dense
+    assert all(spec.is_dense for spec in config.blocks[1:])
