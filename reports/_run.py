@@ -118,17 +118,25 @@ def trials_table(raw: pd.DataFrame, source: str | Path = "trials.parquet") -> pd
 def trial_summary(row: dict[str, Any]) -> str:
     """What hovering a trial shows: its number, scores and its config in a few lines."""
     lines = [f"<b>trial {row.get('number', '?')}</b>"]
-    if row.get("baseline"):
+    if _present(row.get("baseline")):
         lines[0] += f" (baseline {row['baseline']})"
     for key in ("proxy", "params", "flops", "latency_ms", "violation"):
         value = row.get(key)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+        if _present(value):
             lines.append(f"{key}: {_format(value)}")
-    if row.get("summary"):
+    # A trial that never ran (an enqueued baseline left waiting) has no config: NaN cells.
+    if _present(row.get("summary")):
         lines.append(str(row["summary"]).replace("\n", "<br>"))
-    elif row.get("config"):
+    elif _present(row.get("config")):
         lines.append(config_summary(row["config"]))
     return "<br>".join(lines)
+
+
+def _present(value: Any) -> bool:
+    """False for a missing table cell: None, NaN or an empty string."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return value != ""
 
 
 def config_summary(config: Any, width: int = 4) -> str:

@@ -10,6 +10,7 @@ of trials runs. No completed trial is lost or run again.
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,9 @@ def resolve_run(settings: SearchSettings, given: dict[str, Any] | None = None) -
     """The settings to run with: as given, or, on resume, run.yaml plus resumable changes."""
     run = RunDir(settings.run_dir())
     if not settings.resume:
-        if run.exists():
+        # A directory whose start failed before any trial (an infeasible budget, say) holds
+        # no study: starting it again is safe, and its stale cache is cleared on start.
+        if run.exists() and run.study_db.exists():
             raise FileExistsError(
                 f"{run.root} already holds a search; continue it with --resume, or choose "
                 "another --out."
@@ -200,6 +203,8 @@ def run_search(
     log = log or console.print
     run = RunDir(settings.run_dir())
     with run:
+        if not settings.resume and not run.study_db.exists() and run.cache.exists():
+            shutil.rmtree(run.cache)  # left by a start that failed; made for other settings
         atomic_write_text(run.settings, settings.to_yaml())
         started = time.monotonic()
         # Ray workers can rebuild only a workload that the settings name.

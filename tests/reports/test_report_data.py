@@ -180,3 +180,14 @@ def test_block_map_rows_and_fractions_kept():
     assert grid.rows == ["W1 · attention", "W1 · mlp", "W1 · tokens"]
     assert grid.blocks == [0, 1]
     assert grid.text[1, 1] == "prune 64/128 units"
+
+
+def test_hover_text_of_a_trial_that_never_ran() -> None:
+    """An enqueued baseline left waiting has NaN cells, not a config: no crash, no 'nan'."""
+    from reports._run import trial_summary
+
+    text = trial_summary({"number": 4, "baseline": math.nan, "proxy": math.nan, "config": math.nan})
+    assert text == "<b>trial 4</b>"
+    assert "trial 3</b> (baseline asvd)" in trial_summary(
+        {"number": 3, "baseline": "asvd", "proxy": 0.5, "config": math.nan}
+    )

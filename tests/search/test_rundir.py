@@ -60,3 +60,18 @@ def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def test_a_start_that_failed_before_any_trial_can_be_started_again(tmp_path: Path) -> None:
+    """An infeasible budget leaves run.yaml and a cache but no study: not a search to keep."""
+    from search import SearchSettings
+    from search._run import resolve_run
+
+    out = tmp_path / "run"
+    (out / "cache").mkdir(parents=True)
+    (out / "run.yaml").write_text("budget_params: '0.01'\n")
+    settings = SearchSettings(out=str(out), engine="optuna")
+    assert resolve_run(settings) is settings
+    (out / "study.db").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="already holds a search"):
+        resolve_run(settings)
