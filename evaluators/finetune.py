@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
 from evaluators.accuracy import evaluate_accuracy
+from vitrank.compress._files import atomic_write_text
 
 
 @dataclass
@@ -226,9 +227,8 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float] | None:
         directory = Path(output_dir)
         vitrank.save(student, directory)
         record = {**final, "history": result.history, "settings": config}
-        tmp = directory / "finetune.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        tmp.replace(directory / "finetune.json")
+        text = json.dumps(record, indent=2, default=str) + "\n"
+        atomic_write_text(directory / "finetune.json", text)
     # Tune reports a returned dict as one more result; every epoch is reported already.
     return None if report is not None else final
 
