@@ -7,7 +7,7 @@
    (both start from the same prepared cache, so calibration and factorization are not
    counted; baselines are computed in both).
 
-    python benchmarks/search_quality.py [--trials 200] [--parametrization budgeted]
+    python benchmarks/search_quality.py [--trials 200] [--seeds 0,1,2] [--refine 0.5]
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "search_quality.json"
 
 
-def _settings(out: Path, budget: str, engine: str, args: argparse.Namespace) -> Any:
+def _settings(out: Path, budget: str, engine: str, seed: int, args: argparse.Namespace) -> Any:
     from search import SearchSettings
 
+    optional = {"parametrization": args.parametrization, "refine": args.refine}
     return SearchSettings(
         out=str(out),
         budget_params=budget,
         engine=engine,
         trials=args.trials,
-        parametrization=args.parametrization,
         proxy=args.proxy,
-        seed=args.seed,
+        seed=seed,
         finetune_top=0,
         finetune_epochs=0,
         compensate=False,
+        **{k: v for k, v in optional.items() if v is not None},
     )
 
 
@@ -91,9 +92,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--budgets", default="0.5,0.35")
-    parser.add_argument("--parametrization", default="budgeted")
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma separated; the first seed's run is the detailed one and the engines' "
+        "timing, the others add one searched-vs-baselines line each",
+    )
+    parser.add_argument("--parametrization", default=None, help="default: the search's (raw)")
+    parser.add_argument("--refine", type=float, default=None, help="default: the search's")
     parser.add_argument("--proxy", default="logits")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", default=None, help="keep the run directories here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -105,61 +112,60 @@ def main() -> None:
     from search._rundir import RunDir, atomic_write_json, atomic_write_text
     from vitrank import load_workload
 
-    workload = load_workload("digits-vit", seed=args.seed)
     root = Path(args.keep or tempfile.mkdtemp(prefix="vitrank-bench-"))
     budgets = [b.strip() for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
 
-    # One prepared cache (calibration, factors, held-out batch, sensitivity) for every run.
-    base = RunDir(root / "prepared")
-    base.root.mkdir(parents=True, exist_ok=True)
-    first = _settings(base.root, budgets[0], "optuna", args)
-    atomic_write_text(base.settings, first.to_yaml())
-    prepare(base, first, workload, log=print)
+    def prepared(seed: int, workload: Any) -> RunDir:
+        """One prepared cache (calibration, factors, held-out batch) per seed, for every run."""
+        base = RunDir(root / f"prepared-s{seed}")
+        base.root.mkdir(parents=True, exist_ok=True)
+        first = _settings(base.root, budgets[0], "optuna", seed, args)
+        atomic_write_text(base.settings, first.to_yaml())
+        prepare(base, first, workload, log=print)
+        return base
 
-    def run(name: str, budget: str, engine: str) -> tuple[Path, float]:
+    def run(name: str, budget: str, engine: str, seed: int, workload: Any) -> tuple[Path, float]:
         out = root / name
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(base.cache, out / "cache")
+        shutil.copytree(prepared(seed, workload).cache, out / "cache")
         start = time.perf_counter()
-        run_search(_settings(out, budget, engine, args), workload)
+        run_search(_settings(out, budget, engine, seed, args), workload)
         return out, time.perf_counter() - start
 
+    workloads = {seed: load_workload("digits-vit", seed=seed) for seed in seeds}
+    first = workloads[seeds[0]]
+    defaults = _settings(root, budgets[0], "optuna", seeds[0], args)
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine_info(), "load_average": os.getloadavg()},
         "workload": "digits-vit",
-        "teacher_val_accuracy": float(
-            evaluate_accuracy(workload.model, workload.val, progress=False)
-        ),
+        "teacher_val_accuracy": float(evaluate_accuracy(first.model, first.val, progress=False)),
         "settings": {
             "trials": args.trials,
-            "parametrization": args.parametrization,
+            "parametrization": defaults.parametrization,
+            "refine": defaults.refine if defaults.parametrization == "raw" else 0.0,
             "proxy": args.proxy,
-            "seed": args.seed,
+            "seeds": seeds,
             "fine_tuning": "none",
         },
         "budgets": {},
     }
     timings: dict[str, float] = {}
     for budget in budgets:
-        path, seconds = run(f"optuna-{budget}", budget, "optuna")
-        timings.setdefault("optuna_s", seconds)
-        scores = _accuracies(path, workload)
-        searched = scores.get("searched", {}).get("val_accuracy", float("nan"))
-        baselines = {
-            k: v for k, v in scores.items() if k.startswith("baseline:") and "val_accuracy" in v
-        }
-        result["budgets"][budget] = {
-            "configs": scores,
-            "searched_beats_every_baseline": all(
-                searched > v["val_accuracy"] for v in baselines.values()
-            ),
-            "searched_at_least_every_baseline": all(
-                searched >= v["val_accuracy"] for v in baselines.values()
-            ),
-        }
-        print(json.dumps({budget: result["budgets"][budget]}, indent=1))
-    _, ray_seconds = run(f"ray-{budgets[0]}", budgets[0], "ray")
+        entry: dict[str, Any] = {"seeds": {}}
+        for seed in seeds:
+            path, seconds = run(f"optuna-{budget}-s{seed}", budget, "optuna", seed, workloads[seed])
+            if seed == seeds[0]:
+                timings.setdefault("optuna_s", seconds)
+            scores = _accuracies(path, workloads[seed])
+            verdict = _verdict(scores)
+            entry["seeds"][str(seed)] = verdict
+            if seed == seeds[0]:
+                entry.update(configs=scores, **{k: verdict[k] for k in VERDICT_KEYS})
+            print(json.dumps({budget: {seed: verdict}}, indent=1))
+        result["budgets"][budget] = entry
+    _, ray_seconds = run(f"ray-{budgets[0]}", budgets[0], "ray", seeds[0], first)
     timings["ray_s"] = ray_seconds
     result["engines"] = {
         "budget": budgets[0],
@@ -172,6 +178,27 @@ def main() -> None:
     atomic_write_json(RESULTS, result)
     print(json.dumps(result["engines"], indent=1))
     print(f"wrote {RESULTS}")
+
+
+VERDICT_KEYS = ("searched_beats_every_baseline", "searched_at_least_every_baseline")
+
+
+def _verdict(scores: dict[str, Any]) -> dict[str, Any]:
+    """The searched config's accuracy against the best baseline's, and the two checks."""
+    searched = scores.get("searched", {}).get("val_accuracy", float("nan"))
+    baselines = {
+        k: v["val_accuracy"]
+        for k, v in scores.items()
+        if k.startswith("baseline:") and "val_accuracy" in v
+    }
+    best = max(baselines, key=baselines.__getitem__) if baselines else None
+    return {
+        "searched_val_accuracy": searched,
+        "best_baseline": best,
+        "best_baseline_val_accuracy": baselines[best] if best else float("nan"),
+        "searched_beats_every_baseline": all(searched > v for v in baselines.values()),
+        "searched_at_least_every_baseline": all(searched >= v for v in baselines.values()),
+    }
 
 
 if __name__ == "__main__":

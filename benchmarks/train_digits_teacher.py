@@ -1,6 +1,6 @@
 """Train the embedded digits teacher and write it to vitrank/assets/digits_vit.
 
-    python benchmarks/train_digits_teacher.py [--epochs 100] [--out DIR]
+    python benchmarks/train_digits_teacher.py [--epochs 200] [--out DIR]
 
 A timm ViT (8x8 pixels, 2x2 patches, see `vitrank.workloads.DIGITS_MODEL_ARGS`) trained
 from scratch on sklearn's digits with the workload's fixed train split; the validation
@@ -49,7 +49,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--drop-path", type=float, default=0.1)

@@ -171,6 +171,18 @@ def _enqueue_baselines(study: optuna.Study, current: Problem, configs: dict[str,
         )
 
 
+def _sampler(settings: SearchSettings, current: Problem) -> optuna.samplers.BaseSampler:
+    """The named sampler, wrapped for local refinement when the settings ask for it."""
+    sampler = make_sampler(settings.sampler, settings.seed)
+    refining = settings.refine > 0 and baseline_of(settings.sampler) is None
+    if not refining or settings.parametrization != "raw":
+        return sampler
+    from search._local import LocalSearchSampler
+
+    start_after = max(1, round(settings.trials * (1 - settings.refine)))
+    return LocalSearchSampler(sampler, current.space_fn, start_after, seed=settings.seed)
+
+
 def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
     from evaluators import evaluate_accuracy
 
@@ -225,7 +237,7 @@ def run_search(
             metrics=settings.objective_names,
             define=functools.partial(define_trial, run_dir=str(run.root.resolve())),
             evaluate=functools.partial(evaluate_trial, run_dir=str(run.root.resolve())),
-            sampler=make_sampler(settings.sampler, settings.seed),
+            sampler=_sampler(settings, current),
             n_trials=0,
             tune_dir=run.tune,
             ray_address=settings.ray_address,

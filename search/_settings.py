@@ -47,6 +47,9 @@ class SearchSettings:
     # How the search runs.
     trials: int = 40
     sampler: str = "tpe"  # tpe | nsga2 | gp | random | baseline:NAME
+    # Fraction of the trials spent refining the best feasible trials by local moves
+    # (raw parametrization; see search._local). 0 leaves every trial to the sampler.
+    refine: float = 0.75
     baselines: bool = True  # enqueue the baselines' configs as the first trials
     seed: int = 0
     engine: str = "ray"
@@ -87,6 +90,8 @@ class SearchSettings:
         if self.svd not in ("whitened", "plain"):
             raise ValueError(f"`svd` must be 'whitened' or 'plain', but got {self.svd=}.")
         self.objective_names  # noqa: B018  (validates `objectives`)
+        if not 0.0 <= self.refine < 1.0:
+            raise ValueError(f"`0 <= refine < 1` must hold, but got {self.refine=}.")
         if self.trials < 1:
             raise ValueError(f"`trials >= 1` must hold, but got {self.trials=}.")
         if self.finetune_top < 0 or self.finetune_epochs < 0:

@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tpe, nsga2, gp, random or baseline:NAME (default: tpe)",
     )
+    p.add_argument(
+        "--refine",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of the trials that refine the best feasible trials by local moves "
+        "(raw parametrization; default: 0.75, 0 turns it off)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: 0")
     p.add_argument("--engine", choices=["ray", "optuna"], default=None, help="default: ray")
     p.add_argument(
