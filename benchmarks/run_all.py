@@ -346,7 +346,9 @@ def render_search_quality(data: dict[str, Any], suite: dict[str, Any] | None = N
         provenance(data, "search_quality", suite),
         f"Teacher accuracy {pct(data.get('teacher_val_accuracy'))}; "
         f"{settings.get('trials', '?')} trials, {settings.get('parametrization', '?')} "
-        f"parametrization, {settings.get('proxy', '?')} proxy, no fine-tuning.",
+        f"parametrization (refine {settings.get('refine', '?')}), "
+        f"{settings.get('proxy', '?')} proxy, no fine-tuning. The searched config is the "
+        "feasible non-baseline trial with the lowest proxy.",
         "",
     ]
     rows = []
@@ -365,6 +367,24 @@ def render_search_quality(data: dict[str, Any], suite: dict[str, Any] | None = N
                 ]
             )
     out.append(table(["budget", "config", "accuracy", "params fraction", "proxy"], rows))
+    by_seed = [
+        [
+            budget,
+            seed,
+            pct(v.get("searched_val_accuracy")),
+            f"{v.get('best_baseline')} {pct(v.get('best_baseline_val_accuracy'))}",
+            "yes" if v.get("searched_beats_every_baseline") else "no",
+        ]
+        for budget, entry in data.get("budgets", {}).items()
+        for seed, v in entry.get("seeds", {}).items()
+    ]
+    if by_seed:
+        out += [
+            "",
+            "Per seed (calibration subset, held-out batch and sampler):",
+            "",
+            table(["budget", "seed", "searched", "best baseline", "searched beats all"], by_seed),
+        ]
     engines = data.get("engines")
     if engines:
         out += [

@@ -178,6 +178,32 @@ def test_a_result_of_unexpected_shape_does_not_hide_the_others(run_all: ModuleTy
     assert "vitrank winner" in text
 
 
+def test_search_quality_shows_every_seeds_verdict(run_all: ModuleType) -> None:
+    def verdict(searched: float, best: float) -> dict:
+        return {
+            "searched_val_accuracy": searched,
+            "best_baseline": "baseline:asvd",
+            "best_baseline_val_accuracy": best,
+            "searched_beats_every_baseline": searched > best,
+        }
+
+    data = {
+        "machine": MACHINE,
+        "settings": {"trials": 200, "parametrization": "raw", "refine": 0.75},
+        "budgets": {
+            "0.5": {
+                "configs": {"searched": {"val_accuracy": 0.97, "params_fraction": 0.49}},
+                "seeds": {"0": verdict(0.97, 0.96), "1": verdict(0.95, 0.96)},
+            }
+        },
+    }
+    text = run_all.render_search_quality(data)
+    assert_tables_well_formed(text)
+    assert "| 0.5 | 0 | 97.00 % | baseline:asvd 96.00 % | yes |" in text
+    assert "| 0.5 | 1 | 95.00 % | baseline:asvd 96.00 % | no |" in text
+    assert "refine 0.75" in text
+
+
 def test_machine_line_reads_each_scripts_machine_record(run_all: ModuleType) -> None:
     # latency_table.py and search_quality.py record their machine differently.
     line = run_all.machine_line(
