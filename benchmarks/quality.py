@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=100, help="search trials per budget")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (<= 10)")
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--parametrization", default="budgeted", choices=("raw", "budgeted"))
+    parser.add_argument("--parametrization", default="raw", choices=("raw", "budgeted"))
     parser.add_argument("--proxy", default="logits", choices=("logits", "spectral"))
     parser.add_argument("--compensate", action="store_true", help="compensate before tuning")
     parser.add_argument("--compensation-steps", type=int, default=20)
