@@ -9,8 +9,9 @@ process from the run directory, never pickled per trial.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,9 +176,26 @@ def _recorder(job: EngineJob) -> Any:
 
 def run_ray(job: EngineJob) -> None:
     """Ray Tune's Tuner with OptunaSearch on the same study; actors are reused."""
-    # Tune's per-trial CSV/JSON/TensorBoard loggers cost more than our trials do.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's per-trial CSV/JSON/TensorBoard loggers cost more than our trials do. Set for
+    # this search only: the caller's own Tune runs keep their loggers.
+    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+        _run_tuner(job)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """Environment variables set (where not already) inside the block, restored after it."""
+    added = [key for key in values if key not in os.environ]
+    for key in added:
+        os.environ[key] = values[key]
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _run_tuner(job: EngineJob) -> None:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 

@@ -118,3 +118,15 @@ def _stop_cluster(temp_dir: str) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_tune_logger_settings_do_not_outlive_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search._engines import _environment
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+        assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"  # the user's own value wins
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
