@@ -120,9 +120,9 @@ def main() -> None:
         """One prepared cache (calibration, factors, held-out batch) per seed, for every run."""
         base = RunDir(root / f"prepared-s{seed}")
         base.root.mkdir(parents=True, exist_ok=True)
-        first = _settings(base.root, budgets[0], "optuna", seed, args)
-        atomic_write_text(base.settings, first.to_yaml())
-        prepare(base, first, workload, log=print)
+        settings = _settings(base.root, budgets[0], "optuna", seed, args)
+        atomic_write_text(base.settings, settings.to_yaml())
+        prepare(base, settings, workload, log=print)
         return base
 
     def run(name: str, budget: str, engine: str, seed: int, workload: Any) -> tuple[Path, float]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 # evaluation function (and the Tune trial's config) but are not Optuna parameters.
 TRIAL_ID_KEY = "__trial_id__"
 METRICS_ATTR = "metrics"
+VIOLATION_ATTR = "violation"  # Optuna user attr: the budget excess (<= 0 is feasible)
 _REPORT_KEY = "vitrank_metrics"
 
 

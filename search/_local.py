@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from search._engines import VIOLATION_ATTR
 from spaces import CONFIG_ATTR, CompressionConfig, raw_params
 from spaces._parametrize import ladder
 from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
@@ -42,19 +43,10 @@ if TYPE_CHECKING:
     from spaces import SpaceFunction
     from spaces._space import BlockChoices
 
-VIOLATION_ATTR = "violation"
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attr of enqueued trials
 
 
 # ---- moves in config space --------------------------------------------------------------
-
-
-def _grids(choice: BlockChoices, part: str, op: str) -> dict[str, tuple[int, ...]]:
-    return choice.attention_grids(op) if part == "attn" else choice.mlp_grids(op)
-
-
-def _ops(choice: BlockChoices, part: str) -> tuple[str, ...]:
-    return choice.attention_ops if part == "attn" else choice.mlp_ops
 
 
 def _spec(block: BlockSpec, part: str) -> AttentionSpec | MlpSpec:
@@ -79,16 +71,16 @@ def _knob_steps(
     for i, (block, choice) in enumerate(zip(config.blocks, choices, strict=True)):
         for part in ("attn", "mlp"):
             spec = _spec(block, part)
-            compressing = [op for op in _ops(choice, part) if op != "dense"]
+            compressing = [op for op in choice.ops(part) if op != "dense"]
             if spec.op == "dense":
                 if not up and compressing:
                     moves.append((i, part, ""))
                 continue
-            for knob, grid in _grids(choice, part, spec.op).items():
+            for knob, grid in choice.grids(part, spec.op).items():
                 index = grid.index(getattr(spec, knob))
                 if (index + 1 < len(grid)) if up else (index > 0):
                     moves.append((i, part, knob))
-            if up and "dense" in _ops(choice, part):
+            if up and "dense" in choice.ops(part):
                 moves.append((i, part, ""))
         ratios = choice.merge_ratios
         index = _ratio_index(ratios, block.merge_ratio)
@@ -123,10 +115,10 @@ def _step(
         if up:  # to dense
             new: AttentionSpec | MlpSpec = AttentionSpec() if part == "attn" else MlpSpec()
         else:  # from dense onto the top of a compressing op's ladder
-            op = rng.choice([op for op in _ops(choice, part) if op != "dense"])
+            op = rng.choice([op for op in choice.ops(part) if op != "dense"])
             new = ladder(choice, part, op)[-2]
     else:
-        grid = _grids(choice, part, spec.op)[knob]
+        grid = choice.grids(part, spec.op)[knob]
         index = grid.index(getattr(spec, knob)) + (1 if up else -1)
         new = replace(spec, **{knob: grid[index]})  # type: ignore[arg-type]
     blocks[i] = _with(block, new)
@@ -144,7 +136,7 @@ def _switch_op(
     """Another operator for one part, at the step of its ladder closest in cost."""
     choice = choices[i]
     current = _spec(config.blocks[i], part)
-    others = [op for op in _ops(choice, part) if op != current.op]
+    others = [op for op in choice.ops(part) if op != current.op]
     if not others:
         return None
     op = rng.choice(others)
@@ -298,8 +290,8 @@ class LocalSearchSampler(optuna.samplers.BaseSampler):
 
     def propose(self, study: optuna.Study, number: int) -> dict[str, Any] | None:
         """Raw params of an untried neighbour of an incumbent, or None (still exploring)."""
-        states = (optuna.trial.TrialState.COMPLETE,)
-        done = study.get_trials(deepcopy=False, states=states)
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(done) < self.start_after:
             return None
         ranked = sorted(
@@ -308,11 +300,7 @@ class LocalSearchSampler(optuna.samplers.BaseSampler):
         )
         if not ranked:
             return None
-        seen = {
-            t.user_attrs[CONFIG_ATTR]
-            for t in study.get_trials(deepcopy=False)
-            if CONFIG_ATTR in t.user_attrs
-        }
+        seen = {t.user_attrs[CONFIG_ATTR] for t in trials if CONFIG_ATTR in t.user_attrs}
         rng = random.Random(self.seed * 1_000_003 + number)
         space, budget = self.space_fn.space, self.space_fn.budget
         assert budget is not None

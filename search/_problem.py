@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from search._engines import TRIAL_ID_KEY
+from search._engines import TRIAL_ID_KEY, VIOLATION_ATTR
 from search._rundir import RunDir, atomic_write_json
 from search._settings import SearchSettings
 
@@ -143,7 +143,7 @@ class Problem:
         from spaces import CONFIG_ATTR
 
         trial.set_user_attr(CONFIG_ATTR, config.to_json(indent=None))
-        trial.set_user_attr("violation", violation)
+        trial.set_user_attr(VIOLATION_ATTR, violation)
         trial.set_user_attr("costs", self.costs(config))
         return {TRIAL_ID_KEY: trial._trial_id, BASELINE_KEY: baseline}
 

@@ -10,7 +10,7 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
-from search._engines import METRICS_ATTR
+from search._engines import METRICS_ATTR, VIOLATION_ATTR
 from search._pareto import pareto_front
 from search._rundir import RunDir, atomic_write_bytes, atomic_write_json
 
@@ -30,7 +30,7 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], cost: str) -> list[dict[s
         attrs = t.user_attrs
         costs = attrs.get("costs") or {}
         metrics = attrs.get(METRICS_ATTR) or {}
-        violation = attrs.get("violation")
+        violation = attrs.get(VIOLATION_ATTR)
         complete = t.state.name == "COMPLETE"
         row: dict[str, Any] = {
             "number": t.number,

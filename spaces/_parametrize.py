@@ -68,7 +68,7 @@ def ladder(choice: BlockChoices, part: str, op: str) -> list[AttentionSpec] | li
     With several knobs (e.g. qkv and proj ranks) all move together along their own grids,
     so every step up raises cost; the number of steps is that of the longest grid.
     """
-    grids = choice.attention_grids(op) if part == "attn" else choice.mlp_grids(op)
+    grids = choice.grids(part, op)
     make = AttentionSpec if part == "attn" else MlpSpec
     steps = max((len(g) for g in grids.values()), default=0)
     specs = []
@@ -118,7 +118,7 @@ def _cheapest_op(
 ) -> list:
     """The ladder (of the block's ops) whose cheapest step costs least, other parts fixed."""
     choice = space.blocks[part.block]
-    ops = choice.attention_ops if part.kind == "attn" else choice.mlp_ops
+    ops = choice.ops(part.kind)
     best, best_cost = part.steps, math.inf
     saved_steps, saved_level = part.steps, part.level
     for op in ops:

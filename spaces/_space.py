@@ -57,6 +57,14 @@ class BlockChoices:
             "prune": {"hidden_kept": self.hidden_kept},
         }[op]
 
+    def grids(self, part: str, op: str) -> dict[str, tuple[int, ...]]:
+        """The grids of `op` for one part of the block: "attn" or "mlp"."""
+        return self.attention_grids(op) if part == "attn" else self.mlp_grids(op)
+
+    def ops(self, part: str) -> tuple[str, ...]:
+        """The operators one part of the block ("attn" or "mlp") may run."""
+        return self.attention_ops if part == "attn" else self.mlp_ops
+
     def cheapest_parts(self) -> tuple[list[AttentionSpec], list[MlpSpec]]:
         """Per operator, its spec with every knob at the grid's minimum."""
         attns = [
