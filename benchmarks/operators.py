@@ -26,11 +26,11 @@ from torch import nn
 
 import vitrank
 from evaluators.calibration import calibrate
-from vitrank.compress.apply import apply_specs
-from vitrank.compress.compensate import compensate
-from vitrank.compress.factorize import FactorCache
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import BlockShape, inspect_vit
+from vitrank.core.apply import apply_specs
+from vitrank.core.compensate import compensate
+from vitrank.core.factorize import FactorCache
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import BlockShape, inspect_vit
 
 RESULTS = Path(__file__).parent / "results" / "operators.json"
 SVD_LEVELS = (0.4, 0.6, 0.8)  # fraction of every block Linear's weights removed

@@ -27,8 +27,8 @@ from evaluators import evaluate_accuracy, finetune, rank_fidelity
 from evaluators.calibration import calibrate
 from evaluators.proxies import LogitsProxy, SpectralProxy, heldout_batch, measure_sensitivity
 from spaces import allocate, build_space, count_params, parse_budget, suggest_raw
-from vitrank.compress.apply import apply_specs
-from vitrank.compress.factorize import FactorCache
+from vitrank.core.apply import apply_specs
+from vitrank.core.factorize import FactorCache
 
 
 def random_configs(space: Any, count: int, seed: int) -> list:

@@ -2,7 +2,7 @@
 
 1. For random-weight deit_small_patch16_224 and deit_base_patch16_224 at 224 px: the wall
    (and process CPU) time of `evaluators.calibration.calibrate` over random images and of
-   building the full `vitrank.compress.factorize.FactorCache` (every SVD a search needs,
+   building the full `vitrank.core.factorize.FactorCache` (every SVD a search needs,
    done once).
 2. On deit_small: at each budget, the best of a few budgeted configs (drawn by Optuna's
    random sampler from `spaces`' budgeted parametrization, ranked by the spectral proxy on
@@ -39,7 +39,7 @@ from evaluators import measure_latency
 from evaluators.calibration import calibrate
 from evaluators.proxies import SpectralProxy
 from spaces import SpaceFunction, build_space, count_flops, count_params, parse_budget
-from vitrank.compress.factorize import FactorCache
+from vitrank.core.factorize import FactorCache
 
 MODELS = {"deit_small": "deit_small_patch16_224", "deit_base": "deit_base_patch16_224"}
 INPUT = (3, 224, 224)

@@ -27,9 +27,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitrank.compress.apply import apply_specs
-from vitrank.compress.spec import BlockSpec, token_schedule
-from vitrank.compress.structure import inspect_vit
+from vitrank.core.apply import apply_specs
+from vitrank.core.spec import BlockSpec, token_schedule
+from vitrank.core.structure import inspect_vit
 
 RESULTS = Path(__file__).parent / "results" / "tokens.json"
 

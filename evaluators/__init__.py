@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from evaluators.accuracy import evaluate_accuracy
+from evaluators.accuracy import correct_predictions, evaluate_accuracy
+from evaluators.comparison import LATENCY_REPEATS, LATENCY_WARMUP, compare_with_teacher
 from evaluators.fidelity import Fidelity, rank_fidelity
 from evaluators.finetune import FinetuneResult, finetune, finetune_trainable
 from evaluators.latency import LatencyResult, measure_latency
+from evaluators.significance import McNemar, mcnemar
 
 # Names whose modules import the compression code (and calibration); loaded on first use.
 _LAZY = {
@@ -29,6 +31,12 @@ _LAZY = {
 }
 
 __all__ = [
+    "LATENCY_REPEATS",
+    "LATENCY_WARMUP",
+    "McNemar",
+    "compare_with_teacher",
+    "correct_predictions",
+    "mcnemar",
     "Fidelity",
     "FinetuneResult",
     "LatencyResult",

@@ -14,14 +14,14 @@ from evaluators._data import as_loader, images_and_labels, num_batches, progress
 _AUTO_PROGRESS_BATCHES = 50
 
 
-def evaluate_accuracy(
+def correct_predictions(
     model: nn.Module,
     data: Dataset | DataLoader | Iterable,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
-) -> float:
-    """Top-1 accuracy of `model` over every (image, label) of `data`, in [0, 1].
+) -> torch.Tensor:
+    """Whether `model`'s top-1 class is the label, per image of `data` (a bool tensor).
 
     `data` is a dataset of (image, label) pairs or a loader of batches. The model runs
     in eval mode under `torch.inference_mode` on `device` and is left in the mode it had;
@@ -33,17 +33,27 @@ def evaluate_accuracy(
         progress = total_batches is not None and total_batches > _AUTO_PROGRESS_BATCHES
     was_training = model.training
     model.eval()
-    correct = seen = 0
+    hits: list[torch.Tensor] = []
     try:
         with torch.inference_mode(), progress_bar("accuracy", total_batches, progress) as advance:
             for batch in loader:
                 images, labels = images_and_labels(batch)
                 logits = model(images.to(device))
-                correct += int((logits.argmax(-1).cpu() == labels).sum())
-                seen += labels.numel()
+                hits.append(logits.argmax(-1).cpu() == labels.reshape(-1))
                 advance()
     finally:
         model.train(was_training)
-    if seen == 0:
+    if not hits or sum(len(h) for h in hits) == 0:
         raise ValueError("accuracy needs at least one labelled image, but the data is empty.")
-    return correct / seen
+    return torch.cat(hits)
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> float:
+    """Top-1 accuracy of `model` over every (image, label) of `data`, in [0, 1]."""
+    return float(correct_predictions(model, data, batch_size, device, progress).double().mean())

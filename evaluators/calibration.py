@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from vitrank.compress.factorize import weights_digest
-from vitrank.compress.stats import CalibrationStats
+from vitrank.core.factorize import weights_digest
+from vitrank.core.stats import CalibrationStats
 
 
 class _Accumulator:
@@ -128,7 +128,7 @@ def calibrate(
 
     The model is run in eval mode without gradients and left as it was found.
     """
-    from vitrank.compress.structure import inspect_vit
+    from vitrank.core.structure import inspect_vit
 
     inspect_vit(model)  # unsupported models fail here with a clear message
     if max_images is not None and max_images < 1:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
 from evaluators.accuracy import evaluate_accuracy
-from vitrank.compress._files import atomic_write_text
+from vitrank.core.files import atomic_write_text
 
 
 @dataclass
@@ -198,20 +198,18 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float] | None:
     trial every epoch is reported with `ray.tune.report` (with `best_accuracy`); run plain,
     the final metrics are returned.
     """
-    import vitrank
+    from vitrank.core.model import load, save
+    from vitrank.workloads import WorkloadSettings
 
     config = dict(config)
     student_dir = config.pop("student_dir", None)
     if student_dir is None:
         raise ValueError("`finetune_trainable` needs config['student_dir'], a saved model dir.")
     output_dir = config.pop("output_dir", None)
-    workload = vitrank.load_workload(
-        config.pop("workload", "digits-vit"),
-        model=config.pop("model", None),
-        data=config.pop("data", None),
-        pretrained=config.pop("pretrained", False),
-    )
-    student = vitrank.load(student_dir)
+    # the teacher and its images; `seed` stays a fine-tuning keyword
+    chosen = {key: config.pop(key, None) for key in ("workload", "model", "data", "pretrained")}
+    workload = WorkloadSettings.of(chosen).load()
+    student = load(student_dir)
     config.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     config.setdefault("progress", False)
     report = _tune_report()
@@ -225,7 +223,7 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float] | None:
     }
     if output_dir is not None:
         directory = Path(output_dir)
-        vitrank.save(student, directory)
+        save(student, directory)
         record = {**final, "history": result.history, "settings": config}
         text = json.dumps(record, indent=2, default=str) + "\n"
         atomic_write_text(directory / "finetune.json", text)

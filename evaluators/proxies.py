@@ -34,13 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
-from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+from vitrank.core.operators import of
+from vitrank.core.registry import Registry
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
+from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 
 if TYPE_CHECKING:
     from spaces import CompressionConfig
-    from vitrank.compress.factorize import FactorCache
-    from vitrank.compress.stats import CalibrationStats
+    from vitrank.core.factorize import FactorCache
+    from vitrank.core.stats import CalibrationStats
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Proxy(abc.ABC):
         return self.evaluate(config)[self.metric]
 
 
-PROXIES: dict[str, type[Proxy]] = {}
+PROXIES: Registry[type[Proxy]] = Registry("proxy")
 
 
 _ProxyClass = TypeVar("_ProxyClass", bound=type[Proxy])
@@ -82,18 +84,16 @@ _ProxyClass = TypeVar("_ProxyClass", bound=type[Proxy])
 
 def register_proxy(cls: _ProxyClass) -> _ProxyClass:
     """Class decorator: make the proxy available by its `name`."""
-    PROXIES[cls.name] = cls
+    PROXIES.add(cls.name, cls)
     return cls
 
 
 def proxy_names() -> tuple[str, ...]:
-    return tuple(sorted(PROXIES))
+    return PROXIES.names()
 
 
 def get_proxy(name: str) -> type[Proxy]:
-    if name not in PROXIES:
-        raise ValueError(f"Unknown proxy {name!r}; known proxies: {', '.join(proxy_names())}.")
-    return PROXIES[name]
+    return PROXIES.get(name)
 
 
 def create_proxy(name: str, inputs: ProxyInputs) -> Proxy:
@@ -203,7 +203,7 @@ class SpectralProxy(Proxy):
 
         heads = hidden = None
         if teacher is not None and shape is not None and stats is not None:
-            from vitrank.compress.prune import head_scores, mlp_unit_scores
+            from vitrank.core.prune import head_scores, mlp_unit_scores
 
             block: Any = teacher.blocks[i]  # type: ignore[index]
             head = head_scores(
@@ -253,21 +253,9 @@ class SpectralProxy(Proxy):
         total = 0.0
         for i, spec in enumerate(specs):
             tables = self._tables[i]
-            attn, mlp = spec.attn, spec.mlp
-            op = attn.op
-            if op == "lowrank":
-                total += tables.qkv[attn.qkv_rank] + tables.proj[attn.proj_rank]
-            elif op == "heads":
-                if tables.qk is None:
-                    raise ValueError(f"blocks.{i}: head-level factorization is off (qk_norm).")
-                total += tables.qk[attn.qk_rank] + tables.vo[attn.vo_rank]
-            elif op == "prune":
-                total += self._pruning(tables.heads, i)[attn.heads_kept]
-            op = mlp.op
-            if op == "lowrank":
-                total += tables.fc1[mlp.fc1_rank] + tables.fc2[mlp.fc2_rank]
-            elif op == "prune":
-                total += self._pruning(tables.hidden, i)[mlp.hidden_kept]
+            for part in (spec.attn, spec.mlp):
+                for table, value in of(part).proxy_terms(part):
+                    total += self._term(tables, table, i)[value]
             if spec.merge_ratio:
                 merged = merge_count(spec.merge_ratio, tokens, prefix)
                 if merged:
@@ -276,13 +264,16 @@ class SpectralProxy(Proxy):
         return total
 
     @staticmethod
-    def _pruning(table: list[float] | None, index: int) -> list[float]:
-        if table is None:
-            raise ValueError(
-                f"blocks.{index}: the spectral proxy scores pruning by calibration importance, "
-                "so `teacher` and `stats` must be given to SpectralProxy."
-            )
-        return table
+    def _term(tables: _BlockTables, name: str, index: int) -> list[float]:
+        table = getattr(tables, name)
+        if table is not None:
+            return table
+        if name == "qk":
+            raise ValueError(f"blocks.{index}: head-level factorization is off (qk_norm).")
+        raise ValueError(
+            f"blocks.{index}: the spectral proxy scores pruning by calibration importance, "
+            "so `teacher` and `stats` must be given to SpectralProxy."
+        )
 
 
 # -- logits -----------------------------------------------------------------------------
@@ -294,6 +285,11 @@ def _embed(model: Any, images: Tensor) -> Tensor:
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     return model.norm_pre(x)
+
+
+def _features(model: Any, tokens: Tensor) -> Tensor:
+    """The pooled features the classifier reads (timm's pre-logits) from the last tokens."""
+    return model.forward_head(model.norm(tokens), pre_logits=True)
 
 
 def _head(model: Any, tokens: Tensor) -> Tensor:
@@ -408,6 +404,7 @@ class LogitsProxy(Proxy):
                 tokens = [blocks[k](x) for x in tokens]
                 if k + 1 < self._cached:
                     self._states.append(tokens)
+            self.teacher_features = torch.cat([_features(self._shell, x) for x in tokens])
             logits = torch.cat([_head(self._shell, x) for x in tokens])
             self.teacher_log_probs = F.log_softmax(logits, dim=-1)
             self.teacher_top1 = self.teacher_log_probs.argmax(-1)
@@ -430,7 +427,7 @@ class LogitsProxy(Proxy):
 
     def _build(self, specs: Sequence[BlockSpec]) -> nn.Module:
         """The candidate, for one read-only forward: it shares modules with the shell."""
-        from vitrank.compress.apply import apply_specs
+        from vitrank.core.apply import apply_specs
 
         return apply_specs(
             self._shell, specs, self.factors, self.stats, fingerprint=self.fingerprint
@@ -463,12 +460,27 @@ class LogitsProxy(Proxy):
                 result["accuracy"] = float((top1 == self.labels).double().mean())
         return result
 
+    def feature_error(self, config: CompressionConfig) -> float:
+        """‖f − f_teacher‖² / ‖f_teacher‖² of the final features (before the classifier)."""
+        specs = tuple(config.blocks)
+        first = next((i for i, s in enumerate(specs) if not s.is_dense), len(specs))
+        if first == len(specs):
+            return 0.0
+        start = min(first, self._cached - 1)
+        with torch.inference_mode():
+            candidate = self._build(specs)
+            features = torch.cat(
+                [self._run(candidate, start, x, features=True) for x in self._states[start]]
+            )
+            error = (features - self.teacher_features).double().pow(2).sum()
+            return float(error / self.teacher_features.double().pow(2).sum().clamp_min(1e-30))
+
     @staticmethod
-    def _run(candidate: Any, start: int, x: Tensor) -> Tensor:
+    def _run(candidate: Any, start: int, x: Tensor, features: bool = False) -> Tensor:
         size = None  # no token is merged before the first compressed block
         for block in candidate.blocks[start:]:
             x, size, _ = block(x, size, None)
-        return _head(candidate, x)
+        return _features(candidate, x) if features else _head(candidate, x)
 
 
 # -- sensitivity ------------------------------------------------------------------------

@@ -23,9 +23,30 @@ class ReportPaths(NamedTuple):
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    from search._rundir import atomic_write_text
+    from vitrank.core.files import atomic_write_text
 
     atomic_write_text(path, text)
+
+
+# Files that only a search writes: a directory holding one is that search's run.
+RUN_MARKERS = ("run.yaml", "study.db")
+
+
+def refuse_another_run(out: Path, own: Path | None) -> None:
+    """Refuse to write a report into a run directory other than `own`.
+
+    A report writes trials.parquet, report.html and summary.md: in another run's directory
+    they would replace that run's own, and `vitrank finetune` would then pick its winners
+    from the wrong trials.
+    """
+    marks = [name for name in RUN_MARKERS if (out / name).exists()]
+    if not marks or (own is not None and out.resolve() == own.resolve()):
+        return
+    default = f", or leave out --out to write into {own}" if own is not None else ""
+    raise FileExistsError(
+        f"{out} holds a run of its own ({', '.join(marks)}); a report there would overwrite "
+        f"that run's trials and report. Choose a new or empty --out{default}."
+    )
 
 
 def objectives(run: RunData) -> tuple[str, str]:
@@ -120,6 +141,7 @@ def build(run_dir: str | Path, out: str | Path | None = None) -> ReportPaths:
     """Write report.html, summary.md, trials.parquet and trials.csv of one run (into `out`)."""
     run = load_run(run_dir)
     out = Path(out) if out is not None else run.root
+    refuse_another_run(out, own=run.root)
     out.mkdir(parents=True, exist_ok=True)
     score, cost = objectives(run)
     winners = winners_table(run)
@@ -177,7 +199,7 @@ def write_trials(
     trials: pd.DataFrame, parquet: Path, csv: Path, *, parquet_too: bool = True
 ) -> None:
     """The flat trials table (without the report's hover text) as CSV, and Parquet if asked."""
-    from search._rundir import atomic_write_bytes
+    from vitrank.core.files import atomic_write_bytes
 
     table = trials.drop(columns=["hover"], errors="ignore")
     if parquet_too:
@@ -319,6 +341,7 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> ReportPaths:
     if len(set(names)) != len(names):
         names = [str(run.root) for run in runs]
     out = Path(out)
+    refuse_another_run(out, own=None)  # its trials.parquet holds every run's trials
     out.mkdir(parents=True, exist_ok=True)
     score, cost = objectives(runs[0])
     for run in runs[1:]:

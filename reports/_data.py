@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from search._pareto import pareto_front as _front_indices
+from search import pareto_front as _front_indices
 
 
 def pareto_front(
@@ -212,8 +212,9 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
     relative to its dense form (attention, MLP) or the fraction of tokens that leave the
     block (tokens), so one colour scale reads for every part: 1 = untouched.
     """
-    from spaces._cost import attention_linears, mlp_linears
-    from vitrank.compress.spec import AttentionSpec, MlpSpec, merge_count
+    from spaces import attention_linears, mlp_linears
+    from vitrank.core.operators import of
+    from vitrank.core.spec import AttentionSpec, MlpSpec, merge_count
 
     rows = []
     for label, config in winners.items():
@@ -224,7 +225,8 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
             attn, mlp = spec.attn, spec.mlp
             dense_attn = sum(lin.params for lin in attention_linears(shape, AttentionSpec()))
             dense_mlp = sum(lin.params for lin in mlp_linears(shape, MlpSpec()))
-            attn_kept = sum(lin.params for lin in attention_linears(shape, attn)) / dense_attn
+            attn_linears = attention_linears(shape, attn, spec.merge_ratio > 0)
+            attn_kept = sum(lin.params for lin in attn_linears) / dense_attn
             mlp_kept = sum(lin.params for lin in mlp_linears(shape, mlp)) / dense_mlp
             tokens_in = schedule[index]
             merged = merge_count(spec.merge_ratio, tokens_in, prefix)
@@ -234,13 +236,13 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
                     common,
                     part="attention",
                     op=attn.op,
-                    choice=_attention_text(attn, shape.num_heads),
+                    choice=of(attn).describe(attn, shape),
                     kept=attn_kept,
                     qkv_rank=attn.qkv_rank,
                     proj_rank=attn.proj_rank,
                     qk_rank=attn.qk_rank,
                     vo_rank=attn.vo_rank,
-                    keep_ratio=attn.heads_kept / shape.num_heads if attn.op == "prune" else 1.0,
+                    keep_ratio=of(attn).keep_ratio(attn, shape),
                 )
             )
             rows.append(
@@ -248,11 +250,11 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
                     common,
                     part="mlp",
                     op=mlp.op,
-                    choice=_mlp_text(mlp, shape.mlp_hidden),
+                    choice=of(mlp).describe(mlp, shape),
                     kept=mlp_kept,
                     fc1_rank=mlp.fc1_rank,
                     fc2_rank=mlp.fc2_rank,
-                    keep_ratio=mlp.hidden_kept / shape.mlp_hidden if mlp.op == "prune" else 1.0,
+                    keep_ratio=of(mlp).keep_ratio(mlp, shape),
                 )
             )
             rows.append(
@@ -272,26 +274,6 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
         "qk_rank", "vo_rank", "fc1_rank", "fc2_rank", "keep_ratio", "merge_ratio",
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
-
-
-def _attention_text(spec: object, num_heads: int) -> str:
-    op = spec.op  # type: ignore[attr-defined]
-    if op == "lowrank":
-        return f"lowrank qkv {spec.qkv_rank or 'full'}, proj {spec.proj_rank or 'full'}"  # type: ignore[attr-defined]
-    if op == "heads":
-        return f"heads qk {spec.qk_rank}, vo {spec.vo_rank}"  # type: ignore[attr-defined]
-    if op == "prune":
-        return f"prune {spec.heads_kept}/{num_heads} heads"  # type: ignore[attr-defined]
-    return "dense"
-
-
-def _mlp_text(spec: object, hidden: int) -> str:
-    op = spec.op  # type: ignore[attr-defined]
-    if op == "lowrank":
-        return f"lowrank fc1 {spec.fc1_rank or 'full'}, fc2 {spec.fc2_rank or 'full'}"  # type: ignore[attr-defined]
-    if op == "prune":
-        return f"prune {spec.hidden_kept}/{hidden} units"  # type: ignore[attr-defined]
-    return "dense"
 
 
 class BlockMapGrid(NamedTuple):

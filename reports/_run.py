@@ -142,6 +142,7 @@ def _present(value: Any) -> bool:
 def config_summary(config: Any, width: int = 4) -> str:
     """Per-block choices in a few short lines: 'b0 heads 4/4 | mlp prune 96 | merge .25'."""
     from spaces import CompressionConfig
+    from vitrank.core.operators import of
 
     if isinstance(config, str):
         try:
@@ -153,18 +154,7 @@ def config_summary(config: Any, width: int = 4) -> str:
     parts = []
     for index, block in enumerate(config.blocks):
         attn, mlp = block.attn, block.mlp
-        text = f"b{index}: "
-        text += {
-            "dense": "attn dense",
-            "lowrank": f"attn lr {attn.qkv_rank}/{attn.proj_rank}",
-            "heads": f"heads {attn.qk_rank}/{attn.vo_rank}",
-            "prune": f"heads kept {attn.heads_kept}",
-        }.get(attn.op, attn.op)
-        text += {
-            "dense": ", mlp dense",
-            "lowrank": f", mlp lr {mlp.fc1_rank}/{mlp.fc2_rank}",
-            "prune": f", mlp kept {mlp.hidden_kept}",
-        }.get(mlp.op, f", {mlp.op}")
+        text = f"b{index}: attn {of(attn).brief(attn)}, mlp {of(mlp).brief(mlp)}"
         if block.merge_ratio:
             text += f", merge {block.merge_ratio:g}"
         parts.append(text)
@@ -211,7 +201,6 @@ def winners_table(run: RunData) -> pd.DataFrame:
 
 
 # Settings of run.yaml that name the teacher and its images, as `load_workload` takes them.
-WORKLOAD_KEYS = ("workload", "model", "data", "pretrained", "calib_size", "seed")
 
 
 def recorded_workload(config: Any, directory: str | Path) -> dict[str, Any]:
@@ -220,11 +209,14 @@ def recorded_workload(config: Any, directory: str | Path) -> dict[str, Any]:
     `vitrank apply` records it in the config's provenance; a search's winner
     (`runs/<name>/winners/<id>/`) has it in its run's run.yaml. Empty when neither says.
     """
+    from vitrank.workloads import WorkloadSettings
+
+    keys = WorkloadSettings.names()
     recorded = config.provenance.get("workload")
     if isinstance(recorded, dict):
-        return {k: v for k, v in recorded.items() if k in WORKLOAD_KEYS and v is not None}
+        return {k: v for k, v in recorded.items() if k in keys and v is not None}
     settings = Path(directory).resolve().parent.parent / "run.yaml"
     if Path(directory).resolve().parent.name == "winners" and settings.is_file():
         saved = yaml.safe_load(settings.read_text()) or {}
-        return {k: saved[k] for k in WORKLOAD_KEYS if saved.get(k) is not None}
+        return {k: saved[k] for k in keys if saved.get(k) is not None}
     return {}

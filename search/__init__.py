@@ -8,6 +8,7 @@ samplers and baselines are looked up by name in `ENGINES`, `SAMPLERS` and `BASEL
 from __future__ import annotations
 
 from search._engines import ENGINES, EngineJob, run_engine
+from search._finish import finetune_winners
 from search._pareto import pareto_front, pick_winners
 from search._run import RESUMABLE, resolve_run, run_search
 from search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
@@ -28,6 +29,7 @@ __all__ = [
     "SearchSettings",
     "atomic_write_bytes",
     "atomic_write_json",
+    "finetune_winners",
     "make_sampler",
     "pareto_front",
     "pick_winners",

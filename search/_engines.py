@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vitrank.core.registry import Registry
+
 if TYPE_CHECKING:
     import optuna
 
@@ -245,11 +247,12 @@ def _run_tuner(job: EngineJob) -> None:
     tuner.fit()
 
 
-ENGINES: dict[str, Callable[[EngineJob], None]] = {"optuna": run_optuna, "ray": run_ray}
+ENGINES: Registry[Callable[[EngineJob], None]] = Registry("engine")
+ENGINES.add("ray", run_ray)
+ENGINES.add("optuna", run_optuna)
 
 
 def run_engine(name: str, job: EngineJob) -> None:
-    if name not in ENGINES:
-        raise ValueError(f"Unknown engine {name!r}; known: {', '.join(ENGINES)}.")
+    engine = ENGINES.get(name)
     if job.n_trials > 0:
-        ENGINES[name](job)
+        engine(job)

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from search._engines import VIOLATION_ATTR
-from spaces import CONFIG_ATTR, CompressionConfig, raw_params
-from spaces._parametrize import ladder
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from spaces import CONFIG_ATTR, CompressionConfig, ladder, raw_params
+from vitrank.core.operators import operator
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -40,8 +40,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
 
-    from spaces import SpaceFunction
-    from spaces._space import BlockChoices
+    from spaces import BlockChoices, SpaceFunction
 
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attr of enqueued trials
 
@@ -59,15 +58,18 @@ def _with(block: BlockSpec, spec: AttentionSpec | MlpSpec) -> BlockSpec:
     return replace(block, mlp=spec)
 
 
-def _knob_steps(
-    config: CompressionConfig, choices: Sequence[BlockChoices], up: bool
-) -> list[tuple[int, str, str]]:
-    """Every (block, part, knob) that can move one step up (or down); "" is the op's ladder.
+# (block, part, target): target is the operator's neighbour spec one knob step away, or ""
+# for a move between dense and the top of a compressing op's ladder (and for merging).
+Move = tuple[int, str, "AttentionSpec | MlpSpec | str"]
 
-    A dense part steps down onto the top of a compressing op's ladder ("" knob); a part at
-    its grids' tops steps up to dense. Merge ratios are the part "merge".
+
+def _knob_steps(config: CompressionConfig, choices: Sequence[BlockChoices], up: bool) -> list[Move]:
+    """Every one-step move up (more cost) or down (less cost), as the operators define them.
+
+    A dense part steps down onto the top of a compressing op's ladder; a compressed part
+    steps up to dense too. Merge ratios are the part "merge".
     """
-    moves: list[tuple[int, str, str]] = []
+    moves: list[Move] = []
     for i, (block, choice) in enumerate(zip(config.blocks, choices, strict=True)):
         for part in ("attn", "mlp"):
             spec = _spec(block, part)
@@ -76,10 +78,9 @@ def _knob_steps(
                 if not up and compressing:
                     moves.append((i, part, ""))
                 continue
-            for knob, grid in choice.grids(part, spec.op).items():
-                index = grid.index(getattr(spec, knob))
-                if (index + 1 < len(grid)) if up else (index > 0):
-                    moves.append((i, part, knob))
+            grids = choice.grids(part, spec.op)
+            for new in operator(part, spec.op).neighbours(spec, grids, up):
+                moves.append((i, part, new))
             if up and "dense" in choice.ops(part):
                 moves.append((i, part, ""))
         ratios = choice.merge_ratios
@@ -97,12 +98,12 @@ def _ratio_index(ratios: tuple[float, ...], value: float) -> int:
 def _step(
     config: CompressionConfig,
     choices: Sequence[BlockChoices],
-    move: tuple[int, str, str],
+    move: Move,
     up: bool,
     rng: random.Random,
 ) -> CompressionConfig:
     """`config` with one knob one step up (more cost) or down (less cost)."""
-    i, part, knob = move
+    i, part, target = move
     blocks = list(config.blocks)
     block, choice = blocks[i], choices[i]
     if part == "merge":
@@ -110,17 +111,14 @@ def _step(
         index = _ratio_index(ratios, block.merge_ratio) + (-1 if up else 1)
         blocks[i] = replace(block, merge_ratio=float(ratios[index]))
         return replace(config, blocks=tuple(blocks))
-    spec = _spec(block, part)
-    if knob == "":
+    if target == "":
         if up:  # to dense
             new: AttentionSpec | MlpSpec = AttentionSpec() if part == "attn" else MlpSpec()
         else:  # from dense onto the top of a compressing op's ladder
             op = rng.choice([op for op in choice.ops(part) if op != "dense"])
             new = ladder(choice, part, op)[-2]
     else:
-        grid = choice.grids(part, spec.op)[knob]
-        index = grid.index(getattr(spec, knob)) + (1 if up else -1)
-        new = replace(spec, **{knob: grid[index]})  # type: ignore[arg-type]
+        new = target  # type: ignore[assignment]
     blocks[i] = _with(block, new)
     return replace(config, blocks=tuple(blocks))
 

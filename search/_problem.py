@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
     from evaluators.proxies import Proxy
     from spaces import Budget, CompressionConfig, LatencyTable, SearchSpace, SpaceFunction
-    from vitrank.compress.factorize import FactorCache
-    from vitrank.compress.stats import CalibrationStats
+    from vitrank.core.factorize import FactorCache
+    from vitrank.core.stats import CalibrationStats
     from vitrank.workloads import Workload
 
 BASELINE_KEY = "__baseline__"  # constant naming the baseline a trial replays ("" for none)
@@ -65,7 +65,7 @@ class Problem:
 
     def factor_cache(self, svd: str) -> FactorCache:
         if svd not in self.factors:
-            from vitrank.compress.factorize import FactorCache
+            from vitrank.core.factorize import FactorCache
 
             self.factors[svd] = FactorCache.load(factor_path(self.run, svd), self.teacher)
         return self.factors[svd]
@@ -89,8 +89,7 @@ class Problem:
             self._proxies[key] = create_proxy(name, inputs)
         return self._proxies[key]
 
-    def quick_score(self) -> Any:
-        """The logits KL on the first `SENSITIVITY_IMAGES` held-out images (whitened)."""
+    def _quick(self) -> Any:
         from evaluators.proxies import LogitsProxy
 
         key = "quick"
@@ -101,7 +100,15 @@ class Problem:
                 self.stats,
                 self.heldout[0][:SENSITIVITY_IMAGES],
             )
-        return self._proxies[key].score
+        return self._proxies[key]
+
+    def quick_score(self) -> Any:
+        """The logits KL on the first `SENSITIVITY_IMAGES` held-out images (whitened)."""
+        return self._quick().score
+
+    def feature_error(self) -> Any:
+        """The final features' normalised error on the same images (FLAR-SVD's criterion)."""
+        return self._quick().feature_error
 
     def baseline(self, name: str) -> CompressionConfig:
         if name not in self._baselines:
@@ -238,9 +245,9 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
     from evaluators.calibration import calibrate_cached
     from evaluators.proxies import heldout_batch, measure_sensitivity
     from spaces import check_feasible
-    from vitrank.compress._files import atomic_write
-    from vitrank.compress.factorize import FactorCache
-    from vitrank.compress.stats import CalibrationStats
+    from vitrank.core.factorize import FactorCache
+    from vitrank.core.files import atomic_write
+    from vitrank.core.stats import CalibrationStats
 
     paths = _paths(run)
     run.cache.mkdir(parents=True, exist_ok=True)
@@ -250,6 +257,13 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
         state = {k: v.detach().contiguous() for k, v in teacher.state_dict().items()}
         atomic_write(paths["teacher"], lambda tmp: save_file(state, tmp))
         atomic_write_json(paths["teacher_meta"], meta)
+    # The budget is checked before calibration: a budget refused costs no pass over the data.
+    space = make_space(settings, teacher, meta)
+    budget = make_budget(settings)
+    table = None
+    if needs_latency_table(settings):
+        table = _latency_table(run, settings, teacher, space, log)
+    check_feasible(space, budget, table)
     if paths["stats"].exists():
         stats = CalibrationStats.load(paths["stats"])
     else:
@@ -257,12 +271,6 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
         key = f"{workload.name}/calib/{len(workload.calib)}/seed{settings.seed}"  # type: ignore[arg-type]
         stats = calibrate_cached(teacher, workload.calib, run.cache, key, progress=False)
         stats.save(paths["stats"])
-    space = make_space(settings, teacher, meta)
-    budget = make_budget(settings)
-    table = None
-    if needs_latency_table(settings):
-        table = _latency_table(run, settings, teacher, space, log)
-    check_feasible(space, budget, table)
     kinds = {settings.svd}
     if settings.baselines or settings.sampler.startswith("baseline:"):
         kinds |= {"whitened", "plain"}
@@ -309,8 +317,11 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
 def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
     import timm
 
+    from vitrank.core.io import check_architecture
+
     paths = _paths(run)
     meta = json.loads(paths["teacher_meta"].read_text())
+    check_architecture(meta["model_name"], meta["model_args"], paths["teacher_meta"])
     teacher = timm.create_model(meta["model_name"], pretrained=False, **meta["model_args"])
     teacher.load_state_dict(_load_tensors(paths["teacher"]))
     return teacher.eval(), meta
@@ -318,7 +329,7 @@ def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
 
 def load_problem(run: RunDir) -> Problem:
     from spaces import SpaceFunction
-    from vitrank.compress.stats import CalibrationStats
+    from vitrank.core.stats import CalibrationStats
 
     settings = SearchSettings.load(run.settings)
     paths = _paths(run)

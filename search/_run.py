@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 from search._engines import EngineJob, open_study, run_engine, storage
 from search._problem import (
     BASELINE_ATTR,
@@ -65,6 +67,7 @@ def resolve_run(settings: SearchSettings, given: dict[str, Any] | None = None) -
                 f"{run.root} already holds a search; continue it with --resume, or choose "
                 "another --out."
             )
+        _check_startable(run)
         return settings
     if not run.exists():
         raise FileNotFoundError(
@@ -90,17 +93,39 @@ def resolve_run(settings: SearchSettings, given: dict[str, Any] | None = None) -
     return SearchSettings.from_dict(merged)
 
 
-def _load_workload(settings: SearchSettings) -> Workload:
-    from vitrank.workloads import load_workload
+def _check_startable(run: RunDir) -> None:
+    """Refuse to start a search in a directory that holds anything but a failed start.
 
-    return load_workload(
-        settings.workload,
-        model=settings.model,
-        data=settings.data,
-        pretrained=settings.pretrained,
-        calib_size=settings.calib_size,
-        seed=settings.seed,
-    )
+    A new search writes run.yaml, trials tables and reports: in a folder of someone else's
+    files (a report, a summary, another tool's run.yaml) it would overwrite them.
+    """
+    if run.root.exists() and not run.root.is_dir():
+        raise FileExistsError(f"{run.root} is a file, not a run directory; choose another --out.")
+    foreign = run.foreign_entries()
+    problem = ""
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        problem = f"it holds {shown}"
+    elif run.exists():
+        try:
+            SearchSettings.load(run.settings)
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            problem = f"its run.yaml is not a vitrank search's: {error}"
+    elif run.cache.exists() or run.baselines.exists():
+        # A start writes run.yaml first; and a start clears the cache it finds.
+        problem = "it holds cache/ or baselines/ but no run.yaml"
+    if problem:
+        raise FileExistsError(
+            f"{run.root} is not empty and is not a vitrank run ({problem}); a new search "
+            "would overwrite files there. Choose a new or empty --out, or continue your own "
+            "run there with --resume."
+        )
+
+
+def _load_workload(settings: SearchSettings) -> Workload:
+    from vitrank.workloads import WorkloadSettings
+
+    return WorkloadSettings.of(settings).load()
 
 
 def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
@@ -120,6 +145,7 @@ def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
             score=current.quick_score(),
             spectral=spectral.score,
             latency_table=current.latency_table,
+            feature_error=current.feature_error(),
         )
         configs, skipped = run_baselines(inputs, todo)
         for name, config in configs.items():

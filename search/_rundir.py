@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 from pathlib import Path
-from typing import Any
+
+# The one atomic writer (temporary file, then rename), re-exported for search's callers.
+from vitrank.core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = [
+    "RunDir",
+    "RunLockedError",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+]
 
 
 class RunLockedError(RuntimeError):
     """Another search is writing this run directory."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`.
-
-    A reader (or a search killed half-way) sees the old file or the new one, never half.
-    """
-    from vitrank.compress._files import atomic_write
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_bytes(data)
-
-    atomic_write(path, write)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 class RunDir:
@@ -88,6 +76,17 @@ class RunDir:
 
     def exists(self) -> bool:
         return self.settings.exists()
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the directory that a start of a search does not write before its study.
+
+        A start that failed before any trial leaves only run.yaml, the lock, the cache and
+        the baselines; anything else belongs to a finished run or to someone else.
+        """
+        if not self.root.is_dir():
+            return []
+        starting = {self.settings, self.lock_path, self.cache, self.baselines}
+        return sorted(p.name for p in self.root.iterdir() if p not in starting)
 
     def acquire(self) -> None:
         """Take the directory's lock or raise `RunLockedError` naming the holder.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from vitrank.core.registry import Registry
+
 if TYPE_CHECKING:
     import optuna
 
@@ -42,12 +44,9 @@ def _random(seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "nsga2": _nsga2,
-    "gp": _gp,
-    "random": _random,
-}
+SAMPLERS: Registry[Callable[[int], optuna.samplers.BaseSampler]] = Registry("sampler")
+for _name, _make in (("tpe", _tpe), ("nsga2", _nsga2), ("gp", _gp), ("random", _random)):
+    SAMPLERS.add(_name, _make)
 
 BASELINE_PREFIX = "baseline:"
 
@@ -63,14 +62,11 @@ def make_sampler(name: str, seed: int = 0) -> optuna.samplers.BaseSampler:
         from search.baselines import BASELINES
 
         if baseline_of(name) not in BASELINES:
-            raise ValueError(
-                f"Unknown baseline {baseline_of(name)!r}; known: "
-                f"{', '.join(BASELINE_PREFIX + b for b in BASELINES)}."
-            )
+            known = ", ".join(BASELINE_PREFIX + b for b in BASELINES)
+            raise ValueError(f"unknown baseline {baseline_of(name)!r}; known: {known}.")
         return _random(seed)
     if name not in SAMPLERS:
         raise ValueError(
-            f"Unknown sampler {name!r}; known: {', '.join(SAMPLERS)} "
-            f"or {BASELINE_PREFIX}NAME for a baseline."
+            f"{SAMPLERS.unknown(name)} (or {BASELINE_PREFIX}NAME to run one baseline alone)"
         )
-    return SAMPLERS[name](seed)
+    return SAMPLERS.get(name)(seed)

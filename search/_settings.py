@@ -7,20 +7,26 @@ back with `--config` starts the same run again.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ENGINES = ("ray", "optuna")
-PROXIES = ("logits", "spectral")
-PARAMETRIZATIONS = ("raw", "budgeted")
+from evaluators.proxies import PROXIES
+from search._engines import ENGINES
+from spaces import MERGE_FAMILY as _MERGE
+from spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
+
 COSTS = ("params", "flops", "latency_ms")
-DEFAULT_OPS = ("lowrank", "heads", "tokens", "prune")
+DEFAULT_OPS = OPS
 # Token merging removes no parameters: under a parameter budget it can only cost accuracy,
 # so it is searched by default only against FLOPs or latency budgets.
-PARAMS_BUDGET_OPS = ("lowrank", "heads", "prune")
+PARAMS_BUDGET_OPS = tuple(op for op in OPS if op != _MERGE)
 
 
 @dataclass
@@ -66,6 +72,14 @@ class SearchSettings:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        for name in PATH_FIELDS:
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_types(vars(self), "search settings")
+        for name, hint in _annotations().items():
+            value = getattr(self, name)
+            if _accepts(hint, 1.0) and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))  # run.yaml says 1.0 whether 1 or 1.0 was given
         if self.ops is None:
             by_cost = self.budget_latency is not None or self.budget_flops is not None
             self.ops = DEFAULT_OPS if by_cost else PARAMS_BUDGET_OPS
@@ -78,17 +92,16 @@ class SearchSettings:
         self.validate()
 
     def validate(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"`engine` must be one of {ENGINES}, but got {self.engine=}.")
-        if self.proxy not in PROXIES:
-            raise ValueError(f"`proxy` must be one of {PROXIES}, but got {self.proxy=}.")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"`parametrization` must be one of {PARAMETRIZATIONS}, "
-                f"but got {self.parametrization=}."
-            )
-        if self.svd not in ("whitened", "plain"):
-            raise ValueError(f"`svd` must be 'whitened' or 'plain', but got {self.svd=}.")
+        for name, registry in (
+            ("engine", ENGINES),
+            ("proxy", PROXIES),
+            ("parametrization", PARAMETRIZATIONS),
+        ):
+            value = getattr(self, name)
+            if value not in registry:
+                raise ValueError(f"`{name}` must be one of {registry.names()}, but got {value!r}.")
+        if self.svd not in SVD_KINDS:
+            raise ValueError(f"`svd` must be one of {SVD_KINDS}, but got {self.svd=}.")
         self.objective_names  # noqa: B018  (validates `objectives`)
         if not 0.0 <= self.refine < 1.0:
             raise ValueError(f"`0 <= refine < 1` must hold, but got {self.refine=}.")
@@ -109,6 +122,20 @@ class SearchSettings:
         ]
         if len(active) > 1:
             raise ValueError(f"Give at most one of --budget-latency/--budget-flops, got {active}.")
+        # Checked here, before any model is loaded, by the rules `spaces.parse_budget` reads.
+        if self.budget_flops is not None and not 0 < self.budget_flops < 1:
+            raise ValueError(
+                "`0 < budget_flops < 1` must hold (a fraction of the teacher's FLOPs; 1 keeps "
+                f"them all), but got {self.budget_flops=}."
+            )
+        if self.budget_latency is not None and not self.budget_latency > 0:
+            raise ValueError(
+                f"`budget_latency > 0` must hold (milliseconds), but got {self.budget_latency=}."
+            )
+        if not active and self.budget_params is not None:
+            from spaces import parse_budget
+
+            parse_budget(self.budget_params, kind="params")
 
     @property
     def objective_names(self) -> tuple[str, str]:
@@ -166,8 +193,70 @@ class SearchSettings:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}.")
+        check_types(data, path)  # before the overrides join, so an error names the file
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
+
+
+# Settings that name files: a path object is taken as its string.
+PATH_FIELDS = ("data", "out")
+# Accepted beyond the annotation: a params budget as a number (0.5, 11e6), ops as one
+# comma-separated string ("lowrank,heads").
+ALSO_ACCEPTED: dict[str, Any] = {"budget_params": float, "ops": str}
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+@functools.cache
+def _annotations() -> dict[str, Any]:
+    return typing.get_type_hints(SearchSettings)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether `value` is of type `hint`; a bool is not a number, an int is a float."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...], from YAML a list
+        element = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_accepts(element, v) for v in value)
+    if hint in _NAMES:
+        return isinstance(value, hint)
+    raise TypeError(f"No type check for settings of type {hint!r}; add one to `_accepts`.")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = sorted(typing.get_args(hint), key=lambda arg: arg is type(None))  # null last
+        names = [_describe(arg) for arg in args]
+        return ", ".join(names[:-1]) + " or " + names[-1]
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ')}s"
+    return _NAMES[hint]
+
+
+def check_types(data: dict[str, Any], source: str | Path) -> None:
+    """Refuse a setting whose value is not of its field's type, naming the key and value.
+
+    Unknown keys are left to `SearchSettings.from_dict`, which lists the known ones.
+    """
+    for key, value in data.items():
+        hint = _annotations().get(key)
+        if hint is None:
+            continue
+        if key in ALSO_ACCEPTED:
+            hint = hint | ALSO_ACCEPTED[key]
+        if not _accepts(hint, value):
+            raise ValueError(
+                f"{source}: `{key}` must be {_describe(hint)}, but got {value!r} "
+                f"({type(value).__name__})."
+            )
 
 
 def resolve_settings(config: str | Path | None = None, **overrides: Any) -> SearchSettings:

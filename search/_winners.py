@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from search._problem import Problem
     from vitrank.workloads import Workload
 
-COMPENSATION_STEPS = 20
-
 
 def winner_id(number: int) -> str:
     return f"trial-{number:04d}"
@@ -43,10 +41,15 @@ def _accuracy(model: nn.Module, workload: Workload, device: str) -> float:
 
 
 def _latency(model: nn.Module, workload: Workload, batch: int, device: str) -> float:
-    from evaluators import measure_latency
+    from evaluators import LATENCY_REPEATS, LATENCY_WARMUP, measure_latency
 
     result = measure_latency(
-        model, workload.input_size, batch=batch, device=device, warmup=5, repeats=30
+        model,
+        workload.input_size,
+        batch=batch,
+        device=device,
+        warmup=LATENCY_WARMUP,
+        repeats=LATENCY_REPEATS,
     )
     return float(result.median_ms)
 
@@ -55,8 +58,8 @@ def build_winner(
     problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool, device: str
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The winner's model (compensated when asked) and its pre-fine-tuning metrics."""
-    import vitrank
     from spaces import CompressionConfig
+    from vitrank.core.model import compress
 
     config = CompressionConfig.from_json(row["config"])
     config = config.replace(
@@ -69,7 +72,7 @@ def build_winner(
     )
     teacher = problem.teacher
     factors = problem.factor_cache(config.svd)
-    model = vitrank.compress(teacher, config, problem.stats, factors)
+    model = compress(teacher, config, problem.stats, factors)
     metrics: dict[str, Any] = {
         "number": int(row["number"]),
         "baseline": row["baseline"],
@@ -78,13 +81,12 @@ def build_winner(
     }
     if compensate and config.svd == "whitened":
         compensated = config.replace(compensate=True)
-        model = vitrank.compress(
+        model = compress(
             teacher,
             compensated,
             problem.stats,
             factors,
             images=workload.calib,
-            compensation_steps=COMPENSATION_STEPS,
         )
         metrics["compensated_accuracy"] = _accuracy(model, workload, device)
     metrics["initial_accuracy"] = metrics.get(
@@ -156,8 +158,8 @@ def save_winners(
     log: Any = print,
 ) -> list[Path]:
     """Build, (compensate,) fine-tune, measure and save the top winners; their folders."""
-    import vitrank
     from spaces import count_flops, count_params, predict_latency
+    from vitrank.core.model import CONFIG_ATTRIBUTE, save
 
     settings = problem.settings
     device = settings.device
@@ -167,7 +169,7 @@ def save_winners(
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
         model, metrics = build_winner(problem, workload, row, settings.compensate, device)
-        config = getattr(model, "vitrank_config")  # noqa: B009  (set by vitrank.compress)
+        config = getattr(model, CONFIG_ATTRIBUTE)
         metrics.update(
             params=int(count_params(config)),
             params_built=int(sum(p.numel() for p in model.parameters())),
@@ -179,7 +181,7 @@ def save_winners(
         # that Ray fine-tuning workers never share the cores with the measurement.
         metrics["latency_ms"] = _latency(model, workload, settings.batch, device)
         metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
-        vitrank.save(model, directory)
+        save(model, directory)
         directories.append(directory)
         records.append((directory, model, metrics))
     # Fine-tune only the first `top` (the best proxy first); the others are kept as built.
@@ -206,7 +208,7 @@ def save_winners(
                 device=device,
                 progress=False,
             )
-            vitrank.save(model, directory)
+            save(model, directory)
             tuned[str(directory.resolve())] = {
                 "finetuned_accuracy": float(result.best_accuracy),
                 "finetune_history": result.history,

@@ -14,6 +14,10 @@ runs one alone.
   at kept-parameter ratios 0.1 … 0.9 is scored with the run's proxy; the (Linear, ratio)
   pairs sorted by score; a binary search finds the longest prefix whose per-Linear
   smallest ratios meet the budget (Linears never in the prefix stay dense).
+- `flar`: in the style of FLAR-SVD (Thoma, Villasante et al., CVPR workshops 2025): each
+  Linear's rank is the smallest on its grid (binary search) whose normalised error of the
+  final features (before the head), that Linear alone compressed, stays under a threshold;
+  the threshold is bisected until the ranks meet the budget.
 - `tome`: ToMe with a constant merge ratio in every block, the smallest that meets the
   budget (it cannot meet a parameter budget: merging tokens removes no parameters).
 
@@ -28,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.registry import Registry
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 if TYPE_CHECKING:
     from spaces import Budget, CompressionConfig, SearchSpace
@@ -48,6 +53,8 @@ class BaselineInputs:
     score: Callable[[CompressionConfig], float]  # the run's proxy (whitened factors)
     spectral: Callable[[CompressionConfig], float]  # the spectral proxy (whitened factors)
     latency_table: Any = None
+    # ‖f − f_teacher‖² / ‖f_teacher‖² of the final features (before the head), whitened
+    feature_error: Callable[[CompressionConfig], float] | None = None
 
     def fits(self, config: CompressionConfig) -> bool:
         limit = self.budget.limit(self.space)
@@ -70,10 +77,10 @@ def _grids(space: SearchSpace) -> list[dict[str, tuple[int, ...]]]:
     )
     return [
         {
-            "qkv": c.qkv_ranks,
-            "proj": c.proj_ranks,
-            "fc1": c.fc1_ranks,
-            "fc2": c.fc2_ranks,
+            "qkv": c.grid("attn", "lowrank", "qkv_rank"),
+            "proj": c.grid("attn", "lowrank", "proj_rank"),
+            "fc1": c.grid("mlp", "lowrank", "fc1_rank"),
+            "fc2": c.grid("mlp", "lowrank", "fc2_rank"),
         }
         for c in lowrank.blocks
     ]
@@ -219,11 +226,65 @@ def asvd(inputs: BaselineInputs) -> CompressionConfig:
     return prefix_config(low)
 
 
+FLAR_BISECTIONS = 14  # threshold bisection steps (log scale); each reuses measured errors
+
+
+def flar(inputs: BaselineInputs) -> CompressionConfig:
+    """FLAR-SVD style: per-Linear rank by binary search under a feature-error threshold,
+    the threshold bisected to the budget."""
+    if inputs.feature_error is None:
+        raise BaselineUnavailable("it needs the final features' error (no held-out images).")
+    grids = _grids(inputs.space)
+    dense = [dict.fromkeys(LINEARS, 0) for _ in grids]
+    # Each Linear's ladder: its saving ranks, then dense (0) as the top.
+    ladders = {(i, n): [*g[n], 0] for i, g in enumerate(grids) for n in LINEARS if g[n]}
+    errors: dict[tuple[int, str, int], float] = {}
+
+    def error(i: int, name: str, rank: int) -> float:
+        if rank == 0:
+            return 0.0
+        if (i, name, rank) not in errors:
+            ranks = [dict(x) for x in dense]
+            ranks[i][name] = rank
+            errors[(i, name, rank)] = inputs.feature_error(ranks_config(inputs.space, ranks))  # type: ignore[misc]
+        return errors[(i, name, rank)]
+
+    def at(threshold: float) -> CompressionConfig:
+        ranks = [dict(x) for x in dense]
+        for (i, name), ladder in ladders.items():
+            low, high = 0, len(ladder) - 1  # ladder[high] (dense) always passes
+            while low < high:  # the cheapest rung whose error is under the threshold
+                mid = (low + high) // 2
+                if error(i, name, ladder[mid]) <= threshold:
+                    high = mid
+                else:
+                    low = mid + 1
+            ranks[i][name] = ladder[low]
+        return ranks_config(inputs.space, ranks)
+
+    loose = max(error(i, n, ladder[0]) for (i, n), ladder in ladders.items()) if ladders else 0.0
+    if not ladders or not inputs.fits(at(loose)):
+        raise BaselineUnavailable(
+            f"even every Linear at its smallest rank exceeds the budget {inputs.budget}."
+        )
+    tight = min((e for e in errors.values() if e > 0), default=loose) / 2
+    if inputs.fits(at(tight)):
+        return at(tight)
+    # fits(at(t)) is monotone in t: bisect (in log scale) the smallest threshold that fits.
+    for _ in range(FLAR_BISECTIONS):
+        middle = math.sqrt(tight * loose) if tight > 0 else loose / 2
+        if inputs.fits(at(middle)):
+            loose = middle
+        else:
+            tight = middle
+    return at(loose)
+
+
 def tome(inputs: BaselineInputs) -> CompressionConfig:
     """ToMe: one merge ratio in every block, the smallest on the grid that meets the budget."""
     if inputs.budget.kind == "params":
         raise BaselineUnavailable("token merging removes no parameters; it has no params budget.")
-    from spaces._space import DEFAULT_MERGE_RATIOS
+    from spaces import DEFAULT_MERGE_RATIOS
 
     ratios = sorted(
         {r for c in inputs.space.blocks for r in c.merge_ratios} | set(DEFAULT_MERGE_RATIOS)
@@ -239,19 +300,20 @@ def tome(inputs: BaselineInputs) -> CompressionConfig:
     )
 
 
-BASELINES: dict[str, Callable[[BaselineInputs], CompressionConfig]] = {
-    "uniform-plain": uniform_plain,
-    "uniform-whitened": uniform_whitened,
-    "greedy": greedy,
-    "asvd": asvd,
-    "tome": tome,
-}
+BASELINES: Registry[Callable[[BaselineInputs], CompressionConfig]] = Registry("baseline")
+for _name, _baseline in (
+    ("uniform-plain", uniform_plain),
+    ("uniform-whitened", uniform_whitened),
+    ("greedy", greedy),
+    ("asvd", asvd),
+    ("flar", flar),
+    ("tome", tome),
+):
+    BASELINES.add(_name, _baseline)
 
 
 def get_baseline(name: str) -> Callable[[BaselineInputs], CompressionConfig]:
-    if name not in BASELINES:
-        raise ValueError(f"Unknown baseline {name!r}; known: {', '.join(BASELINES)}.")
-    return BASELINES[name]
+    return BASELINES.get(name)
 
 
 def run_baselines(

@@ -8,27 +8,48 @@ is the define-by-run function that Optuna and Ray Tune sample configs with.
 
 from __future__ import annotations
 
+from vitrank.core.config import SCHEMA_VERSION, SVD_KINDS, CompressionConfig
+
 from ._budget import BUDGET_KINDS, Budget, check_feasible, parse_budget, smallest_reachable
-from ._config import SCHEMA_VERSION, CompressionConfig
-from ._cost import count_flops, count_params, dense_flops, dense_params
+from ._cost import (
+    attention_linears,
+    block_params,
+    count_flops,
+    count_params,
+    dense_flops,
+    dense_params,
+    mlp_linears,
+)
 from ._latency import LatencyTable, measure_latency_table, predict_latency
 from ._parametrize import (
     CONFIG_ATTR,
     PARAMETRIZATIONS,
     SpaceFunction,
     allocate,
+    ladder,
     raw_params,
     suggest_budgeted,
     suggest_raw,
 )
-from ._space import OPS, BlockChoices, SearchSpace, build_space, saving_ranks
+from ._space import (
+    DEFAULT_MERGE_RATIOS,
+    MERGE_FAMILY,
+    OPS,
+    BlockChoices,
+    SearchSpace,
+    build_space,
+    saving_ranks,
+)
 
 __all__ = [
     "BUDGET_KINDS",
     "CONFIG_ATTR",
+    "DEFAULT_MERGE_RATIOS",
+    "MERGE_FAMILY",
     "OPS",
     "PARAMETRIZATIONS",
     "SCHEMA_VERSION",
+    "SVD_KINDS",
     "BlockChoices",
     "Budget",
     "CompressionConfig",
@@ -36,13 +57,17 @@ __all__ = [
     "SearchSpace",
     "SpaceFunction",
     "allocate",
+    "attention_linears",
+    "block_params",
     "build_space",
     "check_feasible",
     "count_flops",
     "count_params",
     "dense_flops",
     "dense_params",
+    "ladder",
     "measure_latency_table",
+    "mlp_linears",
     "parse_budget",
     "predict_latency",
     "raw_params",

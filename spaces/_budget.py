@@ -3,23 +3,28 @@
 Forms accepted by `parse_budget`: ``0.5`` or ``"params=0.5"`` (fraction of the teacher's
 parameters), ``"11M"`` / ``"11e6"`` / ``"params=11M"`` (absolute parameters),
 ``"flops=0.4"`` (fraction of the teacher's FLOPs), ``"20ms"`` / ``"latency=20ms@8/cuda"``
-(predicted latency in milliseconds at a batch size on a device).
+(predicted latency in milliseconds at a batch size on a device). A params or FLOPs value
+is a fraction when ``0 < value <= 1`` and a count when above 1, so a count is whole:
+``1.5`` is neither and is refused.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from ._config import CompressionConfig
+from vitrank.core.config import CompressionConfig
+
 from ._cost import count_flops, count_params
 
 if TYPE_CHECKING:
     from ._space import SearchSpace
 
 BUDGET_KINDS = ("params", "flops", "latency")
-_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
+_HOW = "a fraction of the teacher is 0 < value <= 1 (0.5), a count is whole (11M, 11000)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class Budget:
             raise ValueError(
                 f"A {self.kind} fraction must hold `0 < value <= 1`, but got value={self.value!r}"
                 " (write an absolute count with a suffix, e.g. '11M')."
+            )
+        if self.absolute and self.kind != "latency" and not float(self.value).is_integer():
+            raise ValueError(
+                f"A {self.kind} budget above 1 is a count and must be whole, but got "
+                f"value={self.value!r}: {_HOW}."
             )
         if self.batch < 1:
             raise ValueError(f"`batch >= 1` must hold, but got batch={self.batch!r}.")
@@ -89,11 +99,17 @@ class Budget:
 
 
 def _number(text: str) -> tuple[float, bool]:
-    """'0.5' -> (0.5, False); '11M' -> (11e6, True); '11e6' -> (11e6, True)."""
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgb]?)", text.strip().lower())
+    """'0.5' -> (0.5, False); '11M' -> (11e6, True); '11e6' -> (11e6, True).
+
+    The sign is read so that '-1' is refused by the rule `value > 0`, not as unreadable.
+    """
+    match = re.fullmatch(
+        r"([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgb]?)", text.strip().lower()
+    )
     if not match:
         raise ValueError(f"Cannot read a budget value from {text!r}; examples: 0.5, 11M, 11e6.")
-    value = float(match.group(1)) * _SUFFIXES[match.group(2)]
+    # Exact decimals: '2.01M' is the whole count 2010000, not 2010000.0000000002.
+    value = float(Decimal(match.group(1)) * _SUFFIXES[match.group(2)])
     return value, bool(match.group(2)) or value > 1
 
 
@@ -117,7 +133,9 @@ def parse_budget(
         kind, text = (part.strip() for part in text.split("=", 1))
     lowered = text.lower()
     if kind == "latency" or lowered.endswith("ms") or "ms@" in lowered:
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(?:ms)?(?:@(\d+))?(?:/(\w+(?::\d+)?))?", lowered)
+        match = re.fullmatch(
+            r"([+-]?[0-9]*\.?[0-9]+)\s*(?:ms)?(?:@(\d+))?(?:/(\w+(?::\d+)?))?", lowered
+        )
         if not match:
             raise ValueError(
                 f"Cannot read a latency budget from {text!r}; write e.g. '20ms', "
@@ -169,8 +187,18 @@ def _fastest(space: SearchSpace, budget: Budget, latency_table: Any) -> Compress
 
 
 def check_feasible(space: SearchSpace, budget: Budget, latency_table: Any = None) -> None:
-    """Refuse, before any search, a budget that no config of the space meets."""
+    """Refuse, before any search, a budget that no config of the space meets, or that the
+    dense teacher already meets (its search would return the teacher)."""
     limit = budget.limit(space)
+    if budget.kind in ("params", "flops"):
+        dense = space.dense_params if budget.kind == "params" else space.dense_flops
+        if limit >= dense:
+            unit = "parameters" if budget.kind == "params" else "FLOPs (batch 1)"
+            raise ValueError(
+                f"Budget {budget} ({limit:,.0f}) is at or above the dense teacher's {dense:,} "
+                f"{unit}: there is nothing to compress. Give a fraction below 1 (e.g. 0.5) or "
+                f"a count below {dense:,}."
+            )
     reachable, _ = smallest_reachable(space, budget, latency_table)
     if reachable <= limit:
         return

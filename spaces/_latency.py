@@ -28,11 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrank.compress._files import atomic_write_text
-from vitrank.compress.spec import BlockSpec, token_schedule
-from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+from vitrank.core.config import CompressionConfig
+from vitrank.core.files import atomic_write_text
+from vitrank.core.spec import BlockSpec, token_schedule
+from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 
-from ._config import CompressionConfig
 from ._cost import attention_core, attention_linears, mlp_linears
 from ._space import SearchSpace, build_space
 
@@ -162,7 +162,7 @@ def _attention_part(
     table: LatencyTable, shape: BlockShape, spec: BlockSpec, n: int, sized: bool
 ) -> float:
     """The attention module's operators on n tokens (sized: with the size bias)."""
-    linears = attention_linears(shape, spec.attn)
+    linears = attention_linears(shape, spec.attn, spec.merge_ratio > 0)
     total = sum(table.linear(lin.in_features, lin.out_features, n) for lin in linears)
     core = attention_core(shape, spec.attn)
     return total + table.attend(core.heads, core.qk_dim, core.v_dim, sized, n)
@@ -295,21 +295,24 @@ def _operators(space: SearchSpace, shape: BlockShape, index: int, points: int) -
     linears = {(d, 3 * inner), (inner, d), (d, hidden), (hidden, d)}
     attends = {(h, dh)}
     gelus = {hidden}
-    for r in _samples(choice.qkv_ranks, points):
+    for r in _samples(choice.grid("attn", "lowrank", "qkv_rank"), points):
         linears |= {(d, r), (r, 3 * inner)}
-    for r in _samples(choice.proj_ranks, points):
+    for r in _samples(choice.grid("attn", "lowrank", "proj_rank"), points):
         linears |= {(inner, r), (r, d)}
-    for r in _samples(choice.fc1_ranks, points):
+    for r in _samples(choice.grid("mlp", "lowrank", "fc1_rank"), points):
         linears |= {(d, r), (r, hidden)}
-    for r in _samples(choice.fc2_ranks, points):
+    for r in _samples(choice.grid("mlp", "lowrank", "fc2_rank"), points):
         linears |= {(hidden, r), (r, d)}
-    for r in _samples(set(choice.qk_ranks) | set(choice.vo_ranks), points):
-        linears |= {(d, h * r), (h * r, d)}
+    for r in _samples(
+        set(choice.grid("attn", "heads", "qk_rank")) | set(choice.grid("attn", "heads", "vo_rank")),
+        points,
+    ):
+        linears |= {(d, h * r), (h * r, d), (h * r, dh)}  # (h·r, d_h): the key map
         attends.add((h, r))
-    for k in _samples(choice.heads_kept, points):
+    for k in _samples(choice.grid("attn", "prune", "heads_kept"), points):
         linears |= {(d, 3 * k * dh), (k * dh, d)}
         attends.add((k, dh))
-    for k in _samples(choice.hidden_kept, points):
+    for k in _samples(choice.grid("mlp", "prune", "hidden_kept"), points):
         linears |= {(d, k), (k, d)}
         gelus.add(k)
     return {"linear": linears, "attend": attends, "gelu": gelus}
@@ -343,9 +346,9 @@ def measure_latency_table(
     """
     from timm.layers import get_act_layer
 
-    from vitrank.compress.attention import attend
-    from vitrank.compress.merge import match_tokens, merge_weighted
-    from vitrank.compress.spec import merge_count
+    from vitrank.core.attention import attend
+    from vitrank.core.merge import match_tokens, merge_weighted
+    from vitrank.core.spec import merge_count
 
     fingerprint = fingerprint or inspect_vit(model)
     space = space or build_space(fingerprint)
@@ -485,7 +488,7 @@ def measure_latency_table(
 
 def random_weight_model(model: nn.Module, config: CompressionConfig) -> nn.Module:
     """The model `apply` builds for `config`, with random weights (timing needs no factors)."""
-    from vitrank.compress.apply import apply_specs
+    from vitrank.core.apply import apply_specs
 
     built = apply_specs(model, config.blocks, None, None, structure_only=True)
     for layer in built.modules():
@@ -512,7 +515,7 @@ def _measure_glue(
     """
     from itertools import zip_longest
 
-    from vitrank.compress.spec import AttentionSpec, MlpSpec
+    from vitrank.core.spec import AttentionSpec, MlpSpec
 
     fingerprint = space.fingerprint
     seen: set[tuple[str, str, int]] = set()

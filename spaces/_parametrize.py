@@ -16,13 +16,15 @@ pickle it with its searcher.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.config import CompressionConfig
+from vitrank.core.registry import Registry
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 from ._budget import Budget
-from ._config import CompressionConfig
 from ._space import BlockChoices, SearchSpace
 
 CONFIG_ATTR = "config"  # user attr holding the trial's config JSON (both engines)
@@ -224,7 +226,24 @@ def suggest_budgeted(
     return allocate(space, budget, ops, shares, ratios, latency_table)
 
 
-PARAMETRIZATIONS = ("raw", "budgeted")
+def _suggest_raw(
+    trial: Any, space: SearchSpace, budget: Budget | None, latency_table: Any
+) -> CompressionConfig:
+    return suggest_raw(trial, space)
+
+
+def _suggest_budgeted(
+    trial: Any, space: SearchSpace, budget: Budget | None, latency_table: Any
+) -> CompressionConfig:
+    if budget is None:
+        raise ValueError("The budgeted parametrization needs a budget, but got budget=None.")
+    return suggest_budgeted(trial, space, budget, latency_table)
+
+
+# How a trial's params become a config: raw knobs (a budget is a constraint) or budget shares.
+PARAMETRIZATIONS: Registry[Callable[..., CompressionConfig]] = Registry("parametrization")
+PARAMETRIZATIONS.add("raw", _suggest_raw)
+PARAMETRIZATIONS.add("budgeted", _suggest_budgeted)
 
 
 class SpaceFunction:
@@ -243,10 +262,7 @@ class SpaceFunction:
         parametrization: str = "raw",
         latency_table: Any = None,
     ) -> None:
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"Unknown parametrization {parametrization!r}; known: {list(PARAMETRIZATIONS)}."
-            )
+        PARAMETRIZATIONS.check(parametrization)
         if parametrization == "budgeted" and budget is None:
             raise ValueError("The budgeted parametrization needs a budget, but got budget=None.")
         if budget is not None and budget.kind == "latency" and latency_table is None:
@@ -257,10 +273,8 @@ class SpaceFunction:
         self.latency_table = latency_table
 
     def suggest(self, trial: Any) -> CompressionConfig:
-        if self.parametrization == "raw":
-            return suggest_raw(trial, self.space)
-        assert self.budget is not None
-        return suggest_budgeted(trial, self.space, self.budget, self.latency_table)
+        suggest = PARAMETRIZATIONS.get(self.parametrization)
+        return suggest(trial, self.space, self.budget, self.latency_table)
 
     def __call__(self, trial: Any) -> dict[str, str]:
         config = self.suggest(trial)

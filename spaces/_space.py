@@ -14,13 +14,16 @@ from typing import Any
 
 from torch import nn
 
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import BlockShape, Fingerprint, inspect_vit
+from vitrank.core.config import CompressionConfig
+from vitrank.core.operators import PARTS, families, operator, operator_names
+from vitrank.core.operators import saving_ranks as saving_ranks
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 
-from ._config import CompressionConfig
 from ._cost import count_flops, count_params, dense_flops, dense_params
 
-OPS = ("lowrank", "heads", "tokens", "prune")
+MERGE_FAMILY = "tokens"  # token merging: a knob of every block, not an operator
+OPS = (*families(), MERGE_FAMILY)
 DEFAULT_MERGE_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
 
@@ -29,50 +32,54 @@ class BlockChoices:
     """What one block may become; every grid is ascending and holds only saving values."""
 
     name: str
-    attention_ops: tuple[str, ...]
-    mlp_ops: tuple[str, ...]
-    qkv_ranks: tuple[int, ...] = ()  # attention lowrank
-    proj_ranks: tuple[int, ...] = ()
-    qk_ranks: tuple[int, ...] = ()  # attention heads (per-head ranks)
-    vo_ranks: tuple[int, ...] = ()
-    heads_kept: tuple[int, ...] = ()  # attention prune
-    fc1_ranks: tuple[int, ...] = ()  # mlp lowrank
-    fc2_ranks: tuple[int, ...] = ()
-    hidden_kept: tuple[int, ...] = ()  # mlp prune
+    # part ("attn", "mlp") -> operator name -> knob -> grid; dense (no knobs) always first
+    options: dict[str, dict[str, dict[str, tuple[int, ...]]]] = field(compare=False)
     merge_ratios: tuple[float, ...] = (0.0,)
+
+    @property
+    def attention_ops(self) -> tuple[str, ...]:
+        return tuple(self.options["attn"])
+
+    @property
+    def mlp_ops(self) -> tuple[str, ...]:
+        return tuple(self.options["mlp"])
 
     def attention_grids(self, op: str) -> dict[str, tuple[int, ...]]:
         """The AttentionSpec fields an op sets, with their grids."""
-        return {
-            "dense": {},
-            "lowrank": {"qkv_rank": self.qkv_ranks, "proj_rank": self.proj_ranks},
-            "heads": {"qk_rank": self.qk_ranks, "vo_rank": self.vo_ranks},
-            "prune": {"heads_kept": self.heads_kept},
-        }[op]
+        return self.grids("attn", op)
 
     def mlp_grids(self, op: str) -> dict[str, tuple[int, ...]]:
-        return {
-            "dense": {},
-            "lowrank": {"fc1_rank": self.fc1_ranks, "fc2_rank": self.fc2_ranks},
-            "prune": {"hidden_kept": self.hidden_kept},
-        }[op]
+        return self.grids("mlp", op)
 
     def grids(self, part: str, op: str) -> dict[str, tuple[int, ...]]:
         """The grids of `op` for one part of the block: "attn" or "mlp"."""
-        return self.attention_grids(op) if part == "attn" else self.mlp_grids(op)
+        if op not in self.options[part]:
+            raise ValueError(
+                f"{self.name}: operator {part}.{op} is not offered here; offered: "
+                f"{', '.join(self.options[part])}."
+            )
+        return self.options[part][op]
+
+    def grid(self, part: str, op: str, knob: str) -> tuple[int, ...]:
+        """One knob's grid, empty when the operator is not offered in this block."""
+        return self.options[part].get(op, {}).get(knob, ())
 
     def ops(self, part: str) -> tuple[str, ...]:
         """The operators one part of the block ("attn" or "mlp") may run."""
-        return self.attention_ops if part == "attn" else self.mlp_ops
+        return tuple(self.options[part])
+
+    def spec(self, part: str, op: str, **knobs: int) -> AttentionSpec | MlpSpec:
+        return operator(part, op).spec(**knobs)
 
     def cheapest_parts(self) -> tuple[list[AttentionSpec], list[MlpSpec]]:
         """Per operator, its spec with every knob at the grid's minimum."""
         attns = [
-            AttentionSpec(op, **{k: g[0] for k, g in self.attention_grids(op).items()})
-            for op in self.attention_ops
+            AttentionSpec(op, **{k: g[0] for k, g in grids.items()})
+            for op, grids in self.options["attn"].items()
         ]
         mlps = [
-            MlpSpec(op, **{k: g[0] for k, g in self.mlp_grids(op).items()}) for op in self.mlp_ops
+            MlpSpec(op, **{k: g[0] for k, g in grids.items()})
+            for op, grids in self.options["mlp"].items()
         ]
         return attns, mlps
 
@@ -177,12 +184,17 @@ class SearchSpace:
             "-" * len(header),
         ]
         for c in self.blocks:
+
+            def k(part: str, op: str, knob: str, c: BlockChoices = c) -> str:
+                return grid(c.grid(part, op, knob))
+
             lines.append(
                 f"{c.name:<10} {'|'.join(c.attention_ops):<26} "
-                f"{grid(c.qkv_ranks) + ' / ' + grid(c.proj_ranks):<32} "
-                f"{grid(c.qk_ranks) + ' / ' + grid(c.vo_ranks):<24} {grid(c.heads_kept):<16} "
-                f"{'|'.join(c.mlp_ops):<20} {grid(c.fc1_ranks) + ' / ' + grid(c.fc2_ranks):<34} "
-                f"{grid(c.hidden_kept):<22} {grid(c.merge_ratios)}"
+                f"{k('attn', 'lowrank', 'qkv_rank') + ' / ' + k('attn', 'lowrank', 'proj_rank'):<32} "
+                f"{k('attn', 'heads', 'qk_rank') + ' / ' + k('attn', 'heads', 'vo_rank'):<24} "
+                f"{k('attn', 'prune', 'heads_kept'):<16} {'|'.join(c.mlp_ops):<20} "
+                f"{k('mlp', 'lowrank', 'fc1_rank') + ' / ' + k('mlp', 'lowrank', 'fc2_rank'):<34} "
+                f"{k('mlp', 'prune', 'hidden_kept'):<22} {grid(c.merge_ratios)}"
             )
         dp, df = self.dense_params, self.dense_flops
         mp, mf = self.min_params, self.min_flops
@@ -193,61 +205,21 @@ class SearchSpace:
         return "\n".join(lines)
 
 
-def saving_ranks(in_features: int, out_features: int, step: int) -> tuple[int, ...]:
-    """Multiples of `step` with r·(in + out) < in·out (factorizing saves parameters)."""
-    ranks = range(step, min(in_features, out_features) + 1, step)
-    return tuple(r for r in ranks if r * (in_features + out_features) < in_features * out_features)
-
-
-def head_rank_step(head_dim: int, granularity: int) -> int:
-    return max(1, min(granularity, head_dim // 4))
-
-
 def _block_choices(
     shape: BlockShape, ops: tuple[str, ...], granularity: int, merge_ratios: tuple[float, ...]
 ) -> BlockChoices:
-    d, inner, hidden, h, dh = (
-        shape.dim,
-        shape.attn_inner,
-        shape.mlp_hidden,
-        shape.num_heads,
-        shape.head_dim,
-    )
-    attention_ops, mlp_ops = ["dense"], ["dense"]
-    grids: dict[str, tuple] = {}
-    if "lowrank" in ops:
-        qkv = saving_ranks(d, 3 * inner, granularity)
-        proj = saving_ranks(inner, d, granularity)
-        if qkv and proj:
-            attention_ops.append("lowrank")
-            grids.update(qkv_ranks=qkv, proj_ranks=proj)
-        fc1 = saving_ranks(d, hidden, granularity)
-        fc2 = saving_ranks(hidden, d, granularity)
-        if fc1 and fc2:
-            mlp_ops.append("lowrank")
-            grids.update(fc1_ranks=fc1, fc2_ranks=fc2)
-    if "heads" in ops and not shape.qk_norm:
-        step = head_rank_step(dh, granularity)
-        per_head = tuple(range(step, dh, step))
-        if per_head:
-            attention_ops.append("heads")
-            grids.update(qk_ranks=per_head, vo_ranks=per_head)
-    if "prune" in ops:
-        if h > 1:
-            attention_ops.append("prune")
-            grids.update(heads_kept=tuple(range(1, h)))
-        kept = tuple(range(granularity, hidden, granularity))
-        if kept:
-            mlp_ops.append("prune")
-            grids.update(hidden_kept=kept)
-    ratios = tuple(sorted(set(merge_ratios))) if "tokens" in ops else (0.0,)
-    return BlockChoices(
-        name=shape.name,
-        attention_ops=tuple(attention_ops),
-        mlp_ops=tuple(mlp_ops),
-        merge_ratios=ratios,
-        **grids,
-    )
+    options: dict[str, dict[str, dict[str, tuple[int, ...]]]] = {}
+    for part in PARTS:
+        options[part] = {}
+        for name in operator_names(part):
+            op = operator(part, name)
+            if op.family and op.family not in ops:
+                continue
+            grids = op.grids(shape, granularity)
+            if grids is not None:
+                options[part][name] = grids
+    ratios = tuple(sorted(set(merge_ratios))) if MERGE_FAMILY in ops else (0.0,)
+    return BlockChoices(name=shape.name, options=options, merge_ratios=ratios)
 
 
 def build_space(

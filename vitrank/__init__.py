@@ -22,8 +22,8 @@ _API = {
     "save": "vitrank.api",
     "load": "vitrank.api",
     "search": "vitrank.api",
-    "inspect_vit": "vitrank.compress.structure",
-    "UnsupportedModelError": "vitrank.compress.structure",
+    "inspect_vit": "vitrank.core.structure",
+    "UnsupportedModelError": "vitrank.core.structure",
 }
 
 __all__ = sorted(_API)

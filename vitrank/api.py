@@ -1,129 +1,17 @@
-"""The Python API: compress a teacher with a config, save it, load it back.
+"""The Python API's top: the search, with its report. ``compress`` / ``save`` / ``load``
+live in the core (`vitrank.core.model`) and are re-exported here.
 
-    model = vitrank.compress(teacher, config, stats)   # config: spaces.CompressionConfig
-    vitrank.save(model, "out/")                         # model.safetensors + config.json
-    model = vitrank.load("out/")                        # no teacher, no statistics
-
-Imports are lazy (inside the functions) so that ``import vitrank`` stays cheap and the
-layers below (``vitrank.compress``) never import ``spaces``.
+Imports are lazy (inside the functions) so that ``import vitrank`` stays cheap.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from torch import Tensor, nn
-    from torch.utils.data import DataLoader, Dataset
+from vitrank.core.model import CONFIG_ATTRIBUTE, compress, factor_cache, load, save
 
-    from spaces import CompressionConfig
-    from vitrank.compress.factorize import FactorCache
-    from vitrank.compress.stats import CalibrationStats
-
-CONFIG_ATTRIBUTE = "vitrank_config"
-
-
-def factor_cache(
-    model: nn.Module, config: CompressionConfig, stats: CalibrationStats | None
-) -> FactorCache:
-    """The factors ``config.svd`` asks for: whitened needs statistics, plain does not."""
-    from vitrank.compress.factorize import FactorCache
-
-    if config.svd == "whitened" and stats is None:
-        raise ValueError(
-            "`svd='whitened'` factorizes on calibration activations, so `stats` must be given "
-            "(evaluators.calibrate(model, images)); use svd='plain' for weight-only SVD."
-        )
-    return FactorCache(model, stats, whitening=config.svd == "whitened")
-
-
-def compress(
-    model: nn.Module,
-    config: CompressionConfig,
-    stats: CalibrationStats | None = None,
-    factors: FactorCache | None = None,
-    images: Tensor | Dataset | DataLoader | None = None,
-    *,
-    compensation_steps: int = 100,
-) -> nn.Module:
-    """A new compressed model built from ``model`` as ``config`` says; ``model`` is untouched.
-
-    ``stats`` (calibration statistics) are needed for whitened factors and for channel
-    and head pruning; ``factors`` may be passed to reuse a ``FactorCache`` across many
-    configs (a search does), else one is built here when the config needs it. With
-    ``config.compensate`` the factorized parameters are then refined block by block
-    against the teacher on the calibration ``images`` (a tensor, or (image, label) data).
-    The config travels with the model (``model.vitrank_config``) for ``save``.
-    """
-    from spaces import CompressionConfig
-    from vitrank.compress.apply import apply_specs
-    from vitrank.compress.structure import inspect_vit
-
-    if not isinstance(config, CompressionConfig):
-        raise TypeError(
-            f"`config` must be a spaces.CompressionConfig, but got {type(config).__name__}."
-        )
-    # The fingerprint's label is the name it was made with; every shape is compared.
-    config.check_compatible(inspect_vit(model, config.fingerprint.architecture))
-    needs_factors = any(
-        b.attn.op in ("lowrank", "heads") or b.mlp.op == "lowrank" for b in config.blocks
-    )
-    if factors is None and needs_factors:
-        factors = factor_cache(model, config, stats)
-    elif factors is not None and factors.whitening != (config.svd == "whitened"):
-        kind = "whitened" if factors.whitening else "plain"
-        raise ValueError(
-            f"`factors` must be of the kind the config asks for (svd={config.svd!r}), but "
-            f"they are {kind} SVD factors."
-        )
-    if config.compensate and images is None:
-        raise ValueError(
-            "`config.compensate` refines the factors on calibration images, so `images` must "
-            "be given (the calibration data), but got images=None."
-        )
-    student = apply_specs(model, config.blocks, factors, stats)
-    if config.compensate and images is not None:
-        from vitrank.compress.compensate import compensate as refine
-
-        refine(student, model, images, steps=compensation_steps)
-    setattr(student, CONFIG_ATTRIBUTE, config)
-    return student
-
-
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``directory``/model.safetensors and config.json (the full CompressionConfig)."""
-    from vitrank.compress.io import save_model
-
-    config = getattr(model, CONFIG_ATTRIBUTE, None)
-    if config is None:
-        raise ValueError(
-            f"`model` must come from vitrank.compress or vitrank.load (it carries "
-            f"`{CONFIG_ATTRIBUTE}`), but {type(model).__name__} has none."
-        )
-    return save_model(model, directory, config.to_dict())
-
-
-def load(directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by ``save`` from its two files alone, in eval mode."""
-    from spaces import CompressionConfig
-    from vitrank.compress.io import CONFIG_FILE, load_model
-    from vitrank.compress.structure import inspect_vit
-
-    parsed: list[CompressionConfig] = []
-
-    def check(base: nn.Module, meta: dict[str, Any]) -> None:
-        path = Path(directory) / CONFIG_FILE
-        try:
-            config = CompressionConfig.from_dict(meta)
-            config.check_compatible(inspect_vit(base, config.fingerprint.architecture))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from error
-        parsed.append(config)
-
-    model, _ = load_model(directory, check=check)
-    setattr(model, CONFIG_ATTRIBUTE, parsed[0])
-    return model
+__all__ = ["CONFIG_ATTRIBUTE", "compress", "factor_cache", "load", "save", "search"]
 
 
 def search(

@@ -37,7 +37,7 @@ def _random_configs(space, count: int, seed: int = 0) -> list:
 def tiny_setup() -> TinySetup:
     from evaluators.calibration import calibrate
     from spaces import build_space
-    from vitrank.compress.factorize import FactorCache
+    from vitrank.core.factorize import FactorCache
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_ARGS).eval()

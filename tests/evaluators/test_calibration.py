@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from evaluators import calibration
 from evaluators.calibration import calibrate, calibrate_cached
-from vitrank.compress.stats import CalibrationStats, linear_keys
+from vitrank.core.stats import CalibrationStats, linear_keys
 
 
 def _tiny(**overrides):
@@ -169,7 +169,7 @@ def test_cache_hit_miss_and_damaged_file(tmp_path, monkeypatch):
 def test_unsupported_model_and_empty_data():
     from timm.models.vision_transformer import VisionTransformer
 
-    from vitrank.compress.structure import UnsupportedModelError
+    from vitrank.core.structure import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError):
         calibrate(torch.nn.Linear(3, 3), _data(2), progress=False)

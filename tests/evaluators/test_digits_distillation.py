@@ -10,7 +10,7 @@ import pytest
 def _half_size(digits):
     from evaluators.calibration import calibrate
     from spaces import allocate, build_space, count_params, parse_budget
-    from vitrank.compress.factorize import FactorCache
+    from vitrank.core.factorize import FactorCache
 
     teacher = digits.model
     stats = calibrate(teacher, digits.calib, progress=False)

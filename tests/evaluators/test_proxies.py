@@ -14,7 +14,8 @@ from evaluators.proxies import (
     heldout_batch,
     measure_sensitivity,
 )
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.operators import OPERATORS
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 # Every factorization/decomposition a proxy call must not run (they belong to the cache).
 _FORBIDDEN = [
@@ -52,8 +53,8 @@ def _only(space, index: int, spec: BlockSpec):
 
 
 def test_registry_lists_known_names_and_builds_each(tiny_setup):
-    assert proxy_names() == ("logits", "spectral")
-    with pytest.raises(ValueError, match="known proxies: logits, spectral"):
+    assert sorted(proxy_names()) == ["logits", "spectral"]
+    with pytest.raises(ValueError, match="unknown proxy 'flops'; known: .*logits"):
         get_proxy("flops")
     inputs = ProxyInputs(
         tiny_setup.teacher, tiny_setup.factors, tiny_setup.stats,
@@ -68,7 +69,7 @@ def test_registry_lists_known_names_and_builds_each(tiny_setup):
 
 
 def test_no_svd_or_cholesky_inside_proxy_calls(tiny_setup, random_configs, count_decompositions):
-    from vitrank.compress.factorize import FactorCache
+    from vitrank.core.factorize import FactorCache
 
     s = tiny_setup
     spectral = SpectralProxy(s.factors, None, teacher=s.teacher, stats=s.stats)
@@ -145,10 +146,22 @@ def test_spectral_more_compression_discards_more_energy(tiny_setup):
         return [proxy.score(_only(s.space, 0, make(v))) for v in values]
 
     ladders = [
-        (lambda r: BlockSpec(AttentionSpec("lowrank", qkv_rank=r)), choices.qkv_ranks),
-        (lambda r: BlockSpec(AttentionSpec("heads", qk_rank=r, vo_rank=r)), choices.qk_ranks),
-        (lambda r: BlockSpec(mlp=MlpSpec("lowrank", fc1_rank=r, fc2_rank=r)), choices.fc1_ranks),
-        (lambda k: BlockSpec(mlp=MlpSpec("prune", hidden_kept=k)), choices.hidden_kept),
+        (
+            lambda r: BlockSpec(AttentionSpec("lowrank", qkv_rank=r)),
+            choices.grid("attn", "lowrank", "qkv_rank"),
+        ),
+        (
+            lambda r: BlockSpec(AttentionSpec("heads", qk_rank=r, vo_rank=r)),
+            choices.grid("attn", "heads", "qk_rank"),
+        ),
+        (
+            lambda r: BlockSpec(mlp=MlpSpec("lowrank", fc1_rank=r, fc2_rank=r)),
+            choices.grid("mlp", "lowrank", "fc1_rank"),
+        ),
+        (
+            lambda k: BlockSpec(mlp=MlpSpec("prune", hidden_kept=k)),
+            choices.grid("mlp", "prune", "hidden_kept"),
+        ),
         (lambda r: BlockSpec(merge_ratio=r), choices.merge_ratios[::-1]),
     ]
     for make, values in ladders:
@@ -218,3 +231,33 @@ def test_heldout_batch_avoids_calibration_images():
     everything = type("W", (), {"train": train, "calib": Subset(train, list(range(20)))})()
     with pytest.raises(ValueError, match="calib_size"):
         heldout_batch(everything)
+
+
+@pytest.mark.parametrize("key", OPERATORS.names())
+@pytest.mark.parametrize("name", ["spectral", "logits"])
+def test_every_registered_operator_scores_and_more_compression_scores_worse(tiny_setup, key, name):
+    """Each operator alone, at the bottom and the top of its grids, in every block."""
+    from vitrank.core.operators import operator
+
+    part, op_name = key.split(".")
+    space = tiny_setup.space
+    inputs = ProxyInputs(
+        tiny_setup.teacher, tiny_setup.factors, tiny_setup.stats,
+        tiny_setup.images, tiny_setup.labels,
+    )  # fmt: skip
+    proxy = create_proxy(name, inputs)
+
+    def config(pick: int):
+        specs = []
+        for choice in space.blocks:
+            grids = choice.grids(part, op_name)
+            spec = operator(part, op_name).spec(**{k: g[pick] for k, g in grids.items()})
+            specs.append(BlockSpec(attn=spec) if part == "attn" else BlockSpec(mlp=spec))
+        return space.config(specs)
+
+    low, high = proxy.score(config(0)), proxy.score(config(-1))
+    assert all(v == v and v >= -1e-12 for v in (low, high))  # not NaN, never negative
+    if op_name == "dense":
+        assert low == pytest.approx(0.0, abs=1e-9)
+    elif any(len(g) > 1 for g in space.blocks[0].grids(part, op_name).values()):
+        assert low > high >= -1e-12  # the smallest knobs discard the most

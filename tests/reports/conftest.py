@@ -18,8 +18,8 @@ TEACHER_DEPTH = 3
 def _configs(count: int, seed: int) -> list:
     """`count` random but valid configs of a 3-block tiny ViT."""
     from spaces import CompressionConfig
-    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-    from vitrank.compress.structure import inspect_vit
+    from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.core.structure import inspect_vit
 
     model = make_tiny_vit(depth=TEACHER_DEPTH)
     fingerprint = inspect_vit(model, "vit_small_patch16_224")

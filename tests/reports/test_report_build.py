@@ -135,3 +135,25 @@ def test_compare_refuses_runs_with_other_objectives(synthetic_run, make_run, tmp
     )
     with pytest.raises(ValueError, match="must share their objectives"):
         reports.compare([synthetic_run, other], tmp_path / "cmp")
+
+
+def test_report_out_refuses_another_run_and_leaves_it_as_it_was(
+    synthetic_run, make_run, tmp_path, capsys
+):
+    """`vitrank report A --out B` must not replace run B's trials with A's."""
+    other = make_run(tmp_path / "run-b", seed=1)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert main(["report", str(synthetic_run), "--out", str(other)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "holds a run of its own (run.yaml)" in error[0]
+    assert "Traceback" not in error[0]
+    (other / "study.db").write_bytes(b"")
+    with pytest.raises(FileExistsError, match=r"run.yaml, study.db"):
+        reports.build(synthetic_run, out=other)
+    # Comparing writes every run's trials into --out: never into a run, not even one compared.
+    with pytest.raises(FileExistsError, match="holds a run of its own"):
+        reports.compare([synthetic_run, other], synthetic_run)
+    after = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    assert after == {**before, "study.db": b""}
+    # The run itself, named as --out, is its own report's place.
+    assert reports.build(synthetic_run, out=synthetic_run).html == synthetic_run / "report.html"

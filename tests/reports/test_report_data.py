@@ -141,14 +141,14 @@ def test_front_data_marks_baselines_winners_and_front():
 def _config(blocks):
     from spaces import CompressionConfig
     from tests.conftest import make_tiny_vit
-    from vitrank.compress.structure import inspect_vit
+    from vitrank.core.structure import inspect_vit
 
     model = make_tiny_vit(depth=len(blocks))  # dim 32, 2 heads of 16, hidden 128, 16+1 tokens
     return CompressionConfig("vit_small_patch16_224", {}, inspect_vit(model), tuple(blocks))
 
 
 def test_block_map_rows_and_fractions_kept():
-    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
     config = _config(
         [
@@ -166,9 +166,10 @@ def test_block_map_rows_and_fractions_kept():
     assert dense["kept"].tolist() == [1.0, 1.0, 1.0]
     assert dense["choice"].tolist() == ["dense", "dense", "17 tokens"]
     row = table[(table["block"] == 1)].set_index("part")
-    # heads: q', k' are (d+1 -> H r_qk) with bias, v (d -> H r_vo), o (H r_vo -> d) with bias
+    # heads: q', k' are (d+1 -> H r_qk) with bias, the key map (H r_qk -> d_h), v (d -> H r_vo),
+    # o (H r_vo -> d) with bias
     d = 32
-    heads = 2 * (d * 2 * 4 + 2 * 4) + d * 2 * 8 + 2 * 8 * d + d
+    heads = 2 * (d * 2 * 4 + 2 * 4) + 2 * 4 * 16 + d * 2 * 8 + 2 * 8 * d + d
     assert row.loc["attention", "kept"] == pytest.approx(heads / (d * 3 * d + 3 * d + d * d + d))
     assert row.loc["mlp", "kept"] == pytest.approx(
         (d * 64 + 64 + 64 * d + d) / (d * 128 + 128 + 128 * d + d)

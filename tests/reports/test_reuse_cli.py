@@ -32,8 +32,8 @@ def winner(tmp_path_factory):
     from evaluators.calibration import calibrate
     from spaces import CompressionConfig
     from vitrank.api import compress, save
-    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-    from vitrank.compress.structure import inspect_vit
+    from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.core.structure import inspect_vit
     from vitrank.workloads import load_workload
 
     root = tmp_path_factory.mktemp("reuse")

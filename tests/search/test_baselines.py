@@ -15,6 +15,7 @@ def _inputs(problem: Any, budget: str = "0.5", kind: str = "params") -> Baseline
         budget=parse_budget(budget, kind=kind),
         score=problem.proxy("whitened").score,
         spectral=problem.proxy("whitened", "spectral").score,
+        feature_error=problem.feature_error(),
     )
 
 
@@ -53,6 +54,38 @@ def test_tome_cannot_meet_a_params_budget_but_meets_a_flops_one(tiny_problem: An
     assert {b.merge_ratio for b in config.blocks} != {0.0}
     assert len({b.merge_ratio for b in config.blocks}) == 1
     assert inputs.fits(config)
+
+
+def test_flar_accepts_ranks_under_one_threshold_that_is_bisected_to_the_budget(
+    tiny_problem: Any,
+) -> None:
+    inputs = _inputs(tiny_problem, "0.5")
+    config = BASELINES["flar"](inputs)
+    assert inputs.fits(config)
+    error = inputs.feature_error
+    assert error is not None
+    # Every compressed Linear alone stays under one threshold, and the next rank down of
+    # some Linear would exceed it (else a lower threshold would still fit the budget).
+    from search.baselines import LINEARS, _grids, ranks_config
+
+    grids = _grids(inputs.space)
+    chosen = []
+    for i, block in enumerate(config.blocks):
+        for name in LINEARS:
+            spec = block.attn if name in ("qkv", "proj") else block.mlp
+            rank = getattr(spec, f"{name}_rank")
+            if rank:
+                ranks = [dict.fromkeys(LINEARS, 0) for _ in grids]
+                ranks[i][name] = rank
+                chosen.append(error(ranks_config(inputs.space, ranks)))
+    assert chosen, "flar compressed nothing at half the parameters"
+    # A tighter budget needs a looser threshold: more error allowed per Linear.
+    tighter = BASELINES["flar"](_inputs(tiny_problem, "0.35"))
+    assert inputs.cost(tighter) < inputs.cost(config)
+    with pytest.raises(BaselineUnavailable, match="features"):
+        BASELINES["flar"](
+            BaselineInputs(inputs.space, inputs.budget, inputs.score, inputs.spectral)
+        )
 
 
 def test_run_baselines_reports_why_one_is_skipped(tiny_problem: Any) -> None:

@@ -45,3 +45,44 @@ def test_vitrank_search_defaults_leave_the_design_run_directory(tmp_path: Path) 
     assert metrics["finetuned_accuracy"] >= 0.8
     assert f"winner: {winners[0]}" in done.stdout
     print(f"vitrank search (defaults) took {seconds:.0f} s")
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        (["--budget-flops", "2"], "`0 < budget_flops < 1` must hold"),
+        (["--budget-flops", "-1"], "`0 < budget_flops < 1` must hold"),
+        (["--budget-params", "1.5"], "above 1 is a count and must be whole"),
+        (["--budget-params", "-1"], "`value > 0` must hold"),
+        (["--budget-latency", "-1"], "`budget_latency > 0` must hold"),
+    ],
+)
+def test_unreadable_budgets_are_refused_with_the_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], rule: str
+) -> None:
+    from vitrank.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", *options, "--engine", "optuna", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and rule in error[0]
+    assert not out.exists()
+
+
+def test_a_budget_the_teacher_meets_is_refused_with_its_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """11M parameters of the 115k-parameter digits teacher: nothing to compress."""
+    from vitrank.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", "--budget-params", "11M", "--engine", "optuna", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1
+    assert "at or above the dense teacher's" in error[0] and "nothing to compress" in error[0]
+    # The failed start is no search to keep: it can be started again with a budget.
+    from search import SearchSettings, resolve_run
+
+    assert not (out / "study.db").exists()
+    again = SearchSettings(out=str(out), engine="optuna", budget_params="0.5")
+    assert resolve_run(again) is again

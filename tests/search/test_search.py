@@ -50,9 +50,10 @@ def test_trials_table_agrees_with_the_study(finished: Path) -> None:
 
 def test_baselines_are_the_first_trials(finished: Path) -> None:
     table = pd.read_parquet(finished / "trials.parquet")
-    first = table.head(4)["baseline"].tolist()
-    assert first == ["uniform-plain", "uniform-whitened", "greedy", "asvd"]
-    assert table["baseline"].iloc[4:].isna().all()
+    expected = ["uniform-plain", "uniform-whitened", "greedy", "asvd", "flar"]
+    first = table.head(len(expected))["baseline"].tolist()
+    assert first == expected
+    assert table["baseline"].iloc[len(expected) :].isna().all()
     skipped = json.loads((finished / "baselines" / "_skipped.json").read_text())
     assert "tome" in skipped
 

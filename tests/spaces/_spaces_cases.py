@@ -10,7 +10,7 @@ from torch import nn
 
 from spaces import SearchSpace, build_space
 from tests.conftest import TINY_VIT_ARGS, make_tiny_vit
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 # (timm name, overrides): a cls-token ViT with 3 blocks; a distilled DeiT (cls + dist tokens,
 # two heads); registers + average pooling, no cls token; no qkv bias, layer scale, qk-norm.

@@ -84,3 +84,33 @@ def test_smallest_latency_is_found_where_compression_is_slower(monkeypatch) -> N
     assert reachable == pytest.approx(0.5 + (blocks - 1))
     assert not config.blocks[0].is_dense
     assert all(spec.is_dense for spec in config.blocks[1:])
+
+
+@pytest.mark.parametrize("value", ["1.5", 1.5, "params=2.5", "1234.5", "flops=1.5"])
+def test_a_value_above_one_with_a_fraction_part_is_neither_fraction_nor_count(value) -> None:
+    with pytest.raises(ValueError, match=r"above 1 is a count and must be whole.*0 < value <= 1"):
+        parse_budget(value)
+
+
+def test_counts_are_exact_and_negative_values_break_the_positive_rule() -> None:
+    assert parse_budget("2.01M") == Budget("params", 2_010_000, absolute=True)
+    assert parse_budget("1.5k") == Budget("params", 1500, absolute=True)
+    for value in ("-1", "-0.5", "params=-11M", -1, "-20ms"):
+        with pytest.raises(ValueError, match=r"`value > 0` must hold"):
+            parse_budget(value)
+
+
+def test_a_budget_the_dense_teacher_meets_is_refused_with_its_count() -> None:
+    space = variant_space("vit")
+    dense = space.dense_params
+    for budget in (Budget("params", 11e6, absolute=True), Budget("params", dense, True)):
+        with pytest.raises(ValueError) as error:
+            check_feasible(space, budget)
+        message = str(error.value)
+        assert f"at or above the dense teacher's {dense:,} parameters" in message
+        assert "nothing to compress" in message
+    with pytest.raises(ValueError, match="nothing to compress"):
+        check_feasible(space, Budget("params", 1.0))
+    with pytest.raises(ValueError, match=f"{space.dense_flops:,} FLOPs"):
+        check_feasible(space, Budget("flops", 1.0))
+    check_feasible(space, Budget("params", dense - 1, True))

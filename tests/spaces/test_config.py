@@ -11,8 +11,8 @@ import pytest
 from _spaces_cases import make_tiny_vit, random_specs, variant_space
 
 from spaces import CompressionConfig
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import inspect_vit
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import inspect_vit
 
 
 def sample_config(variant: str = "vit", seed: int = 0) -> CompressionConfig:

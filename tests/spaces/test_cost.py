@@ -13,8 +13,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spaces import CompressionConfig, count_flops, count_params, dense_flops, dense_params
 from spaces._latency import random_weight_model
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import inspect_vit
+from vitrank.core.operators import OPERATORS
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import inspect_vit
 
 
 def built(model: nn.Module, specs: list[BlockSpec]) -> nn.Module:
@@ -90,3 +91,24 @@ def test_merging_lowers_flops_quadratically_in_attention() -> None:
     assert count_flops(dense, batch=3) == 3 * count_flops(dense)
     with pytest.raises(ValueError, match="batch >= 1"):
         count_flops(dense, batch=0)
+
+
+@pytest.mark.parametrize("key", OPERATORS.names())
+def test_every_registered_operator_is_counted_exactly(key: str, variant: str) -> None:
+    """Params and FLOPs of each operator alone (at every grid's middle) equal the built model's."""
+    from vitrank.core.operators import operator
+
+    part, name = key.split(".")
+    model = variant_model(variant)
+    space = variant_space(variant)
+    if name not in space.blocks[0].ops(part):
+        pytest.skip(f"{key} is not offered on {variant}")
+    specs = []
+    for choice in space.blocks:
+        grids = choice.grids(part, name)
+        spec = operator(part, name).spec(**{k: g[len(g) // 2] for k, g in grids.items()})
+        specs.append(BlockSpec(attn=spec) if part == "attn" else BlockSpec(mlp=spec))
+    config = space.config(specs)
+    student = built(model, specs)
+    assert count_params(config) == sum(p.numel() for p in student.parameters())
+    assert count_flops(config, batch=2) == measured_flops(student, 2)

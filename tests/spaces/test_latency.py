@@ -97,7 +97,8 @@ def expected_ms(config, space) -> float:
         factor = 2.0 if n < counts[0] else 1.0
         total += factor * core.heads * (core.qk_dim + core.v_dim) / 2 * n * 1e-5
         total += sum(
-            x.in_features * x.out_features * n * 1e-6 for x in attention_linears(shape, spec.attn)
+            x.in_features * x.out_features * n * 1e-6
+            for x in attention_linears(shape, spec.attn, spec.merge_ratio > 0)
         )
         mlp = mlp_linears(shape, spec.mlp)
         total += sum(x.in_features * x.out_features * m * 1e-6 for x in mlp)

@@ -18,7 +18,7 @@ from spaces import (
     raw_params,
 )
 from spaces._parametrize import ladder
-from vitrank.compress.spec import BlockSpec
+from vitrank.core.spec import BlockSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -144,7 +144,7 @@ def test_space_function_pickles_and_returns_a_flat_dict() -> None:
 
 def test_space_function_refusals() -> None:
     space = variant_space("vit")
-    with pytest.raises(ValueError, match=r"Unknown parametrization 'grid'.*raw"):
+    with pytest.raises(ValueError, match=r"unknown parametrization 'grid'; known: raw"):
         SpaceFunction(space, None, "grid")
     with pytest.raises(ValueError, match="needs a budget"):
         SpaceFunction(space, None, "budgeted")

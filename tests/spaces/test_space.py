@@ -9,8 +9,8 @@ from _spaces_cases import random_specs, variant_model, variant_space
 
 from spaces import build_space, count_flops, count_params, saving_ranks
 from spaces._cost import attention_linears
-from vitrank.compress.spec import AttentionSpec, BlockSpec
-from vitrank.compress.structure import inspect_vit
+from vitrank.core.spec import AttentionSpec, BlockSpec
+from vitrank.core.structure import inspect_vit
 
 
 def test_saving_ranks() -> None:
@@ -24,30 +24,32 @@ def test_grids_hold_only_saving_values(variant: str) -> None:
     for shape, choice in zip(space.fingerprint.blocks, space.blocks, strict=True):
         d, inner, hidden = shape.dim, shape.attn_inner, shape.mlp_hidden
         pairs = [
-            (choice.qkv_ranks, d, 3 * inner),
-            (choice.proj_ranks, inner, d),
-            (choice.fc1_ranks, d, hidden),
-            (choice.fc2_ranks, hidden, d),
+            (choice.grid("attn", "lowrank", "qkv_rank"), d, 3 * inner),
+            (choice.grid("attn", "lowrank", "proj_rank"), inner, d),
+            (choice.grid("mlp", "lowrank", "fc1_rank"), d, hidden),
+            (choice.grid("mlp", "lowrank", "fc2_rank"), hidden, d),
         ]
         for grid, n_in, n_out in pairs:
             assert grid, (shape.name, n_in, n_out)
             assert all(r % space.granularity == 0 for r in grid)
             assert all(r * (n_in + n_out) < n_in * n_out for r in grid)
         dense_attn = sum(x.params for x in attention_linears(shape, AttentionSpec()))
-        for qk in choice.qk_ranks:
-            for vo in choice.vo_ranks:
+        for qk in choice.grid("attn", "heads", "qk_rank"):
+            for vo in choice.grid("attn", "heads", "vo_rank"):
                 heads = AttentionSpec("heads", qk_rank=qk, vo_rank=vo)
                 assert sum(x.params for x in attention_linears(shape, heads)) < dense_attn
-        assert all(0 < k < shape.num_heads for k in choice.heads_kept)
-        assert all(0 < k < hidden for k in choice.hidden_kept)
+        assert all(0 < k < shape.num_heads for k in choice.grid("attn", "prune", "heads_kept"))
+        assert all(0 < k < hidden for k in choice.grid("mlp", "prune", "hidden_kept"))
         assert ("heads" in choice.attention_ops) == (not shape.qk_norm)
 
 
 def test_head_rank_step_follows_head_dim() -> None:
     # head_dim 16: step min(8, 16 // 4) = 4; head_dim 8 (reg_gap: 32 / 4 heads): step 2.
-    assert variant_space("vit").blocks[0].qk_ranks == (4, 8, 12)
-    assert variant_space("reg_gap").blocks[0].qk_ranks == (2, 4, 6)
-    assert variant_space("vit", granularity=2).blocks[0].qk_ranks == tuple(range(2, 16, 2))
+    assert variant_space("vit").blocks[0].grid("attn", "heads", "qk_rank") == (4, 8, 12)
+    assert variant_space("reg_gap").blocks[0].grid("attn", "heads", "qk_rank") == (2, 4, 6)
+    assert variant_space("vit", granularity=2).blocks[0].grid("attn", "heads", "qk_rank") == tuple(
+        range(2, 16, 2)
+    )
 
 
 def test_ops_restrict_the_choices() -> None:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import BlockShape, Fingerprint
+from vitrank.core.operators import operator
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import BlockShape, Fingerprint
 
 BASE_ARGS: dict[str, Any] = {
     "img_size": 16,
@@ -68,20 +69,13 @@ def calibration(model: nn.Module):
 
 
 def full_rank(shape: BlockShape, attn_op: str, mlp_op: str, merge_ratio: float = 0.0) -> BlockSpec:
-    """A spec that reproduces the block exactly (every rank full, every unit kept)."""
-    d, inner, hidden = shape.dim, shape.attn_inner, shape.mlp_hidden
-    attn = {
-        "dense": AttentionSpec(),
-        "lowrank": AttentionSpec("lowrank", qkv_rank=min(d, 3 * inner), proj_rank=min(d, inner)),
-        "heads": AttentionSpec("heads", qk_rank=shape.head_dim, vo_rank=shape.head_dim),
-        "prune": AttentionSpec("prune", heads_kept=shape.num_heads),
-    }[attn_op]
-    mlp = {
-        "dense": MlpSpec(),
-        "lowrank": MlpSpec("lowrank", fc1_rank=min(d, hidden), fc2_rank=min(d, hidden)),
-        "prune": MlpSpec("prune", hidden_kept=hidden),
-    }[mlp_op]
-    return BlockSpec(attn, mlp, merge_ratio)
+    """A spec that reproduces the block exactly: every knob at the top of its limits."""
+
+    def top(part: str, name: str) -> AttentionSpec | MlpSpec:
+        op = operator(part, name)
+        return op.spec(**{knob: high for knob, (_, high) in op.limits(shape).items()})
+
+    return BlockSpec(top("attn", attn_op), top("mlp", mlp_op), merge_ratio)  # type: ignore[arg-type]
 
 
 def _linear(n_in: int, n_out: int, bias: bool, rank: int = 0) -> int:
@@ -101,8 +95,10 @@ def expected_params(fp: Fingerprint, specs: list[BlockSpec]) -> int:
         elif a.op == "lowrank":
             attn = _linear(d, 3 * s.attn_inner, s.qkv_bias, a.qkv_rank)
             attn += _linear(s.attn_inner, d, s.proj_bias, a.proj_rank)
-        else:  # heads: q', k' with bias rows, v' without, out with the folded bias
-            attn = 2 * heads * a.qk_rank * (d + 1) + 2 * heads * a.vo_rank * d + d
+        else:  # heads: q', k' (bias rows with a qkv bias), key map (merging), v', out + bias
+            attn = 2 * heads * a.qk_rank * (d + s.qkv_bias)
+            attn += heads * a.qk_rank * dh if spec.merge_ratio > 0 else 0
+            attn += 2 * heads * a.vo_rank * d + d
         kept = m.hidden_kept if m.op == "prune" else hidden
         r1, r2 = (m.fc1_rank, m.fc2_rank) if m.op == "lowrank" else (0, 0)
         mlp = _linear(d, kept, s.fc1_bias, r1) + _linear(kept, d, s.fc2_bias, r2)

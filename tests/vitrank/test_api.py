@@ -9,9 +9,9 @@ from _compress_cases import VARIANTS, build, calibration, count_params, images, 
 import vitrank
 from spaces import CompressionConfig
 from spaces import count_params as config_params
-from vitrank.compress.factorize import FactorCache
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import inspect_vit
+from vitrank.core.factorize import FactorCache
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import inspect_vit
 
 SPECS = (
     BlockSpec(AttentionSpec("heads", qk_rank=4, vo_rank=6), MlpSpec("lowrank", 10, 12), 0.25),

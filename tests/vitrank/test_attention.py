@@ -6,13 +6,13 @@ from timm.layers import LayerNorm
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from vitrank.compress.attention import (
+from vitrank.core.attention import (
     DenseAttention,
     HeadFactorizedAttention,
     LowRankAttention,
     attend,
 )
-from vitrank.compress.lowrank import linear_from
+from vitrank.core.lowrank import linear_from
 
 DIM, HEADS, TOKENS = 24, 3, 7
 
@@ -52,7 +52,8 @@ def _comcat_full_rank(attn: Attention):
     wo = attn.proj.weight.detach()  # (d, H*dh)
     out_factor = wo.T.reshape(h, dh, -1)  # (H, dh, d)
     out_bias = attn.proj.bias.detach() + wo @ b[2 * h * dh :]
-    return P, Q, V, out_factor, out_bias
+    G = torch.eye(dh).expand(h, dh, dh)  # Q holds the teacher's keys: the key map is I
+    return P, Q, G, V, out_factor, out_bias
 
 
 def test_attend_matches_explicit_softmax_with_and_without_size_bias():
@@ -131,21 +132,25 @@ def test_low_rank_attention_with_exact_factors_reproduces_timm():
 def test_head_factorized_attention_at_full_rank_is_exact(qkv_bias):
     attn = _timm_attention(qkv_bias)
     x = torch.randn(2, TOKENS, DIM)
-    heads = HeadFactorizedAttention.from_factors(*_comcat_full_rank(attn), scale=attn.scale)
+    heads = HeadFactorizedAttention.from_factors(
+        *_comcat_full_rank(attn), scale=attn.scale, qk_bias=qkv_bias
+    )
     out, keys = heads.eval()(x)
     torch.testing.assert_close(out, attn(x), atol=1e-5, rtol=1e-5)
     # With P, Q holding the teacher's query/key maps, the keys are the teacher's keys.
     torch.testing.assert_close(keys, _keys(attn, x), atol=1e-6, rtol=1e-6)
     assert (heads.qk_rank, heads.vo_rank) == (8, 8)
+    # No zero q/k biases for a teacher without qkv bias.
+    assert (heads.q.bias is None) == (heads.k.bias is None) == (not qkv_bias)
 
 
 def test_head_factorized_attention_with_unequal_ranks_and_size_bias():
     torch.manual_seed(3)
     h, d, rqk, rvo = 2, 6, 2, 3
-    P, Q = torch.randn(h, d + 1, rqk), torch.randn(h, d + 1, rqk)
+    P, Q, G = torch.randn(h, d + 1, rqk), torch.randn(h, d + 1, rqk), torch.randn(h, rqk, 4)
     V, out_factor, out_bias = torch.randn(h, d, rvo), torch.randn(h, rvo, d), torch.randn(d)
     scale = 0.25  # the teacher's head_dim^-1/2, not rqk^-1/2
-    module = HeadFactorizedAttention.from_factors(P, Q, V, out_factor, out_bias, scale)
+    module = HeadFactorizedAttention.from_factors(P, Q, G, V, out_factor, out_bias, scale)
     x, log_size = torch.randn(3, 5, d), torch.rand(3, 5).log1p()
     out, keys = module(x, log_size)
     xbar = torch.cat([x, torch.ones(3, 5, 1)], dim=-1)
@@ -155,25 +160,25 @@ def test_head_factorized_attention_with_unequal_ranks_and_size_bias():
     heads_out = _explicit(q, k, v, scale, log_size)
     expected = torch.einsum("bhnr,hrd->bnd", heads_out, out_factor) + out_bias
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(keys, k.mean(1))
+    torch.testing.assert_close(keys, torch.einsum("bhnr,hre->bne", k, G) / h)
     n_params = sum(p.numel() for p in module.parameters())
-    assert n_params == 2 * h * rqk * (d + 1) + 2 * h * rvo * d + d
+    assert n_params == 2 * h * rqk * (d + 1) + h * rqk * 4 + 2 * h * rvo * d + d
 
 
 def test_head_factorized_empty_has_the_shapes_of_built_one():
     torch.manual_seed(4)
-    P, Q = torch.randn(3, 9, 2), torch.randn(3, 9, 2)
-    built = HeadFactorizedAttention.from_factors(
-        P, Q, torch.randn(3, 8, 4), torch.randn(3, 4, 8), torch.randn(8), 0.5
-    )
-    empty = HeadFactorizedAttention.empty(8, 3, 2, 4, 0.5)
-    assert {k: v.shape for k, v in built.state_dict().items()} == {
-        k: v.shape for k, v in empty.state_dict().items()
-    }
+    P, Q, G = torch.randn(3, 9, 2), torch.randn(3, 9, 2), torch.randn(3, 2, 5)
+    vo = (torch.randn(3, 8, 4), torch.randn(3, 4, 8), torch.randn(8))
+    for qk_bias in (True, False):
+        built = HeadFactorizedAttention.from_factors(P, Q, G, *vo, 0.5, qk_bias=qk_bias)
+        empty = HeadFactorizedAttention.empty(8, 3, 2, 4, 0.5, head_dim=5, qk_bias=qk_bias)
+        assert {k: v.shape for k, v in built.state_dict().items()} == {
+            k: v.shape for k, v in empty.state_dict().items()
+        }
     with pytest.raises(ValueError, match="P.shape == Q.shape"):
-        HeadFactorizedAttention.from_factors(
-            P, Q[:, :, :1], torch.randn(3, 8, 4), torch.randn(3, 4, 8), torch.randn(8), 0.5
-        )
+        HeadFactorizedAttention.from_factors(P, Q[:, :, :1], G, *vo, 0.5)
+    with pytest.raises(ValueError, match="G.shape"):
+        HeadFactorizedAttention.from_factors(P, Q, G[:, :1], *vo, 0.5)
 
 
 def test_modules_train_with_dropout_and_gradients():
@@ -191,6 +196,7 @@ def test_modules_train_with_dropout_and_gradients():
         second = module(x)[0]
         assert not torch.allclose(first, second)  # attention dropout is active in training
         first.square().mean().backward()
-        assert all(p.grad is not None for p in module.parameters())
+        # Every trainable parameter gets a gradient (the fixed key map is not trainable).
+        assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
         module.eval()
         torch.testing.assert_close(module(x)[0], module(x)[0])

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vitrank.compress.attention import DenseAttention
-from vitrank.compress.blocks import CompressedBlock, CompressedBlocks
-from vitrank.compress.merge import unmerge
-from vitrank.compress.spec import token_schedule
+from vitrank.core.attention import DenseAttention
+from vitrank.core.blocks import CompressedBlock, CompressedBlocks
+from vitrank.core.merge import unmerge
+from vitrank.core.spec import token_schedule
 
 ARCHS = {
     "cls": ("vit_small_patch16_224", {}),

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from vitrank.cli import SUBCOMMANDS, build_parser, main
-from vitrank.compress.structure import UnsupportedModelError
+from vitrank.core.structure import UnsupportedModelError
 from vitrank.workloads import DIGITS_MODEL_ARGS
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from evaluators.calibration import calibrate
-from vitrank.compress.apply import apply_specs
-from vitrank.compress.compensate import compensate, factorized_parameters
-from vitrank.compress.factorize import FactorCache
-from vitrank.compress.lowrank import LowRankLinear
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.apply import apply_specs
+from vitrank.core.compensate import compensate, factorized_parameters
+from vitrank.core.factorize import FactorCache
+from vitrank.core.lowrank import LowRankLinear
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,10 @@ def test_compensation_never_worse_and_improves_heavy_compression(setup, merge_ra
         if not torch.equal(p, q)
     }
     assert moved and all(".attn." in n or ".mlp." in n for n in moved)
-    assert all(p.requires_grad for p in student.parameters())
+    # Flags are restored (the `heads` key map is fixed, everything else trainable).
+    flags = [(n, p.requires_grad) for n, p in student.named_parameters()]
+    assert flags == [(n, p.requires_grad) for n, p in untouched.named_parameters()]
+    assert all(flag != n.endswith("key_map.weight") for n, flag in flags)
 
 
 def test_no_steps_or_no_factorized_modules_change_nothing(setup):

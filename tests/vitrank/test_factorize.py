@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from evaluators.calibration import calibrate
-from vitrank.compress.factorize import FactorCache
-from vitrank.compress.stats import LINEAR_KEYS
+from vitrank.core.factorize import FactorCache
+from vitrank.core.stats import LINEAR_KEYS
 
 ARCHS = [
     ("vit_small_patch16_224", {"qkv_bias": True}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitrank.compress.heads import factorize_qk, factorize_vo
+from vitrank.core.heads import factorize_qk, factorize_vo, key_maps_of
 
 H, DH, D = 3, 4, 10
 
@@ -93,6 +93,34 @@ def test_qk_closed_form_error_equals_measured_mean_over_token_pairs():
             approx = (X @ P) @ (X @ Q).transpose(-1, -2)
             measured = float((logits - approx).square().sum() / len(X) ** 2)
             assert factors.error(rank) == pytest.approx(measured, rel=1e-6, abs=1e-12), rank
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_key_maps_read_the_teacher_keys_back(bias):
+    x, W_qkv, b_qkv, _, _ = _setup(seed=3, bias=bias)
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    X = _bar(x).reshape(-1, D + 1)
+    C_bar = X.T @ X / len(X)
+    k_bar = torch.cat([W_k, (b_k if bias else W_k.new_zeros(H * DH))[:, None]], 1)
+    keys = (X @ k_bar.T).reshape(-1, H, DH).transpose(0, 1)  # (H, n, d_h): the teacher's
+    for C, whiten in ((C_bar, True), (C_bar, False), (None, True)):
+        factors = factorize_qk(W_q, b_q, W_k, b_k, H, C, whiten=whiten)
+        assert factors.keys is not None and factors.keys.shape == (H, DH, DH)
+        torch.testing.assert_close(
+            key_maps_of(factors.right, W_k, b_k, H), factors.keys, rtol=1e-7, atol=1e-9
+        )
+        errors = []
+        for rank in range(1, DH + 1):
+            k_factored = X @ factors.right[..., :rank]  # (H, n, r)
+            fitted = k_factored @ factors.keys[:, :rank]
+            errors.append(float((fitted - keys).square().sum()))
+            if C is not None and whiten:
+                # The least-squares fit of the teacher's keys on the calibration tokens.
+                best = torch.linalg.lstsq(k_factored, keys).solution
+                optimum = float((k_factored @ best - keys).square().sum())
+                assert errors[-1] == pytest.approx(optimum, rel=1e-5, abs=1e-9)
+        assert errors[-1] <= 1e-18 * float(keys.square().sum())  # exact at full rank
+        assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
 def test_vo_closed_form_error_equals_measured_per_head_output_error():

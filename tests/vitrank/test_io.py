@@ -6,10 +6,10 @@ import pytest
 import torch
 from _compress_cases import VARIANTS, build, calibration, images, model_args
 
-from vitrank.compress.apply import apply_specs
-from vitrank.compress.factorize import FactorCache
-from vitrank.compress.io import load_model, save_model, spec_from_dict, spec_to_dict
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.apply import apply_specs
+from vitrank.core.factorize import FactorCache
+from vitrank.core.io import load_model, save_model, spec_from_dict, spec_to_dict
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
 def _specs(name: str) -> list[BlockSpec]:
@@ -123,3 +123,69 @@ def test_saving_over_an_existing_model_replaces_it_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     loaded, _ = load_model(tmp_path)
     assert torch.equal(loaded(images()), other(images()))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("checkpoint_path", "/elsewhere/weights.pth"),
+        ("pretrained_cfg_overlay", {"file": "/elsewhere/weights.pth"}),
+        ("pretrained", True),
+        ("pretrained_cfg", {"hf_hub_id": "timm/vit_small_patch16_224"}),
+        ("cache_dir", "/elsewhere"),
+    ],
+)
+def test_model_args_that_reach_outside_the_folder_are_refused(tmp_path, monkeypatch, key, value):
+    import timm
+
+    import vitrank
+    from vitrank.cli import main
+
+    model, meta = _compressed("vit")
+    save_model(model, tmp_path, meta)
+    config = tmp_path / "config.json"
+    data = json.loads(config.read_text())
+    data["model_args"][key] = value
+    config.write_text(json.dumps(data))
+
+    def never(*args, **kwargs):
+        raise AssertionError("timm.create_model must not run on a refused config")
+
+    monkeypatch.setattr(timm, "create_model", never)
+    with pytest.raises(ValueError, match=rf"config.json: `model_args` may hold only .*'{key}'"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=key):
+        vitrank.load(tmp_path)
+    assert main(["eval", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match=rf"the model to save in .*'{key}'"):
+        save_model(model, tmp_path / "again", {**meta, "model_args": data["model_args"]})
+
+
+@pytest.mark.parametrize(
+    "name", ["hf-hub:timm/vit_small_patch16_224", "local-dir:/elsewhere", "timm/vit_small"]
+)
+def test_architecture_names_that_load_another_model_are_refused(tmp_path, monkeypatch, name):
+    import timm
+
+    model, meta = _compressed("vit")
+    save_model(model, tmp_path, meta)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model": name}))
+    monkeypatch.setattr(timm, "create_model", None)
+    with pytest.raises(ValueError, match=r"architecture must be a timm model name.*'hf-hub:'"):
+        load_model(tmp_path)
+
+
+def test_every_architecture_argument_builds_a_vit_and_only_those_pass() -> None:
+    """The allow-list is timm's VisionTransformer's own keywords, less the loading ones."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vitrank.core.io import ARCHITECTURE_ARGS, check_architecture
+
+    keywords = set(inspect.signature(VisionTransformer.__init__).parameters)
+    assert not ARCHITECTURE_ARGS - keywords
+    check_architecture("vit_small_patch16_224.augreg_in21k", {"act_layer": "gelu"}, "x")
+    with pytest.raises(ValueError, match=r"`model_args.norm_layer` must be a timm layer name"):
+        check_architecture("vit_small_patch16_224", {"norm_layer": {"file": "x"}}, "x")

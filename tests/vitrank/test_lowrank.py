@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitrank.compress.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
+from vitrank.core.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
 
 
 def _data(n: int = 400, d_in: int = 12, d_out: int = 9, seed: int = 0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from vitrank.compress.attention import DenseAttention
-from vitrank.compress.prune import (
+from vitrank.core.attention import DenseAttention
+from vitrank.core.prune import (
     head_scores,
     mlp_unit_scores,
     prune_heads,
@@ -228,9 +228,9 @@ def test_pruned_and_merged_model_costs_what_the_config_predicts(tiny_vit) -> Non
     from evaluators.calibration import calibrate
     from spaces import CompressionConfig, count_flops, count_params
     from tests.conftest import TINY_VIT_ARGS
-    from vitrank.compress.apply import apply_specs
-    from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-    from vitrank.compress.structure import inspect_vit
+    from vitrank.core.apply import apply_specs
+    from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.core.structure import inspect_vit
 
     model = tiny_vit(num_heads=4, depth=3)
     images = torch.randn(8, 3, 16, 16)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.models import save_for_hf
 
-from vitrank.compress.structure import UnsupportedModelError
+from vitrank.core.structure import UnsupportedModelError
 from vitrank.workloads import (
     calibration_indices,
     digits_arrays,
@@ -180,3 +180,27 @@ def test_missing_local_dir_and_unknown_workload(tmp_path):
         load_workload(model=f"local-dir:{tmp_path}")
     with pytest.raises(ValueError, match="digits-vit"):
         load_workload("imagenet")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"model_args": {"checkpoint_path": "/elsewhere/weights.pth"}}, "'checkpoint_path'"),
+        ({"model_args": {"pretrained_cfg_overlay": {"file": "/x"}}}, "'pretrained_cfg_overlay'"),
+        ({"architecture": "hf-hub:timm/vit_small_patch16_224"}, "architecture must be a timm"),
+    ],
+)
+def test_a_local_teacher_config_that_reaches_elsewhere_is_refused(
+    tmp_path, local_vit, monkeypatch, change, named
+):
+    import json
+
+    _, folder = local_vit
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(timm, "create_model", None)  # refused before timm reads anything
+    with pytest.raises(ValueError, match=named) as error:
+        load_workload(model=f"local-dir:{folder}")
+    assert str(folder / "config.json") in str(error.value)

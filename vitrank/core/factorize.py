@@ -1,8 +1,8 @@
 """The factor cache: every operator of a model factorized once at full rank.
 
 A search evaluates thousands of configurations; each needs factors at some rank. Every
-SVD and Cholesky runs here, at construction; afterwards `linear`, `qk`, `vo`, `error`
-and `spectrum` are slices and sums of stored tensors.
+SVD and Cholesky runs here, at construction; afterwards `linear`, `qk`, `key_maps`, `vo`,
+`error` and `spectrum` are slices and sums of stored tensors.
 
 Layer keys: "blocks.{i}.attn.qkv", "blocks.{i}.attn.proj", "blocks.{i}.mlp.fc1",
 "blocks.{i}.mlp.fc2" (Linears) and "blocks.{i}.attn.qk", "blocks.{i}.attn.vo" (per-head
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitrank.compress._files import load_tensors, save_tensors
-from vitrank.compress.heads import HeadFactors, factorize_qk, factorize_vo
-from vitrank.compress.lowrank import LinearFactors, factorize_linear
-from vitrank.compress.stats import LINEAR_KEYS, CalibrationStats
+from vitrank.core.files import load_tensors, save_tensors
+from vitrank.core.heads import HeadFactors, factorize_qk, factorize_vo, key_maps_of
+from vitrank.core.lowrank import LinearFactors, factorize_linear
+from vitrank.core.stats import LINEAR_KEYS, CalibrationStats
 
 _FORMAT = "vitrank.factors/1"
 
@@ -42,6 +42,13 @@ def _blocks(model: nn.Module) -> nn.Sequential:
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise ValueError(f"{type(model).__name__} has no `blocks` sequence to factorize.")
     return blocks
+
+
+def _key_maps_from_teacher(attn: Any, Q: Tensor) -> Tensor:
+    D = attn.num_heads * attn.head_dim
+    b = attn.qkv.bias
+    b_k = None if b is None else b[D : 2 * D]
+    return key_maps_of(Q, attn.qkv.weight[D : 2 * D], b_k, attn.num_heads)
 
 
 def _split_key(key: str) -> tuple[int, str]:
@@ -178,6 +185,16 @@ class FactorCache:
         P, Q = self._cast_full(key, (factors.left, factors.right))
         return P[..., :rank], Q[..., :rank]
 
+    def key_maps(self, block_index: int, rank: int) -> Tensor:
+        """G (H, r, d_h): the teacher's keys k_h ≈ k'_h G_h from the rank-r keys of `qk`
+        (exact at full rank; what token merging compares, see `heads._key_maps`)."""
+        key = f"blocks.{block_index}.attn.qk"
+        factors = self._head_factors(key)
+        factors.check_rank(rank, key)
+        assert factors.keys is not None  # set by factorize_qk and by `load`
+        (G,) = self._cast_full(f"{key}.keys", (factors.keys,))
+        return G[:, :rank]
+
     def vo(self, block_index: int, rank: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(V: (H, d, r), O: (H, r, d_out), out_bias): out = Σ_h A_h (x V_h) O_h + out_bias."""
         key = f"blocks.{block_index}.attn.vo"
@@ -222,6 +239,8 @@ class FactorCache:
         for key, h in self._heads.items():
             tensors.update({f"{key}.left": h.left, f"{key}.right": h.right})
             tensors.update({f"{key}.sigma2": h.sigma2, f"{key}.errors": h.errors})
+            if h.keys is not None:
+                tensors[f"{key}.keys"] = h.keys
         for i, bias in self._vo_bias.items():
             if bias is not None:
                 tensors[f"blocks.{i}.attn.vo.bias"] = bias
@@ -254,6 +273,7 @@ class FactorCache:
         cache.digest, cache.num_blocks = digest, header["num_blocks"]
         cache.qk_norm_blocks = set(header["qk_norm_blocks"])
         cache._linear, cache._heads, cache._vo_bias = {}, {}, {}
+        blocks: Any = _blocks(model)
         for i in range(cache.num_blocks):
             for name in LINEAR_KEYS:
                 key = f"blocks.{i}.{name}"
@@ -264,9 +284,12 @@ class FactorCache:
             for name in ("attn.qk", "attn.vo"):
                 key = f"blocks.{i}.{name}"
                 if f"{key}.left" in tensors:
+                    keys = tensors.get(f"{key}.keys")
+                    if keys is None and name == "attn.qk":  # a file from before key maps
+                        keys = _key_maps_from_teacher(blocks[i].attn, tensors[f"{key}.right"])
                     cache._heads[key] = HeadFactors(
                         tensors[f"{key}.left"], tensors[f"{key}.right"],
-                        tensors[f"{key}.sigma2"], tensors[f"{key}.errors"],
+                        tensors[f"{key}.sigma2"], tensors[f"{key}.errors"], keys,
                     )  # fmt: skip
             cache._vo_bias[i] = tensors.get(f"blocks.{i}.attn.vo.bias")
         return cache

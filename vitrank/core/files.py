@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,14 +13,38 @@ from typing import Any
 from torch import Tensor
 
 
+def _new_temp_file(directory: Path, name: str) -> tuple[str, int]:
+    """A new empty file beside `name` and its mode, the one ``open(path, "w")`` would give.
+
+    Not `tempfile.mkstemp`: its files are 0600, and the rename would carry that mode onto
+    the artefact. Created with 0666, the file gets the umask from the kernel, as any new
+    file does, and the process-wide umask is never read or changed.
+    """
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return str(tmp), stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
-    """Write through ``write(tmp_path)`` and rename, so a reader never sees half a file."""
+    """Write through ``write(tmp_path)`` and rename, so a reader never sees half a file.
+
+    The file gets the mode of a new file under the umask, even when `write` puts a file of
+    its own in the temporary's place (safetensors writes 0600 files).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp, mode = _new_temp_file(path.parent, path.name)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -27,8 +52,17 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`data` as `path`: a reader (or a run killed half-way) sees the old file or the new one."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], header: dict[str, Any]) -> Path:

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ATTENTION_OPS = ("dense", "lowrank", "heads", "prune")
-MLP_OPS = ("dense", "lowrank", "prune")
-
 
 @dataclass(frozen=True)
 class AttentionSpec:

@@ -15,8 +15,8 @@ from typing import cast
 
 from torch import Tensor, nn
 
-from vitrank.compress.merge import identity_source, match_tokens, merge_source, merge_weighted
-from vitrank.compress.spec import merge_count
+from vitrank.core.merge import identity_source, match_tokens, merge_source, merge_weighted
+from vitrank.core.spec import merge_count
 
 _BLOCK_PARTS = ("norm1", "ls1", "drop_path1", "norm2", "ls2", "drop_path2")
 
@@ -35,7 +35,7 @@ class CompressedBlock(nn.Module):
     """x += ls1(attn(norm1(x))); merge tokens; x += ls2(mlp(norm2(x))).
 
     ``attn`` has the signature ``forward(x, log_size=None) -> (output, keys)`` (see
-    ``vitrank.compress.attention``); ``mlp`` maps (B, N, d) to (B, N, d). The norms,
+    ``vitrank.core.attention``); ``mlp`` maps (B, N, d) to (B, N, d). The norms,
     layer scales and drop paths are the ``block``'s own modules (shared, not copied).
     """
 

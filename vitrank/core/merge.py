@@ -1,16 +1,21 @@
 """Token merging (ToMe): bipartite soft matching on the keys, as pure functions.
 
-Adapted in idea from ToMe's ``bipartite_soft_matching`` (facebookresearch/ToMe,
-``tome/merge.py``); our own code, changed in three ways: prefix tokens are split off
-instead of masked with -inf, the unmerged A tokens keep their original order, and the
-source map is an index per original token (B, N_original) instead of a 0/1 matrix
-(B, N, N_original), which is enough to unmerge and costs N_original integers per image.
+Adapted in idea from ToMe's ``bipartite_soft_matching`` (Bolya et al., ICLR 2023;
+facebookresearch/ToMe, ``tome/merge.py``); our own code, changed in three ways: prefix
+tokens are left out of the similarity matrix instead of masked with -inf, the unmerged A
+tokens keep their original order, and the source map is an index per original token
+(B, N_original) instead of a 0/1 matrix (B, N, N_original), which is enough to unmerge
+and costs N_original integers per image. None of these changes which tokens merge, nor
+the merged rows and their sizes: they are ToMe's, as a set of rows.
 
 Tokens ``[prefix | patches]``: the prefix (cls, distillation, register tokens) is never
-merged. Patch tokens at even positions form set A, at odd positions set B; each A token
-is matched to its most similar B token (cosine of the head-averaged keys) and the ``r``
-best-matched A tokens are merged into their B partners. The merged sequence is
-``[prefix | A tokens kept, in original order | B tokens]``.
+merged. As in ToMe, the sides alternate over the whole sequence, prefix included: set A
+is the patch tokens at even positions, set B those at odd positions (so with one cls
+token the first patch is a B token); a prefix token is neither merged away nor merged
+into, as ToMe's -inf scores for the cls row and the distillation column make it. Each
+A token is matched to its most similar B token (cosine of the head-averaged keys) and
+the ``r`` best-matched A tokens are merged into their B partners. The merged sequence is
+``[prefix | A tokens kept, in original order | B tokens]``, so the cls token stays first.
 """
 
 from __future__ import annotations
@@ -29,17 +34,28 @@ class Matching(NamedTuple):
     kept: Tensor  # (B, |A| - r) A tokens that stay, ascending
     merged: Tensor  # (B, r) A tokens merged away
     into: Tensor  # (B, r) the B token each of ``merged`` goes into
-    num_b: int  # |B|, the number of odd-position patch tokens
+    num_b: int  # |B|, the number of patch tokens at odd positions
 
     @property
     def tokens_out(self) -> int:
         return self.num_prefix + self.kept.shape[1] + self.num_b
 
 
+def _sides(num_prefix: int) -> tuple[int, int]:
+    """Offsets of sets A and B in the patch tokens ``x[:, num_prefix:]``.
+
+    A is the even positions of the whole sequence and B the odd ones (ToMe), so an odd
+    number of prefix tokens makes the first patch token a B token.
+    """
+    a = num_prefix % 2
+    return a, 1 - a
+
+
 def match_tokens(metric: Tensor, r: int, num_prefix: int) -> Matching:
     """Bipartite soft matching of the patch tokens of ``metric`` (B, N, e), merging ``r``.
 
     Deterministic: ties in similarity are broken by position (stable sort, first maximum).
+    The bound on ``r`` (``merge_count``'s) is at most |A| for any number of prefix tokens.
     """
     tokens = metric.shape[1]
     patches = tokens - num_prefix
@@ -50,8 +66,11 @@ def match_tokens(metric: Tensor, r: int, num_prefix: int) -> Matching:
         )
     # Only indices come out of here: no autograd graph for the similarity matrix.
     with torch.no_grad():
-        metric = F.normalize(metric[:, num_prefix:].float(), dim=-1)
-        a, b = metric[:, 0::2], metric[:, 1::2]
+        # At least fp32 (half-precision cosines tie too often), and fp64 stays fp64.
+        dtype = torch.promote_types(metric.dtype, torch.float32)
+        metric = F.normalize(metric[:, num_prefix:].to(dtype), dim=-1)
+        side_a, side_b = _sides(num_prefix)
+        a, b = metric[:, side_a::2], metric[:, side_b::2]
         scores = a @ b.transpose(1, 2)  # (B, |A|, |B|) cosine similarities
         best, best_b = scores.max(dim=-1)
         order = torch.argsort(best, dim=-1, descending=True, stable=True)
@@ -69,7 +88,8 @@ def merge_tokens(x: Tensor, matching: Matching, reduce: str = "sum") -> Tensor:
     """
     p = matching.num_prefix
     channels = x.shape[-1]
-    prefix, a, b = x[:, :p], x[:, p:][:, 0::2], x[:, p:][:, 1::2]
+    side_a, side_b = _sides(p)
+    prefix, a, b = x[:, :p], x[:, p:][:, side_a::2], x[:, p:][:, side_b::2]
 
     def rows(t: Tensor, index: Tensor) -> Tensor:
         return t.gather(1, index[..., None].expand(-1, -1, channels))
@@ -115,8 +135,9 @@ def merge_source(source: Tensor, matching: Matching) -> Tensor:
     new_a.scatter_(1, matching.merged, b_pos[matching.into])
     new_pos = torch.empty(batch, p + num_a + matching.num_b, dtype=torch.long, device=device)
     new_pos[:, :p] = torch.arange(p, device=device)
-    new_pos[:, p:][:, 0::2] = new_a
-    new_pos[:, p:][:, 1::2] = b_pos.expand(batch, -1)
+    side_a, side_b = _sides(p)
+    new_pos[:, p:][:, side_a::2] = new_a
+    new_pos[:, p:][:, side_b::2] = b_pos.expand(batch, -1)
     return new_pos.gather(1, source)
 
 

@@ -1,7 +1,7 @@
 """Calibration statistics: the sums that the factorizations and the pruning scores need.
 
 A plain container. `evaluators.calibrate` fills it in one pass over the calibration
-images; `vitrank.compress` only reads it. Everything is a *sum* in fp64 plus a token
+images; `vitrank.core` only reads it. Everything is a *sum* in fp64 plus a token
 count, so statistics of two passes add and nothing depends on the batch size.
 
 Per linear layer key ("blocks.{i}.attn.qkv", "blocks.{i}.attn.proj", "blocks.{i}.mlp.fc1",
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vitrank.compress._files import load_tensors, save_tensors
+from vitrank.core.files import load_tensors, save_tensors
 
 LINEAR_KEYS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 _FORMAT = "vitrank.calibration/1"

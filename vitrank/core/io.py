@@ -5,13 +5,16 @@ name (``model``), ``timm.create_model`` keyword arguments (``model_args``) and o
 spec per block (``blocks``) — the same keys as a ``spaces.CompressionConfig`` dict, so the
 file that ``vitrank.save`` writes is also a loadable config. Loading creates the timm
 model without weights, builds the compressed structure with ``apply_specs(...,
-structure_only=True)`` and fills it from model.safetensors with ``strict=True``.
+structure_only=True)`` and fills it from model.safetensors with ``strict=True``. The name
+and ``model_args`` are checked first (``check_architecture``), so that loading reads
+those two files and nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,90 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitrank.compress._files import atomic_write, atomic_write_text
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.files import atomic_write, atomic_write_text
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 REQUIRED_KEYS = ("model", "model_args", "blocks")
+# `timm.create_model` keywords a config file may give: the shape of timm's
+# VisionTransformer (its __init__), nothing that loads weights, reads a file, reaches the
+# network or changes the pretrained config (checkpoint_path, pretrained, pretrained_cfg,
+# pretrained_cfg_overlay, cache_dir). Layers only by name (act_layer="quick_gelu",
+# norm_layer="rmsnorm"), which timm looks up in its own tables. Dropout rates are kept:
+# they change nothing in eval and a teacher saved from training may record them.
+ARCHITECTURE_ARGS = frozenset(
+    {
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "num_classes",
+        "global_pool",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "qk_norm",
+        "scale_attn_norm",
+        "scale_mlp_norm",
+        "proj_bias",
+        "init_values",
+        "class_token",
+        "pos_embed",
+        "no_embed_class",
+        "reg_tokens",
+        "pre_norm",
+        "final_norm",
+        "fc_norm",
+        "pool_include_prefix",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "act_layer",
+        "norm_layer",
+        "embed_norm_layer",
+        "drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+    }
+)
+# A timm registry name, with an optional pretrained tag: no source prefix ('hf-hub:',
+# 'local-dir:') and no path ('timm/...'), which would load from elsewhere.
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_\-]+)?")
+
+
+def check_architecture(model: Any, model_args: Any, source: str | Path) -> None:
+    """Refuse a timm name or keyword from a file (`source`) that would load anything else.
+
+    A config file describes an architecture; building it must read no other file and no
+    network. Shared by saved models and by local-dir teachers.
+    """
+    if not isinstance(model, str) or not _TIMM_NAME.fullmatch(model):
+        raise ValueError(
+            f"{source}: the architecture must be a timm model name (e.g. "
+            f"'vit_small_patch16_224'), but got {model!r}; a name with a source or a path "
+            "('hf-hub:', 'local-dir:', 'timm/...') would load another model."
+        )
+    if not isinstance(model_args, dict):
+        raise ValueError(
+            f"{source}: `model_args` must be a JSON object, but got {type(model_args).__name__}."
+        )
+    refused = sorted(set(model_args) - ARCHITECTURE_ARGS)
+    if refused:
+        raise ValueError(
+            f"{source}: `model_args` may hold only architecture arguments, but holds "
+            f"{refused} (keys such as checkpoint_path or pretrained_cfg would load weights or "
+            f"other files); remove them. Allowed: {', '.join(sorted(ARCHITECTURE_ARGS))}."
+        )
+    for key in ("act_layer", "norm_layer", "embed_norm_layer"):
+        if not isinstance(model_args.get(key, ""), (str, type(None))):
+            raise ValueError(
+                f"{source}: `model_args.{key}` must be a timm layer name (e.g. 'gelu'), but "
+                f"got {model_args[key]!r}."
+            )
 
 
 def spec_to_dict(spec: BlockSpec) -> dict[str, Any]:
@@ -72,6 +153,8 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) ->
         raise ValueError(
             f"`meta` must hold {list(REQUIRED_KEYS)} to rebuild the model, but lacks {missing}."
         )
+    # Refused now, not when the saved model is loaded again.
+    check_architecture(meta["model"], meta["model_args"], f"the model to save in {directory}")
     meta = dict(meta)
     meta["blocks"] = [
         spec_to_dict(b) if isinstance(b, BlockSpec) else dict(b) for b in meta["blocks"]
@@ -103,6 +186,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
         raise ValueError(f"{path} is damaged: it lacks the keys {missing}.")
+    check_architecture(meta["model"], meta["model_args"], path)
     return meta
 
 
@@ -140,7 +224,7 @@ def load_model(
     """
     import timm
 
-    from vitrank.compress.apply import apply_specs
+    from vitrank.core.apply import apply_specs
 
     directory = Path(directory)
     meta = read_meta(directory)

@@ -6,6 +6,10 @@ rows h·d_h:(h+1)·d_h of each):
 - query/key: q_h k_hᵀ = x̄ M_h x̄'ᵀ with x̄ = [x, 1] and M_h = [W_qʰ, b_qʰ]ᵀ [W_kʰ, b_kʰ],
   so the biases are exact. Whitened on both sides with C̄ = E[x̄ x̄ᵀ] = S̄ S̄ᵀ:
   S̄ᵀ M_h S̄ = U Σ Vᵀ, P_h = S̄⁻ᵀ U Σ^½, Q_h = S̄⁻ᵀ V Σ^½, so q'_h = x̄ P_h, k'_h = x̄ Q_h.
+  Without a qkv bias the last rows of P_h and Q_h are zero (so are M_h's last row and
+  column). Token merging compares the teacher's keys k_h = x̄ [W_kʰ, b_kʰ]ᵀ, which the
+  logits do not determine; G_h = Σ^-½ Vᵀ S̄ᵀ [W_kʰ, b_kʰ]ᵀ reads them back, k_h = k'_h G_h
+  at full rank (see `_key_maps`).
 - value/output: out = Σ_h A_h (x W_vʰᵀ + b_vʰ) W_oʰᵀ + b_o = Σ_h (A_h x) N_h + out_bias with
   N_h = W_vʰᵀ W_oʰᵀ and out_bias = b_o + W_o b_v (rows of A_h sum to 1). Whitened on the
   input side with C_h = E[(A_h x)ᵀ(A_h x)] = S_h S_hᵀ: S_hᵀ N_h = U Σ Vᵀ,
@@ -23,11 +27,12 @@ Without statistics the errors are the weight-space ‖M_h - M̂_h‖_F² (‖N_h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from vitrank.compress.lowrank import check_finite, suffix_sums, whitened_directions, whitening
+from vitrank.core.lowrank import check_finite, suffix_sums, whitened_directions, whitening
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class HeadFactors:
     right: Tensor
     sigma2: Tensor  # (H, k) squared singular values, descending per head
     errors: Tensor  # (H, k + 1): errors[h, r] output error of head h at rank r
+    # qk only: G (H, k, d_h) with k_h ≈ k'_h G_h[:r], the teacher's keys read back from
+    # the factorized ones (what token merging compares; see `_key_maps`).
+    keys: Tensor | None = None
 
     @property
     def max_rank(self) -> int:
@@ -131,6 +139,7 @@ def factorize_qk(
     if S is not None:
         q_bar, k_bar = S.T @ q_bar, S.T @ k_bar
     U, sigma, V = _product_svd(q_bar, k_bar)
+    keys = _key_maps(V, sigma, k_bar)
     if S is not None:
         U, V = whitened_directions(S, U), whitened_directions(S, V)
     root = sigma.sqrt().unsqueeze(-2)
@@ -140,7 +149,37 @@ def factorize_qk(
         G = sigma.unsqueeze(-1) * sigma.unsqueeze(-2)
         G = G * (U.transpose(-1, -2) @ C_bar @ U) * (V.transpose(-1, -2) @ C_bar @ V)
         errors = _trailing_block_sums(G)
-    return HeadFactors(U * root, V * root, sigma.square(), errors)
+    return HeadFactors(U * root, V * root, sigma.square(), errors, keys)
+
+
+def _key_maps(V: Tensor, sigma: Tensor, k_bar: Tensor) -> Tensor:
+    """G_h = Σ^-½ Vᵀ k̄_h (H, k, d_h), V and k̄_h in the whitened basis: k_h ≈ k'_h G_h.
+
+    The factorized keys k'_h = x̄ Q_h live in head h's SVD basis, and cosine similarity
+    is not invariant to that change of basis; nor can the teacher's keys be recovered
+    from P_h, Q_h alone, since any (P_h T⁻ᵀ, Q_h T) gives the same logits. G_h holds what
+    is missing. V's columns are an orthonormal basis of the column space of S̄ᵀ k̄_h, so
+    x̄ Q_h G_h = x̄ S̄⁻ᵀ V Vᵀ S̄ᵀ k̄_h = x̄ k̄_h exactly at full rank. At rank r,
+    k'_h G_h[:r] projects the keys on the r kept key directions: the least-squares fit of
+    the teacher's keys on the calibration data (the columns of Q are C̄-orthogonal), or
+    in weight space without whitening, so the error falls as the rank grows. Components
+    of zero singular value carry no key (their column of Q is zero) and get zero rows.
+    """
+    tiny = torch.finfo(sigma.dtype).eps * sigma.amax(dim=-1, keepdim=True)
+    inverse = torch.where(sigma > tiny, sigma.clamp_min(1e-300).rsqrt(), torch.zeros_like(sigma))
+    return inverse.unsqueeze(-1) * (V.transpose(-1, -2) @ k_bar)
+
+
+def key_maps_of(Q: Tensor, W_k: Tensor, b_k: Tensor | None, num_heads: int) -> Tensor:
+    """The key maps G (H, k, d_h) of full-rank key factors Q (H, d+1, k) by least squares.
+
+    For factors stored without them (older factor files): at full rank x̄ Q_h G_h = x̄ k̄_h
+    has the one solution `_key_maps` gives, whatever whitening made Q.
+    """
+    kw: dict[str, Any] = {"dtype": torch.float64, "device": Q.device}
+    b_k = None if b_k is None else b_k.detach().to(**kw)
+    k_bar = _split_heads(_augment(W_k.detach().to(**kw), b_k), num_heads).transpose(-1, -2)
+    return torch.linalg.lstsq(Q.to(**kw), k_bar).solution
 
 
 def factorize_vo(

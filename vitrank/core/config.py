@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitrank.compress._files import atomic_write_text
-from vitrank.compress.apply import validate_block
-from vitrank.compress.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.compress.structure import Fingerprint
+from vitrank.core.apply import validate_block
+from vitrank.core.files import atomic_write_text
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.structure import Fingerprint
 
 SCHEMA_VERSION = 1
 SVD_KINDS = ("whitened", "plain")
@@ -76,7 +76,7 @@ class CompressionConfig:
     @property
     def token_schedule(self) -> list[int]:
         """Tokens entering each block, and leaving the last one."""
-        from vitrank.compress.spec import token_schedule
+        from vitrank.core.spec import token_schedule
 
         fp = self.fingerprint
         return token_schedule(self.merge_ratios, fp.num_tokens, fp.num_prefix_tokens)

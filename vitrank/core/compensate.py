@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from vitrank.compress.lowrank import LowRankLinear
+from vitrank.core.lowrank import LowRankLinear
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def is_factorized(module: nn.Module) -> bool:
     """Modules whose parameters compensation may change: low-rank pairs, head factors."""
     if isinstance(module, LowRankLinear) or getattr(module, "is_factorized", False):
         return True
-    from vitrank.compress import attention
+    from vitrank.core import attention
 
     return isinstance(module, attention.HeadFactorizedAttention)
 
@@ -183,11 +183,15 @@ def compensate_block(
     return before, best_error, sum(p.numel() for p in params)
 
 
+# Gradient steps per block when error compensation runs (API, search winners, CLI alike).
+COMPENSATION_STEPS = 50
+
+
 def compensate(
     student: Any,
     teacher: Any,
     images: Tensor | Dataset | DataLoader,
-    steps: int = 50,
+    steps: int = COMPENSATION_STEPS,
     lr: float = 1e-4,
     batch_size: int = 64,
 ) -> list[BlockCompensation]:
@@ -218,7 +222,7 @@ def compensate(
             for c in chunks:
                 x = _block_input(student, c)
                 if compressed:
-                    from vitrank.compress.merge import identity_source
+                    from vitrank.core.merge import identity_source
 
                     states.append((x, None, identity_source(x.shape[0], x.shape[1], x.device)))
                 else:

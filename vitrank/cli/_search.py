@@ -1,0 +1,115 @@
+"""`vitrank search`: the Pareto search under a budget (the main job)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ._options import RegistryChoices, add_device, add_ops, add_workload
+
+HELP = "search the Pareto front of compressed models under a budget (the main job)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_workload(p)
+    p.add_argument("--config", default=None, metavar="YAML", help="settings file (run.yaml)")
+    budget = p.add_argument_group("budget (default: --budget-params 0.5)")
+    budget.add_argument(
+        "--budget-params",
+        default=None,
+        metavar="P",
+        help="parameters kept: a fraction of the teacher's, 0 < P < 1 (0.5), or a whole "
+        "count below the teacher's (11M, 11000)",
+    )
+    budget.add_argument(
+        "--budget-latency", type=float, default=None, metavar="MS", help="latency in ms"
+    )
+    budget.add_argument(
+        "--budget-flops",
+        type=float,
+        default=None,
+        metavar="F",
+        help="FLOPs kept: a fraction of the teacher's, 0 < F < 1 (0.4)",
+    )
+    add_device(budget, "batch size the latency budget is measured at (default: 1)")
+    p.add_argument(
+        "--objectives",
+        default=None,
+        help="comma separated objectives (default: proxy,params; proxy,latency with a "
+        "latency budget)",
+    )
+    add_ops(p)
+    p.add_argument(
+        "--proxy",
+        choices=RegistryChoices("evaluators.proxies", "PROXIES"),
+        default=None,
+        metavar="NAME",
+        help="%(choices)s (default: logits)",
+    )
+    p.add_argument(
+        "--parametrization",
+        choices=RegistryChoices("spaces", "PARAMETRIZATIONS"),
+        default=None,
+        metavar="NAME",
+        help="%(choices)s (default: raw)",
+    )
+    p.add_argument("--svd", choices=("whitened", "plain"), default=None, help="default: whitened")
+    p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 40")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="tpe, nsga2, gp, random or baseline:NAME (default: tpe)",
+    )
+    p.add_argument(
+        "--refine",
+        type=float,
+        default=None,
+        metavar="F",
+        help="fraction of the trials that refine the best feasible trials by local moves "
+        "(raw parametrization; default: 0.75, 0 turns it off)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="default: 0")
+    p.add_argument(
+        "--engine",
+        choices=RegistryChoices("search", "ENGINES"),
+        default=None,
+        metavar="NAME",
+        help="%(choices)s (default: ray)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="join an existing Ray cluster"
+    )
+    p.add_argument("--cpus-per-trial", type=float, default=None, metavar="N")
+    p.add_argument("--gpus-per-trial", type=float, default=None, metavar="N")
+    p.add_argument(
+        "--finetune-top",
+        type=int,
+        default=None,
+        metavar="K",
+        help="winners fine-tuned after the search",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue the search in --out where it stopped",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search import SearchSettings
+    from vitrank.api import search
+
+    known = set(SearchSettings.__dataclass_fields__)
+    given = {k: v for k, v in vars(args).items() if k in known and v is not None}
+    run_dir = Path(search(args.config, **given))
+    winners = sorted(p for p in (run_dir / "winners").glob("*") if p.is_dir())
+    print(f"run: {run_dir}")
+    if (run_dir / "report.html").exists():
+        print(f"report: {run_dir / 'report.html'}")
+    for winner in winners:
+        print(f"winner: {winner}")
+    return 0
