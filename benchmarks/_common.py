@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,24 +22,20 @@ def _timm_version() -> str:
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """CPU model, cores, torch version, device and date, recorded next to every figure."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+    from vitrank.core.timing import machine_info as describe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = describe(device)
+    return {
+        "cpu": machine["processor"],
+        "cores": machine["cpu_count"],
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": machine["torch"],
         "timm": _timm_version(),
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "python": machine["python"],
+        "device": machine.get("gpu", "cpu"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    return info
 
 
 def command_line() -> str:

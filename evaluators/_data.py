@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -53,32 +52,8 @@ def images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(labels)
 
 
-@contextmanager
-def progress_bar(description: str, total: int | None, enabled: bool) -> Iterator[Any]:
-    """A rich progress bar yielding `advance(n=1, description=None)`; a no-op when disabled."""
-    if not enabled:
-        yield lambda n=1, description=None: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def progress_bar(description: str, total: int | None, enabled: bool) -> Any:
+    """`vitrank.core.progress.progress` (a bar on a terminal, lines elsewhere)."""
+    from vitrank.core.progress import progress
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-
-        def advance(n: int = 1, description: str | None = None) -> None:
-            progress.update(task, advance=n, description=description)
-
-        yield advance
+    return progress(description, total, enabled)

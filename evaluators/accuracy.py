@@ -14,6 +14,12 @@ from evaluators._data import as_loader, images_and_labels, num_batches, progress
 _AUTO_PROGRESS_BATCHES = 50
 
 
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's inputs must have: its parameters' (fp16 and bf16 models too)."""
+    first = next(iter(model.parameters()), None)
+    return first.dtype if first is not None and first.is_floating_point() else torch.float32
+
+
 def correct_predictions(
     model: nn.Module,
     data: Dataset | DataLoader | Iterable,
@@ -33,12 +39,13 @@ def correct_predictions(
         progress = total_batches is not None and total_batches > _AUTO_PROGRESS_BATCHES
     was_training = model.training
     model.eval()
+    dtype = input_dtype(model)
     hits: list[torch.Tensor] = []
     try:
         with torch.inference_mode(), progress_bar("accuracy", total_batches, progress) as advance:
             for batch in loader:
                 images, labels = images_and_labels(batch)
-                logits = model(images.to(device))
+                logits = model(images.to(device=device, dtype=dtype))
                 hits.append(logits.argmax(-1).cpu() == labels.reshape(-1))
                 advance()
     finally:

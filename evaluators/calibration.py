@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from evaluators._data import progress_bar
 from vitrank.core.factorize import weights_digest
 from vitrank.core.stats import CalibrationStats
 
@@ -138,9 +137,12 @@ def calibrate(
     accumulator = _Accumulator(model.blocks)  # type: ignore[arg-type]
     was_training = model.training
     model.eval()
-    seen, start = 0, time.monotonic()
+    seen = 0
     try:
-        with torch.no_grad():
+        total = len(data) if hasattr(data, "__len__") and not isinstance(data, DataLoader) else None  # type: ignore[arg-type]
+        if total is not None and max_images is not None:
+            total = min(total, max_images)
+        with torch.no_grad(), progress_bar("calibration images", total, progress) as advance:
             for batch in _batches(data, batch_size):
                 images = batch[0] if isinstance(batch, list | tuple) else batch
                 if max_images is not None:
@@ -149,19 +151,12 @@ def calibrate(
                     break
                 model(images.to(device=device, dtype=dtype))
                 seen += len(images)
-                if progress:
-                    print(
-                        f"\rcalibration: {seen} images, {time.monotonic() - start:.1f} s",
-                        end="",
-                        file=sys.stderr,
-                    )
+                advance(len(images))
                 if max_images is not None and seen >= max_images:
                     break
     finally:
         accumulator.remove()
         model.train(was_training)
-        if progress and seen:
-            print(file=sys.stderr)
     if seen == 0:
         raise ValueError("Calibration data must hold at least one image, but it is empty.")
     stats = accumulator.finish(seen)

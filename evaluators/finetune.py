@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
-from evaluators.accuracy import evaluate_accuracy
+from evaluators.accuracy import evaluate_accuracy, input_dtype
 from vitrank.core.files import atomic_write_text
 
 
@@ -122,8 +122,12 @@ def finetune(
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        student.to(device)
+        # fp16 / bf16 students train as fp32 master weights (Adam on half-precision
+        # parameters loses the updates) and go back to their dtype at the end.
+        student_dtype = input_dtype(student)
+        student.to(device=device, dtype=torch.float32)
         teacher.to(device).eval()
+        teacher_dtype = input_dtype(teacher)
         parameters = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -146,9 +150,9 @@ def finetune(
                         images, labels = images_and_labels(batch)
                         images, labels = images.to(device), labels.to(device)
                         with torch.no_grad():
-                            teacher_logits = teacher(images)
+                            teacher_logits = teacher(images.to(teacher_dtype)).float()
                         loss = distillation_loss(
-                            student(images), teacher_logits, labels, temperature, alpha
+                            student(images.float()), teacher_logits, labels, temperature, alpha
                         )
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -176,7 +180,7 @@ def finetune(
             student.eval()
             teacher.to(teacher_home).train(teacher_was_training)
         student.load_state_dict(best_state)
-        student.to(student_home)
+        student.to(device=student_home, dtype=student_dtype)
     return FinetuneResult(
         best_accuracy=best_accuracy,
         best_epoch=best_epoch,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from vitrank.core.timing import time_runs
 
 
 @dataclass(frozen=True)
@@ -63,29 +64,21 @@ def measure_latency(
     if threads is not None and threads < 1:
         raise ValueError(f"`threads >= 1` must hold, but got {threads=}.")
     device = torch.device(device)
-    cuda = device.type == "cuda"
     first = next(iter(model.parameters()), None)
     home = first.device if first is not None else device
     previous_threads = torch.get_num_threads()
     was_training = model.training
-    x = torch.randn(batch, *_image_shape(input_size), device=device)
-    times = []
+    # the images follow the model's floating dtype (fp16 and bf16 models get fp16/bf16 inputs)
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.randn(batch, *_image_shape(input_size), device=device, dtype=dtype)
+    times: list[float] = []
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         used_threads = torch.get_num_threads()
         model.to(device).eval()
         with torch.inference_mode():
-            for _ in range(warmup):
-                model(x)
-            if cuda:
-                torch.cuda.synchronize(device)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                if cuda:
-                    torch.cuda.synchronize(device)
-                times.append((time.perf_counter() - start) * 1e3)
+            times = time_runs(lambda: model(x), device, warmup, repeats)
     finally:
         torch.set_num_threads(previous_threads)
         model.to(home).train(was_training)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from evaluators._data import progress_bar
 from vitrank.core.operators import of
 from vitrank.core.registry import Registry
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
@@ -541,6 +542,7 @@ def measure_sensitivity(
     reference: float = 0.5,
     merge_ratio: float = 0.25,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Per-term weight w_l = KL(teacher ‖ only l compressed) / f_l at a reference level.
 
@@ -556,29 +558,36 @@ def measure_sensitivity(
     logits = LogitsProxy(teacher, factors, stats, images, batch_size=batch_size)
     unit = SpectralProxy(factors, None, teacher=teacher, stats=stats)
     sensitivity = {}
-    for term, index, spec in _reference_terms(teacher, factors, stats, reference, merge_ratio):
-        specs = [BlockSpec()] * depth
-        specs[index] = spec
-        fraction = unit.score_specs(specs, fingerprint)
-        if fraction <= 1e-12:  # nothing discarded at the reference (e.g. no token merged)
-            continue
-        kl = logits.evaluate_specs(specs)["kl"]
-        sensitivity[term] = kl / fraction
+    terms = _reference_terms(teacher, factors, stats, reference, merge_ratio)
+    with progress_bar("sensitivity terms", len(terms), progress) as advance:
+        for term, index, spec in terms:
+            specs = [BlockSpec()] * depth
+            specs[index] = spec
+            fraction = unit.score_specs(specs, fingerprint)
+            advance()
+            if fraction <= 1e-12:  # nothing discarded at the reference (e.g. no token merged)
+                continue
+            kl = logits.evaluate_specs(specs)["kl"]
+            sensitivity[term] = kl / fraction
     return sensitivity
 
 
 # -- held-out data ----------------------------------------------------------------------
 
 
-def heldout_batch(workload: Any, size: int = 256, seed: int = 0) -> tuple[Tensor, Tensor]:
+def heldout_batch(
+    workload: Any, size: int = 256, seed: int = 0, calib: Any = None
+) -> tuple[Tensor, Tensor]:
     """A fixed batch of training images that calibration did not use: (images, labels).
 
-    `workload.calib` must be a `Subset` of `workload.train` (as `load_workload` makes it);
-    the batch is a seeded random choice of the remaining training images.
+    The calibration images (`calib`, default `workload.calib`) must be a `Subset` of
+    `workload.train` (as `load_workload` makes it); the batch is a seeded random choice of
+    the remaining training images.
     """
     from torch.utils.data import Subset
 
-    train, calib = workload.train, workload.calib
+    train = workload.train
+    calib = workload.calib if calib is None else calib
     num_train = len(train)
     if not isinstance(calib, Subset) or calib.dataset is not train:
         raise ValueError("`workload.calib` must be a Subset of `workload.train`.")

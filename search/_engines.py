@@ -10,6 +10,7 @@ process from the run directory, never pickled per trial.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 TRIAL_ID_KEY = "__trial_id__"
 METRICS_ATTR = "metrics"
 VIOLATION_ATTR = "violation"  # Optuna user attr: the budget excess (<= 0 is feasible)
+INTERRUPTED_ATTR = "interrupted"  # set on trials stopped by Ctrl-C or left running by a kill
 _REPORT_KEY = "vitrank_metrics"
 
 
@@ -82,10 +84,29 @@ def open_study(job: EngineJob) -> optuna.Study:
 
 
 def _objective(trial: optuna.Trial, job: EngineJob) -> list[float]:
-    constants = job.define(trial)
-    metrics = job.evaluate({**trial.params, **constants})
+    try:
+        constants = job.define(trial)
+        metrics = job.evaluate({**trial.params, **constants})
+    except KeyboardInterrupt:
+        # Optuna marks it failed; the flag says it did not fail by itself.
+        trial.set_user_attr(INTERRUPTED_ATTR, True)
+        raise
     trial.set_user_attr(METRICS_ATTR, metrics)
     return [metrics[name] for name in job.metrics]
+
+
+class _QuietInterrupt(logging.Filter):
+    """Drops Optuna's report of a trial stopped by Ctrl-C (a warning with the whole
+    KeyboardInterrupt traceback, then its value); other failures are still logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted = True
+        return not self.interrupted
 
 
 def run_optuna(job: EngineJob) -> None:
@@ -97,13 +118,19 @@ def run_optuna(job: EngineJob) -> None:
     if job.on_trial_done is not None:
         done = job.on_trial_done
         callbacks.append(lambda study, trial: done())
-    study.optimize(
-        functools.partial(_objective, job=job),
-        n_trials=job.n_trials,
-        callbacks=callbacks,
-        gc_after_trial=False,
-        show_progress_bar=False,
-    )
+    # Optuna's trial runner logs through its module's logger before it re-raises.
+    logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietInterrupt()
+    logger.addFilter(quiet)
+    try:
+        study.optimize(
+            functools.partial(_objective, job=job),
+            n_trials=job.n_trials,
+            callbacks=callbacks,
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _tune_trial(config: dict[str, Any], evaluate: Callable[[dict[str, Any]], dict]) -> None:

@@ -37,8 +37,52 @@ if TYPE_CHECKING:
 BASELINE_KEY = "__baseline__"  # constant naming the baseline a trial replays ("" for none)
 BASELINE_ATTR = "baseline"  # Optuna user attr of enqueued baseline trials
 BASELINE_PARAMS_ATTR = "baseline_params"  # True when the baseline was enqueued with raw params
-HELDOUT_SIZE = 256
-SENSITIVITY_IMAGES = 64  # held-out images for per-term sensitivity and ASVD's list
+HELDOUT_SIZE = 256  # the most held-out images the logits proxy scores on
+SENSITIVITY_IMAGES = 64  # the most held-out images for per-term sensitivity and baselines
+# Floating-point work one proxy evaluation may take on a CPU (a forward pass over the
+# held-out images): it sets how many held-out images a large model gets there.
+CPU_PROXY_FLOPS = 5e10
+# Calibration tokens a CPU run aims at: several times the widest Linear input of a
+# DeiT-B block (3072), so every covariance is well conditioned.
+CPU_CALIB_TOKENS = 12_288
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """How many images each phase uses, and why."""
+
+    calib: int
+    heldout: int
+    sensitivity: int
+    chosen: bool  # False when the settings gave them
+
+    def describe(self, model: str, device: torch.device) -> str:
+        how = f"chosen for {model} on {device}" if self.chosen else "as set"
+        return (
+            f"images: {self.calib} for calibration, {self.heldout} held out for the proxy, "
+            f"{self.sensitivity} for sensitivity and baselines ({how}; --calib-size, "
+            "--heldout-size to change)"
+        )
+
+
+def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device) -> DataSizes:
+    """Image counts that keep each phase's cost bounded for this model on this device."""
+    from spaces import dense_flops
+
+    calib, heldout = settings.calib_size, settings.heldout_size
+    if device.type == "cpu":
+        per_image = max(dense_flops(fingerprint), 1)
+        auto_heldout = int(min(HELDOUT_SIZE, max(16, CPU_PROXY_FLOPS // per_image)))
+        auto_calib = int(min(256, max(16, -(-CPU_CALIB_TOKENS // fingerprint.num_tokens))))
+    else:
+        auto_heldout, auto_calib = HELDOUT_SIZE, 256
+    sizes = DataSizes(
+        calib=calib or auto_calib,
+        heldout=heldout or auto_heldout,
+        sensitivity=min(SENSITIVITY_IMAGES, heldout or auto_heldout),
+        chosen=calib is None or heldout is None,
+    )
+    return sizes
 
 
 @dataclass
@@ -58,6 +102,11 @@ class Problem:
     factors: dict[str, FactorCache] = field(default_factory=dict)  # by svd kind
     _proxies: dict[str, Proxy] = field(default_factory=dict)
     _baselines: dict[str, CompressionConfig] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the teacher, every candidate and the winners run."""
+        return next(self.teacher.parameters()).device
 
     @property
     def cost_name(self) -> str:
@@ -218,7 +267,10 @@ def make_budget(settings: SearchSettings) -> Budget:
 
     if settings.budget_latency is not None:
         return parse_budget(
-            settings.budget_latency, kind="latency", batch=settings.batch, device=settings.device
+            settings.budget_latency,
+            kind="latency",
+            batch=settings.batch,
+            device=str(run_device(settings)),
         )
     if settings.budget_flops is not None:
         return parse_budget(settings.budget_flops, kind="flops")
@@ -238,23 +290,61 @@ def make_space(settings: SearchSettings, teacher: nn.Module, meta: dict[str, Any
     )
 
 
-def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any = print) -> None:
-    """Write everything trials read to `run.cache` (skipping files already there)."""
-    from safetensors.torch import save_file
+def run_device(settings: SearchSettings) -> torch.device:
+    """The device the run computes on (``auto``: the first CUDA GPU, else the CPU).
 
-    from evaluators.calibration import calibrate_cached
+    A Ray trial that asked for no GPU sees none (Ray hides them): it runs on the CPU.
+    """
+    import os
+
+    from vitrank.core.device import resolve_device
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" and settings.device != "cpu":
+        return torch.device("cpu")
+    return resolve_device(settings.device)
+
+
+def prepare(
+    run: RunDir,
+    settings: SearchSettings,
+    workload: Workload,
+    log: Any = print,
+    timings: dict[str, float] | None = None,
+) -> None:
+    """Write everything trials read to `run.cache` (skipping files already there).
+
+    Every step runs on the run's device; the statistics are stored once (stats.safetensors)
+    and the factors once per SVD kind. `timings` receives each phase's seconds.
+    """
+    import time
+
+    timings = {} if timings is None else timings
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = timings.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
+    from safetensors.torch import save_file
+    from torch.utils.data import Subset
+
+    from evaluators.calibration import calibrate
     from evaluators.proxies import heldout_batch, measure_sensitivity
     from spaces import check_feasible
     from vitrank.core.factorize import FactorCache
     from vitrank.core.files import atomic_write
     from vitrank.core.stats import CalibrationStats
+    from vitrank.core.structure import inspect_vit
+    from vitrank.workloads import calibration_indices
 
     paths = _paths(run)
     run.cache.mkdir(parents=True, exist_ok=True)
+    device = run_device(settings)
     teacher = workload.model.eval()
     meta = {"model_name": workload.model_name, "model_args": dict(workload.model_args)}
     if not paths["teacher"].exists():
-        state = {k: v.detach().contiguous() for k, v in teacher.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
         atomic_write(paths["teacher"], lambda tmp: save_file(state, tmp))
         atomic_write_json(paths["teacher_meta"], meta)
     # The budget is checked before calibration: a budget refused costs no pass over the data.
@@ -264,32 +354,47 @@ def prepare(run: RunDir, settings: SearchSettings, workload: Workload, log: Any 
     if needs_latency_table(settings):
         table = _latency_table(run, settings, teacher, space, log)
     check_feasible(space, budget, table)
+    lap("teacher_and_latency_table")
+    sizes = data_sizes(settings, inspect_vit(teacher), device)
+    log(sizes.describe(workload.model_name, device))
+    home = next(teacher.parameters()).device
+    teacher = teacher.to(device)  # fp32 for the statistics (summed in fp64)
     if paths["stats"].exists():
         stats = CalibrationStats.load(paths["stats"])
     else:
-        log("calibrating the teacher ...")
-        key = f"{workload.name}/calib/{len(workload.calib)}/seed{settings.seed}"  # type: ignore[arg-type]
-        stats = calibrate_cached(teacher, workload.calib, run.cache, key, progress=False)
+        train = workload.train
+        calib = Subset(train, calibration_indices(len(train), sizes.calib, settings.seed).tolist())  # type: ignore[arg-type]
+        stats = calibrate(teacher, calib, progress=True)
         stats.save(paths["stats"])
+    lap("calibration")
     kinds = {settings.svd}
     if settings.baselines or settings.sampler.startswith("baseline:"):
         kinds |= {"whitened", "plain"}
     for svd in sorted(kinds):
         if not factor_path(run, svd).exists():
-            log(f"factorizing every layer once ({svd} SVD) ...")
+            log(f"factorizing every layer once ({svd} SVD) on {device} ...")
             cache = FactorCache(teacher, stats if svd == "whitened" else None, svd == "whitened")
             cache.save(factor_path(run, svd))
+            del cache
+    lap("factorization")
     if not paths["heldout"].exists():
-        images, labels = heldout_batch(workload, size=HELDOUT_SIZE, seed=settings.seed)
+        excluded = Subset(
+            workload.train,
+            calibration_indices(len(workload.train), sizes.calib, settings.seed).tolist(),  # type: ignore[arg-type]
+        )
+        images, labels = heldout_batch(
+            workload, size=sizes.heldout, seed=settings.seed, calib=excluded
+        )
         tensors = {"images": images.contiguous(), "labels": labels.contiguous()}
         atomic_write(paths["heldout"], lambda tmp: save_file(tensors, tmp))
+    lap("heldout_batch")
     if not paths["sensitivity"].exists():
-        log("measuring per-layer sensitivity for the spectral proxy ...")
-        # A quarter of the held-out batch: one KL per term, ranking terms, not scoring.
-        images = _load_tensors(paths["heldout"])["images"][:SENSITIVITY_IMAGES]
+        images = _load_tensors(paths["heldout"])["images"][: sizes.sensitivity]
         factors = FactorCache.load(factor_path(run, settings.svd), teacher)
-        sensitivity = measure_sensitivity(teacher, factors, stats, images)
+        sensitivity = measure_sensitivity(teacher, factors, stats, images, progress=True)
         atomic_write_json(paths["sensitivity"], sensitivity)
+    lap("sensitivity")
+    workload.model.to(home)  # the caller's teacher goes back where it was
 
 
 def _latency_table(
@@ -300,9 +405,10 @@ def _latency_table(
     path = _paths(run)["latency"]
     if path.exists():
         return LatencyTable.load(path)
-    log(f"measuring the latency table on {settings.device} at batch {settings.batch} ...")
+    device = run_device(settings)
+    log(f"measuring the latency table on {device} at batch {settings.batch} ...")
     table = measure_latency_table(
-        teacher, device=settings.device, batch=settings.batch, space=space, threads=1
+        teacher, device=device, batch=settings.batch, space=space, threads=1
     )
     table.save(path)
     return table
@@ -329,11 +435,13 @@ def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
 
 def load_problem(run: RunDir) -> Problem:
     from spaces import SpaceFunction
+    from vitrank.core.device import resolve_dtype
     from vitrank.core.stats import CalibrationStats
 
     settings = SearchSettings.load(run.settings)
     paths = _paths(run)
     teacher, meta = load_teacher(run)
+    device = run_device(settings)
     space = make_space(settings, teacher, meta)
     budget = make_budget(settings)
     table = None
@@ -344,6 +452,9 @@ def load_problem(run: RunDir) -> Problem:
     heldout = _load_tensors(paths["heldout"])
     with torch.no_grad():
         stats = CalibrationStats.load(paths["stats"])
+    # Proxies, winners and latency run in the run's dtype on its device; statistics and
+    # factors stay fp64 and are cast when a candidate is built.
+    teacher = teacher.to(device=device, dtype=resolve_dtype(settings.dtype))
     return Problem(
         run=run,
         settings=settings,

@@ -33,7 +33,8 @@ from search._samplers import baseline_of, make_sampler
 from search._settings import SearchSettings
 from search._table import INTERRUPTED_ATTR, progress_summary, trial_rows, write_pareto, write_trials
 from search._winners import save_winners
-from search.baselines import BASELINES
+from search.baselines import BASELINES, forward_evaluations
+from vitrank.core.progress import progress
 
 if TYPE_CHECKING:
     import optuna
@@ -147,7 +148,30 @@ def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
             latency_table=current.latency_table,
             feature_error=current.feature_error(),
         )
-        configs, skipped = run_baselines(inputs, todo)
+        configs, skipped = {}, {}
+        seconds = _seconds_per_evaluation(current, inputs)
+        limit = current.settings.baseline_seconds
+        if limit is None:  # no limit on a GPU; a CPU run keeps each baseline to ~2 min
+            limit = 0.0 if current.device.type == "cuda" else 120.0
+        for name in todo:
+            count = forward_evaluations(name, current.space)
+            expected = count * seconds
+            if limit and expected > limit:
+                skipped[name] = (
+                    f"left out: about {count} forward evaluations, ~{expected / 60:.1f} min on "
+                    f"{current.device} (over --baseline-seconds {limit:g}; --baseline-seconds 0 "
+                    "runs every baseline)"
+                )
+                continue
+            began = time.monotonic()
+            with progress(f"baseline {name}", count or None, enabled=count > 0) as advance:
+                counted = _counting(inputs, advance)
+                found, why = run_baselines(counted, [name])
+            configs.update(found)
+            skipped.update(why)
+            log(
+                f"baseline {name}: {'done' if found else 'skipped'} in {time.monotonic() - began:.1f} s"
+            )
         for name, config in configs.items():
             config.replace(provenance={"baseline": name}).save(run.baselines / f"{name}.json")
         atomic_write_json(skipped_path, skipped)
@@ -156,10 +180,49 @@ def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
     return {n: current.baseline(n) for n in names if (run.baselines / f"{n}.json").exists()}
 
 
+def _seconds_per_evaluation(current: Problem, inputs: Any) -> float:
+    """The best of two timed proxy evaluations of a candidate compressed from block 0 on."""
+    from dataclasses import replace
+
+    from spaces import ladder
+
+    space = current.space
+    choice = space.blocks[0]
+    specs = list(space.dense().blocks)
+    if "lowrank" in choice.ops("attn"):
+        specs[0] = replace(specs[0], attn=ladder(choice, "attn", "lowrank")[0])  # type: ignore[arg-type]
+    config = space.config(specs)
+    times = []
+    for _ in range(2):
+        began = time.perf_counter()
+        inputs.score(config)
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def _counting(inputs: Any, advance: Any) -> Any:
+    """`inputs` whose forward-pass scores advance a progress bar."""
+    from dataclasses import replace
+
+    def counted(function: Any) -> Any:
+        if function is None:
+            return None
+
+        def call(config: Any) -> float:
+            advance()
+            return function(config)
+
+        return call
+
+    return replace(inputs, score=counted(inputs.score), feature_error=counted(inputs.feature_error))
+
+
 def _repair_study(study: optuna.Study, storage_url: str) -> int:
-    """Mark trials a killed search left running as failed+interrupted; count the finished.
+    """Mark trials a killed search left running as failed+interrupted; count the scored.
 
     Only one search holds the run's lock, so a RUNNING trial here belongs to a dead one.
+    Only complete trials count toward `--trials`: one that failed (by an error inside it,
+    Ctrl-C or a kill) is run again.
     """
     from optuna.trial import TrialState
 
@@ -167,10 +230,7 @@ def _repair_study(study: optuna.Study, storage_url: str) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         rdb.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
         rdb.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    finished = study.get_trials(deepcopy=False)
-    return sum(
-        1 for t in finished if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED_ATTR)
-    )
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _enqueue_baselines(study: optuna.Study, current: Problem, configs: dict[str, Any]) -> None:
@@ -215,7 +275,12 @@ def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
     record: dict[str, Any] = {
         "params": float(current.space.dense_params),
         "flops": float(current.space.dense_flops),
-        "accuracy": float(evaluate_accuracy(current.teacher, workload.val, progress=False)),
+        "accuracy": float(
+            evaluate_accuracy(current.teacher, workload.val, device=current.device, progress=False)
+        ),
+        # the device (and dtype) the whole run computed on
+        "device": str(current.device),
+        "dtype": current.settings.dtype,
     }
     if current.latency_table is not None:
         record["latency_ms"] = float(current.latency_table.dense_ms)
@@ -247,13 +312,20 @@ def run_search(
         started = time.monotonic()
         # Ray workers can rebuild only a workload that the settings name.
         by_name = workload is None
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
         workload = workload or _load_workload(settings)
-        prepare(run, settings, workload, log)
+        timings["workload"] = time.perf_counter() - clock
+        prepare(run, settings, workload, log, timings)
         forget(run.root)
+        clock = time.perf_counter()
         current = problem(run.root)
+        timings["load_problem"] = time.perf_counter() - clock
         only = baseline_of(settings.sampler)
         names = [only] if only else (list(BASELINES) if settings.baselines else [])
+        clock = time.perf_counter()
         configs = _baselines(current, names, log) if names else {}
+        timings["baselines"] = time.perf_counter() - clock
         if only and only not in configs:
             raise ValueError(f"Baseline {only!r} cannot meet the budget {current.budget}.")
         cost = settings.objective_names[1]
@@ -268,7 +340,7 @@ def run_search(
             tune_dir=run.tune,
             ray_address=settings.ray_address,
             cpus_per_trial=settings.cpus_per_trial,
-            gpus_per_trial=settings.gpus_per_trial,
+            gpus_per_trial=settings.trial_gpus(),
         )
         study = open_study(job)
         done = _repair_study(study, run.storage_url)
@@ -284,9 +356,17 @@ def run_search(
                 f"{settings.engine} engine, sampler {settings.sampler}, proxy {settings.proxy}, "
                 f"budget {current.budget}"
             )
+        clock = time.perf_counter()
         with SearchProgress(total, done, console=console) as progress:
             job.on_trial_done = _progress_callback(run, cost, progress, total)
-            run_engine(settings.engine, job)
+            try:
+                run_engine(settings.engine, job)
+            except KeyboardInterrupt:
+                # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
+                _repair_study(open_study(job), run.storage_url)
+                log(f"search interrupted; continue it with --resume --out {run.root}")
+                raise
+        timings["trials"] = time.perf_counter() - clock
         study = open_study(job)
         frame = write_trials(run, study, cost)
         rows = trial_rows(study.get_trials(deepcopy=False), cost)
@@ -303,6 +383,7 @@ def run_search(
             f"{int(frame['feasible'].sum())} feasible, {len(front)} on the Pareto front "
             f"({time.monotonic() - started:.0f} s)"
         )
+        clock = time.perf_counter()
         if front:
             ray_finetune = settings.engine == "ray" and by_name
             save_winners(
@@ -316,7 +397,35 @@ def run_search(
             )
         else:
             log("no feasible trial: no winners saved (raise the budget or run more trials).")
+        timings["winners"] = time.perf_counter() - clock
+        _write_timings(run, timings, study, str(current.device))
     return run.root
+
+
+def _write_timings(run: RunDir, timings: dict[str, float], study: Any, device: str) -> None:
+    """timings.json: seconds per phase of this session (a resumed run adds a session)."""
+    import json
+
+    durations = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False)
+        if t.datetime_complete is not None and t.datetime_start is not None
+    ]
+    durations.sort()
+    session = {
+        "device": device,
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "total_seconds": round(sum(timings.values()), 3),
+        "trial_median_seconds": durations[len(durations) // 2] if durations else None,
+    }
+    path = run.root / "timings.json"
+    sessions = []
+    if path.exists():
+        try:
+            sessions = json.loads(path.read_text()).get("sessions", [])
+        except (ValueError, AttributeError):
+            sessions = []
+    atomic_write_json(path, {"sessions": [*sessions, session]})
 
 
 def _progress_callback(run: RunDir, cost: str, progress: SearchProgress, total: int) -> Any:

@@ -36,13 +36,18 @@ class SearchSettings:
     model: str | None = None
     data: str | None = None
     pretrained: bool = False
-    calib_size: int = 256
+    # Calibration and held-out images; None: what the model's size and the device make
+    # sensible (256 each for small models, fewer for DeiT-sized ones on a CPU).
+    calib_size: int | None = None
+    heldout_size: int | None = None
     # Budget: exactly one kind is active; a params budget is the default.
     budget_params: str | None = "0.5"  # fraction of the teacher (0.5) or a count ("11M")
     budget_latency: float | None = None  # milliseconds at `batch` on `device`
     budget_flops: float | None = None  # fraction of the teacher's FLOPs
     batch: int = 1
-    device: str = "cpu"
+    # One device for the whole pipeline: auto (the first CUDA GPU, else the CPU), cpu, cuda:N.
+    device: str = "auto"
+    dtype: str = "float32"  # forward passes of proxies, winners and latency
     # What is searched and how a candidate is scored.
     objectives: str | None = None  # "proxy,params" (default) | "proxy,flops" | "proxy,latency"
     ops: tuple[str, ...] | None = None  # default: by budget kind (see PARAMS_BUDGET_OPS)
@@ -57,11 +62,16 @@ class SearchSettings:
     # (raw parametrization; see search._local). 0 leaves every trial to the sampler.
     refine: float = 0.75
     baselines: bool = True  # enqueue the baselines' configs as the first trials
+    # The longest a baseline may be expected to take; longer ones are left out, saying so.
+    # None: 120 s on a CPU, no limit on a GPU; 0: no limit.
+    baseline_seconds: float | None = None
     seed: int = 0
     engine: str = "ray"
     ray_address: str | None = None
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    # GPUs each Ray trial asks for (fractional: several trials share one); None: a quarter
+    # of a GPU when the run's device is a GPU, else none.
+    gpus_per_trial: float | None = None
     # Winners: the top K of the feasible front, fine-tuned by distillation.
     finetune_top: int = 1
     finetune_epochs: int = 1
@@ -102,6 +112,17 @@ class SearchSettings:
                 raise ValueError(f"`{name}` must be one of {registry.names()}, but got {value!r}.")
         if self.svd not in SVD_KINDS:
             raise ValueError(f"`svd` must be one of {SVD_KINDS}, but got {self.svd=}.")
+        from vitrank.core.device import resolve_dtype
+
+        resolve_dtype(self.dtype)
+        for name in ("calib_size", "heldout_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name} >= 1` must hold, but got {name}={value!r}.")
+        if self.baseline_seconds is not None and self.baseline_seconds < 0:
+            raise ValueError(
+                f"`baseline_seconds >= 0` must hold (0: no limit), but got {self.baseline_seconds!r}."
+            )
         self.objective_names  # noqa: B018  (validates `objectives`)
         if not 0.0 <= self.refine < 1.0:
             raise ValueError(f"`0 <= refine < 1` must hold, but got {self.refine=}.")
@@ -112,7 +133,7 @@ class SearchSettings:
                 "`finetune_top >= 0` and `finetune_epochs >= 0` must hold, but got "
                 f"{self.finetune_top=}, {self.finetune_epochs=}."
             )
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+        if self.cpus_per_trial <= 0 or (self.gpus_per_trial or 0.0) < 0:
             raise ValueError(
                 "`cpus_per_trial > 0` and `gpus_per_trial >= 0` must hold, but got "
                 f"{self.cpus_per_trial=}, {self.gpus_per_trial=}."
@@ -136,6 +157,14 @@ class SearchSettings:
             from spaces import parse_budget
 
             parse_budget(self.budget_params, kind="params")
+
+    def trial_gpus(self) -> float:
+        """`gpus_per_trial`, or its default for the run's device."""
+        if self.gpus_per_trial is not None:
+            return self.gpus_per_trial
+        from vitrank.core.device import resolve_device
+
+        return 0.25 if resolve_device(self.device).type == "cuda" else 0.0
 
     @property
     def objective_names(self) -> tuple[str, str]:

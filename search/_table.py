@@ -10,15 +10,13 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
-from search._engines import METRICS_ATTR, VIOLATION_ATTR
+from search._engines import INTERRUPTED_ATTR, METRICS_ATTR, VIOLATION_ATTR
 from search._pareto import pareto_front
 from search._rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     import optuna
     import pandas as pd
-
-INTERRUPTED_ATTR = "interrupted"  # set on trials a killed search left running
 
 
 def trial_rows(trials: list[optuna.trial.FrozenTrial], cost: str) -> list[dict[str, Any]]:
@@ -80,9 +78,12 @@ def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def progress_summary(trials: list[optuna.trial.FrozenTrial], cost: str) -> tuple[int, Any, int]:
-    """(finished trials, best feasible proxy or None, front size) for the live display."""
+    """(scored trials, best feasible proxy or None, front size) for the live display.
+
+    Only complete trials count toward `--trials`: a failed or interrupted one is run again.
+    """
     rows = trial_rows([t for t in trials if t.state.is_finished()], cost)
-    done = sum(1 for r in rows if not r["interrupted"])
+    done = sum(1 for r in rows if r["state"] == "COMPLETE")
     front = front_rows(rows)
     best = min((r["proxy"] for r in front), default=None)
     return done, best, len(front)

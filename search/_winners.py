@@ -113,19 +113,18 @@ def _finetune_ray(
 
     settings = problem.settings
     init_ray(settings.ray_address)
+    from vitrank.workloads import WorkloadSettings
+
     space = {
         "winner_dir": tune.grid_search([str(d.resolve()) for d in directories]),
-        "workload": settings.workload,
-        "model": settings.model,
-        "data": settings.data,
-        "pretrained": settings.pretrained,
+        **WorkloadSettings.of(settings).teacher_keys(),
         "epochs": epochs,
         "seed": settings.seed,
-        "device": "cuda" if settings.gpus_per_trial > 0 else "cpu",
+        "device": "cuda" if settings.trial_gpus() > 0 else "cpu",
     }
     tuner = tune.Tuner(
         tune.with_resources(
-            finetune_winner, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial}
+            finetune_winner, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
         ),
         param_space=space,
         run_config=tune.RunConfig(
@@ -162,7 +161,7 @@ def save_winners(
     from vitrank.core.model import CONFIG_ATTRIBUTE, save
 
     settings = problem.settings
-    device = settings.device
+    device = str(problem.device)
     chosen = choose(rows, max(top, 1))
     run = problem.run
     directories, records = [], []

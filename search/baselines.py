@@ -316,6 +316,19 @@ def get_baseline(name: str) -> Callable[[BaselineInputs], CompressionConfig]:
     return BASELINES.get(name)
 
 
+def forward_evaluations(name: str, space: SearchSpace) -> int:
+    """About how many forward-pass scores (the run's proxy or the features' error) a
+    baseline computes on this space; the rest of their work is closed form."""
+    BASELINES.check(name)
+    grids = _grids(space)
+    linears = [g[n] for g in grids for n in LINEARS if g[n]]
+    if name == "asvd":  # every Linear alone at each ratio
+        return sum(min(len(g), len(ASVD_RATIOS)) for g in linears)
+    if name == "flar":  # a binary search per Linear, errors reused across thresholds
+        return sum(min(len(g) + 1, 2 * math.ceil(math.log2(len(g) + 1)) + 1) for g in linears)
+    return 0
+
+
 def run_baselines(
     inputs: BaselineInputs, names: list[str] | tuple[str, ...] | None = None
 ) -> tuple[dict[str, CompressionConfig], dict[str, str]]:

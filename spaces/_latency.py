@@ -15,11 +15,8 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-import os
-import platform
 import random
 import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +29,7 @@ from vitrank.core.config import CompressionConfig
 from vitrank.core.files import atomic_write_text
 from vitrank.core.spec import BlockSpec, token_schedule
 from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
+from vitrank.core.timing import machine_info, time_runs
 
 from ._cost import attention_core, attention_linears, mlp_linears
 from ._space import SearchSpace, build_space
@@ -228,9 +226,6 @@ def _fit_line(points: list[list[float]]) -> tuple[float, float]:
 # ---- measurement ---------------------------------------------------------------------
 
 
-CLOCKS = ("wall", "thread")
-
-
 def time_ms(
     fn: Callable[[], Any],
     device: str | torch.device = "cpu",
@@ -238,29 +233,8 @@ def time_ms(
     repeats: int = 20,
     clock: str = "wall",
 ) -> float:
-    """Median milliseconds of `fn()` over `repeats` runs after `warmup` runs.
-
-    ``clock="thread"`` counts the CPU time of the calling thread instead of wall time: on a
-    CPU shared with other jobs it is what the run would take alone, provided torch runs
-    single-threaded (every op then runs in this thread).
-    """
-    if clock not in CLOCKS:
-        raise ValueError(f"Unknown clock {clock!r}; known: {list(CLOCKS)}.")
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    now = time.thread_time if clock == "thread" else time.perf_counter
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = now()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append((now() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of `fn()` over `repeats` runs after `warmup` runs (see `time_runs`)."""
+    return statistics.median(time_runs(fn, device, warmup, repeats, clock))
 
 
 def _samples(grid: Iterable[int], points: int) -> list[int]:
@@ -620,17 +594,3 @@ def _outside_ms(
     finally:
         model.blocks = blocks
         model.train(was)
-
-
-def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    device = torch.device(device)
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info

@@ -132,3 +132,28 @@ def test_a_baseline_runs_alone_as_a_sampler(tmp_path: Path, workload: Any, sampl
     run = run_search(tiny_settings(tmp_path / "run", sampler=sampler), workload)
     table = pd.read_parquet(run / "trials.parquet")
     assert table["baseline"].tolist() == ["greedy"]
+
+
+def test_expensive_baselines_are_left_out_over_the_time_bound_saying_how_to_run_them(
+    tmp_path: Path, workload: Any
+) -> None:
+    from search import run_search
+    from search.baselines import forward_evaluations
+
+    settings = tiny_settings(tmp_path / "run", trials=6, finetune_top=0, baseline_seconds=1e-9)
+    messages: list[str] = []
+    run_dir = run_search(settings, workload, log=messages.append)
+    skipped = json.loads((run_dir / "baselines" / "_skipped.json").read_text())
+    problem_space = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(problem_space) == 6
+    for name in ("asvd", "flar"):
+        assert name in skipped and "--baseline-seconds 0" in skipped[name]
+    # the closed-form baselines cost no forward pass: never left out
+    assert (run_dir / "baselines" / "uniform-whitened.json").exists()
+    assert (run_dir / "baselines" / "greedy.json").exists()
+    from search._problem import problem
+
+    space = problem(run_dir).space
+    assert forward_evaluations("uniform-whitened", space) == 0
+    assert forward_evaluations("asvd", space) > 0 and forward_evaluations("flar", space) > 0
+    assert any(m.startswith("images: ") and "calibration" in m for m in messages)

@@ -37,7 +37,9 @@ def run(args: argparse.Namespace) -> int:
     directory = saved_model_dir(args.model_dir)
     model = load(directory)
     config = getattr(model, CONFIG_ATTRIBUTE)
-    device, batch = args.device or "cpu", args.batch
+    from vitrank.core.device import resolve_device
+
+    device, batch = str(resolve_device(args.device or "auto")), args.batch
     workload = workload_from_args(args) if use_recorded_workload(args, config, directory) else None
     # Latency does not depend on the weights: without a workload, time the bare architecture.
     teacher = workload.model if workload else timm.create_model(config.model, **config.model_args)

@@ -21,9 +21,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from spaces import build_space, measure_latency_table, predict_latency
+    from vitrank.core.device import resolve_device
 
+    device, batch = str(resolve_device(args.device or "auto")), args.batch or 1
     workload = workload_from_args(args)
-    device, batch = args.device or "cpu", args.batch or 1
     threads = args.threads or (1 if device == "cpu" else None)
     space = build_space(
         workload.model, model_name=workload.model_name, model_args=dict(workload.model_args)

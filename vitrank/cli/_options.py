@@ -61,13 +61,18 @@ def add_workload(parser: argparse.ArgumentParser, *, calib: bool = True) -> None
             type=int,
             default=None,
             metavar="N",
-            help="calibration images drawn from the training split (default: 256)",
+            help="calibration images drawn from the training split (default: 256; a search "
+            "takes fewer for large models on a CPU)",
         )
 
 
 def add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, batch_help: str) -> None:
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cpu)", metavar="D"
+        "--device",
+        default=None,
+        metavar="D",
+        help="auto, cpu, cuda or cuda:N: where everything runs (default: auto, the first "
+        "CUDA GPU when there is one, else the CPU)",
     )
     parser.add_argument("--batch", type=int, default=None, metavar="B", help=batch_help)
 

@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="FLOPs kept: a fraction of the teacher's, 0 < F < 1 (0.4)",
     )
     add_device(budget, "batch size the latency budget is measured at (default: 1)")
+    budget.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the forward passes of proxies, winners and latency (statistics and "
+        "factorization stay fp64; default: float32)",
+    )
     p.add_argument(
         "--objectives",
         default=None,
@@ -53,6 +60,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="%(choices)s (default: raw)",
     )
     p.add_argument("--svd", choices=("whitened", "plain"), default=None, help="default: whitened")
+    p.add_argument(
+        "--heldout-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="held-out training images the proxy scores on (default: 256, fewer for large "
+        "models on a CPU)",
+    )
+    p.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="leave out baselines expected to take longer than S seconds (default: 120 on a "
+        "CPU, no limit on a GPU; 0: run every baseline)",
+    )
     p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 40")
     p.add_argument(
         "--sampler",

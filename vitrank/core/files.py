@@ -69,7 +69,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], header: dict[str,
     """One safetensors file whose small JSON header rides in its metadata; atomic."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"vitrank": json.dumps(header)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 

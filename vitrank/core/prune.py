@@ -47,7 +47,8 @@ def top_indices(scores: Tensor, keep: int) -> Tensor:
 def mlp_unit_scores(fc2_weight: Tensor, hidden_abs_mean: Tensor) -> Tensor:
     """E|h_j| · ‖W_fc2[:, j]‖ per hidden unit j, fp64."""
     _check_len("hidden_abs_mean", hidden_abs_mean, fc2_weight.shape[1])
-    return hidden_abs_mean.double() * fc2_weight.double().norm(dim=0)
+    # statistics read back from a cache live on the CPU: they follow the weights
+    return hidden_abs_mean.to(fc2_weight.device).double() * fc2_weight.double().norm(dim=0)
 
 
 def head_scores(
@@ -57,7 +58,7 @@ def head_scores(
     _check_len("head_abs_mean", head_abs_mean, num_heads)
     _check_len("proj_weight columns", proj_weight[0], num_heads * head_dim)
     norms = proj_weight.double().reshape(-1, num_heads, head_dim).square().sum(dim=(0, 2)).sqrt()
-    return head_abs_mean.double() * norms
+    return head_abs_mean.to(proj_weight.device).double() * norms
 
 
 def prune_mlp(

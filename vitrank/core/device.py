@@ -1,0 +1,55 @@
+"""One device and one floating dtype for the whole pipeline, named as users write them."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a device that is not there is refused with what there is."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if not _DEVICE.match(name):
+        raise ValueError(
+            f"unknown device {name!r}; use auto, cpu, cuda or cuda:N (auto picks the first "
+            "CUDA GPU when there is one)."
+        )
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if count == 0:
+        raise ValueError(
+            f"device {name!r} asks for a CUDA GPU, but torch sees none on this machine; use "
+            "--device cpu (or auto)."
+        )
+    if index >= count:
+        raise ValueError(
+            f"device {name!r} does not exist: torch sees {count} CUDA GPU(s), cuda:0 to "
+            f"cuda:{count - 1}."
+        )
+    return torch.device(f"cuda:{index}")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` (the forward passes' dtype)."""
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
