@@ -1,4 +1,4 @@
-"""Quality on the digits teacher: vitrank's winner vs every baseline, before/after fine-tuning.
+"""Quality on a workload: vitrank's winner vs every baseline, before/after fine-tuning.
 
 At 0.7 / 0.5 / 0.35 of the teacher's parameters, one search per budget (`vitrank.search`,
 optuna engine, the baselines enqueued as its first trials as every search does) picks:
@@ -13,8 +13,14 @@ Each is built with `vitrank.compress` (no error compensation unless `--compensat
 validation accuracy measured, then fine-tuned by distillation from the teacher
 (`evaluators.finetune`, the same epochs, learning rate and seed for all) and measured again.
 
+On fashion-vit (10,000 test images) every pick is compared with the winner by McNemar's
+exact test, before and after fine-tuning, and the distillation runs on a seeded subset of
+the 60,000 training images (`--train-images`), the same for every pick.
+
     python benchmarks/quality.py            # writes benchmarks/results/quality.json
     python benchmarks/quality.py --quick    # fewer trials and epochs (run_all --quick)
+    python benchmarks/quality.py --workload fashion-vit --budgets 0.5,0.35 --epochs 1 \
+        --train-images 6000                 # writes results/quality_fashion-vit.json
 """
 
 from __future__ import annotations
@@ -78,13 +84,20 @@ def evaluate_picks(
 ) -> tuple[dict[str, Any], float]:
     """Accuracy before and after fine-tuning of every pick (each trial fine-tuned once)."""
     import vitrank
-    from evaluators import evaluate_accuracy, finetune
+    from evaluators import correct_predictions, finetune, mcnemar
     from search._problem import problem
     from spaces import CompressionConfig
 
     current = problem(run)
     done: dict[int, dict[str, Any]] = {}
     out: dict[str, Any] = {}
+    hits: dict[int, dict[str, torch.Tensor]] = {}
+    train = workload.train
+    if args.train_images and args.train_images < len(train):
+        from torch.utils.data import Subset
+
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))
+        train = Subset(train, sorted(chosen[: args.train_images].tolist()))
     for label, row in picks(run).items():
         number = int(row["number"])
         if number not in done:
@@ -96,18 +109,23 @@ def evaluate_picks(
             model = vitrank.compress(
                 current.teacher, config, current.stats, current.factor_cache(config.svd), **extra
             )
-            before = float(evaluate_accuracy(model, workload.val, progress=False))
+            before_hits = correct_predictions(model, workload.val, progress=False)
+            before = float(before_hits.double().mean())
             started = time.perf_counter()
             result = finetune(
                 model,
                 workload.model,
-                workload.train,
+                train,
                 workload.val,
                 epochs=args.epochs,
                 lr=args.lr,
                 seed=args.seed,
                 progress=False,
             )
+            hits[number] = {
+                "before": before_hits,
+                "after": correct_predictions(model, workload.val, progress=False),
+            }
             done[number] = {
                 "trial": number,
                 # pandas gives NaN where a trial replays no baseline.
@@ -129,6 +147,22 @@ def evaluate_picks(
             f"{out[label]['accuracy_before']:.4f} -> {out[label]['accuracy_after']:.4f}",
             flush=True,
         )
+    winner = out.get("vitrank winner")
+    if winner is not None:
+        mine = hits[winner["trial"]]
+        for entry in out.values():
+            if entry["trial"] == winner["trial"]:
+                continue
+            theirs = hits[entry["trial"]]
+            entry["vs_winner"] = {
+                stage: {
+                    "winner_only_right": test.a_only,
+                    "pick_only_right": test.b_only,
+                    "mcnemar_p": test.p_value,
+                }
+                for stage in ("before", "after")
+                for test in [mcnemar(mine[stage], theirs[stage])]
+            }
     skipped = run / "baselines" / "_skipped.json"
     if skipped.exists():
         for name, reason in json.loads(skipped.read_text()).items():
@@ -151,6 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs here")
     parser.add_argument("--quick", action="store_true", help="30 trials, 3 epochs")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where quality.json goes")
+    parser.add_argument("--workload", default="digits-vit", choices=("digits-vit", "fashion-vit"))
+    parser.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="distil on this many (seeded) training images, the same for every pick",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.epochs = 30, 3
@@ -163,14 +204,14 @@ def main(argv: list[str] | None = None) -> None:
     from evaluators import evaluate_accuracy
 
     started = time.perf_counter()
-    workload = vitrank.load_workload("digits-vit", seed=args.seed)
+    workload = vitrank.load_workload(args.workload, seed=args.seed)
     teacher_accuracy = float(evaluate_accuracy(workload.model, workload.val, progress=False))
     root = args.keep or Path(tempfile.mkdtemp(prefix="vitrank-quality-"))
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {
         "machine": {**machine_info(args.threads), "load_average_at_start": os.getloadavg()},
         "command": command.strip(),
-        "workload": "digits-vit",
+        "workload": args.workload,
         "teacher_accuracy": teacher_accuracy,
         "val_images": len(workload.val),
         "settings": {
@@ -197,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         result["budgets"][budget] = entry
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
-    print(f"wrote {write_result('quality', result, args.out_dir)}")
+    name = "quality" if args.workload == "digits-vit" else f"quality_{args.workload}"
+    print(f"wrote {write_result(name, result, args.out_dir)}")
     for budget, entry in result["budgets"].items():
         if "goal" in entry:
             goal = entry["goal"]

@@ -1,13 +1,18 @@
-"""Search quality and engine overhead on the digits teacher -> results/search_quality.json.
+"""Search quality (and engine overhead) on a workload -> results/search_quality*.json.
 
 1. At budgets 0.5 and 0.35 of the parameters: the validation accuracy (no fine-tuning,
    no compensation) of the best searched config (lowest proxy among feasible non-baseline
-   trials) against every baseline's config at the same budget.
-2. The wall time of the same 200-trial search with the ray engine over the optuna engine
-   (both start from the same prepared cache, so calibration and factorization are not
-   counted; baselines are computed in both).
+   trials) against every baseline's config at the same budget, with McNemar's exact test
+   of the searched config against each baseline on the validation images (the images on
+   which exactly one of the two is right, and the two-sided p-value).
+2. On digits-vit: the wall time of the same 200-trial search with the ray engine over the
+   optuna engine (both start from the same prepared cache, so calibration and
+   factorization are not counted; baselines are computed in both).
 
-    python benchmarks/search_quality.py [--trials 200] [--seeds 0,1,2] [--refine 0.5]
+    python benchmarks/search_quality.py [--workload digits-vit|fashion-vit] [--trials 200]
+        [--seeds 0,1,2] [--refine 0.5]
+
+digits-vit writes results/search_quality.json, fashion-vit results/search_quality_fashion-vit.json.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ from _common import command_line, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "benchmarks" / "results" / "search_quality.json"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def results_path(workload: str) -> Path:
+    name = "search_quality" if workload == "digits-vit" else f"search_quality_{workload}"
+    return RESULTS / f"{name}.json"
 
 
 def _settings(out: Path, budget: str, engine: str, seed: int, args: argparse.Namespace) -> Any:
@@ -54,7 +64,7 @@ def _accuracies(run: Path, workload: Any) -> dict[str, Any]:
     import pandas as pd
 
     import vitrank
-    from evaluators import evaluate_accuracy
+    from evaluators import correct_predictions, mcnemar
     from search._problem import problem
     from spaces import CompressionConfig
 
@@ -69,18 +79,33 @@ def _accuracies(run: Path, workload: Any) -> dict[str, Any]:
     if len(searched):
         picks["searched"] = searched.iloc[0].to_dict()
     out: dict[str, Any] = {}
+    hits: dict[str, torch.Tensor] = {}
     for label, row in picks.items():
         config = CompressionConfig.from_json(row["config"])
         model = vitrank.compress(
             current.teacher, config, current.stats, current.factor_cache(config.svd)
         )
+        hits[label] = correct_predictions(
+            model, workload.val, device=current.device, progress=False
+        )
         out[label] = {
             "trial": int(row["number"]),
-            "val_accuracy": float(evaluate_accuracy(model, workload.val, progress=False)),
+            "val_accuracy": float(hits[label].double().mean()),
             "proxy": float(row["proxy"]),
             "params": int(row["params"]),
             "params_fraction": float(row["params"]) / current.space.dense_params,
         }
+    if "searched" in hits:
+        for label in hits:
+            if label.startswith("baseline:"):
+                # a_only: images only the searched config gets right; b_only: only the baseline
+                test = mcnemar(hits["searched"], hits[label])
+                out[label]["vs_searched"] = {
+                    "searched_only_right": test.a_only,
+                    "baseline_only_right": test.b_only,
+                    "disagreements": test.disagreements,
+                    "mcnemar_p": test.p_value,
+                }
     skipped = run / "baselines" / "_skipped.json"
     if skipped.exists():
         for name, reason in json.loads(skipped.read_text()).items():
@@ -102,7 +127,16 @@ def main() -> None:
     parser.add_argument("--refine", type=float, default=None, help="default: the search's")
     parser.add_argument("--proxy", default="logits")
     parser.add_argument("--keep", default=None, help="keep the run directories here")
+    parser.add_argument("--workload", default="digits-vit", choices=("digits-vit", "fashion-vit"))
+    parser.add_argument(
+        "--engine-timing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the ray engine against optuna (default: on digits-vit only)",
+    )
     args = parser.parse_args()
+    if args.engine_timing is None:
+        args.engine_timing = args.workload == "digits-vit"
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -133,13 +167,14 @@ def main() -> None:
         run_search(_settings(out, budget, engine, seed, args), workload)
         return out, time.perf_counter() - start
 
-    workloads = {seed: load_workload("digits-vit", seed=seed) for seed in seeds}
+    workloads = {seed: load_workload(args.workload, seed=seed) for seed in seeds}
     first = workloads[seeds[0]]
     defaults = _settings(root, budgets[0], "optuna", seeds[0], args)
     result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine_info(), "load_average": os.getloadavg()},
-        "workload": "digits-vit",
+        "workload": args.workload,
+        "val_images": len(first.val),
         "teacher_val_accuracy": float(evaluate_accuracy(first.model, first.val, progress=False)),
         "settings": {
             "trials": args.trials,
@@ -165,19 +200,21 @@ def main() -> None:
                 entry.update(configs=scores, **{k: verdict[k] for k in VERDICT_KEYS})
             print(json.dumps({budget: {seed: verdict}}, indent=1))
         result["budgets"][budget] = entry
-    _, ray_seconds = run(f"ray-{budgets[0]}", budgets[0], "ray", seeds[0], first)
-    timings["ray_s"] = ray_seconds
-    result["engines"] = {
-        "budget": budgets[0],
-        "trials": args.trials,
-        **timings,
-        "ray_over_optuna": timings["ray_s"] / timings["optuna_s"],
-        "target": "<= 1.5",
-    }
+    if args.engine_timing:
+        _, ray_seconds = run(f"ray-{budgets[0]}", budgets[0], "ray", seeds[0], first)
+        timings["ray_s"] = ray_seconds
+        result["engines"] = {
+            "budget": budgets[0],
+            "trials": args.trials,
+            **timings,
+            "ray_over_optuna": timings["ray_s"] / timings["optuna_s"],
+            "target": "<= 1.5",
+        }
+        print(json.dumps(result["engines"], indent=1))
     result["command"] = command_line()
-    atomic_write_json(RESULTS, result)
-    print(json.dumps(result["engines"], indent=1))
-    print(f"wrote {RESULTS}")
+    path = results_path(args.workload)
+    atomic_write_json(path, result)
+    print(f"wrote {path}")
 
 
 VERDICT_KEYS = ("searched_beats_every_baseline", "searched_at_least_every_baseline")
@@ -192,13 +229,20 @@ def _verdict(scores: dict[str, Any]) -> dict[str, Any]:
         if k.startswith("baseline:") and "val_accuracy" in v
     }
     best = max(baselines, key=baselines.__getitem__) if baselines else None
-    return {
+    verdict = {
         "searched_val_accuracy": searched,
         "best_baseline": best,
         "best_baseline_val_accuracy": baselines[best] if best else float("nan"),
         "searched_beats_every_baseline": all(searched > v for v in baselines.values()),
         "searched_at_least_every_baseline": all(searched >= v for v in baselines.values()),
     }
+    if best is not None and "vs_searched" in scores[best]:
+        # against the strongest baseline: how many images decide it, and how surely
+        verdict["vs_best_baseline"] = scores[best]["vs_searched"]
+        verdict["largest_p_against_any_baseline"] = max(
+            v["vs_searched"]["mcnemar_p"] for v in scores.values() if "vs_searched" in v
+        )
+    return verdict
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (a CUDA GPU if any), cpu, cuda:N")
     parser.add_argument("--data", type=Path, default=None, help="folder of the four idx files")
     parser.add_argument("--out", type=Path, default=FASHION_DIR)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--warmup-epochs", type=float, default=1.0)
+    parser.add_argument("--no-augment", action="store_true", help="train on the images as they are")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue from the weights of a teacher folder this script wrote (a second stage)",
+    )
     args = parser.parse_args()
 
     device = torch.device(
@@ -76,11 +85,17 @@ def main() -> None:
     model = timm.create_model(
         FASHION_MODEL_NAME, drop_path_rate=args.drop_path, **FASHION_MODEL_ARGS
     ).to(device)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(args.init / "model.safetensors")))
+        print(f"continuing from {args.init}")
     params = sum(p.numel() for p in model.parameters())
     print(f"{FASHION_MODEL_NAME} {FASHION_MODEL_ARGS}: {params:,} parameters on {device}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
-    total, warmup = args.epochs * steps_per_epoch, steps_per_epoch
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * s / total)),
@@ -94,9 +109,12 @@ def main() -> None:
         epoch_start = time.perf_counter()
         for step, i in enumerate(range(0, len(order), args.batch_size)):
             batch = order[i : i + args.batch_size]
-            images = augment(x_train[batch], generator).to(device)
+            images = x_train[batch] if args.no_augment else augment(x_train[batch], generator)
+            images = images.to(device)
             logits = model(images)
-            loss = F.cross_entropy(logits, y_train[batch].to(device), label_smoothing=0.1)
+            loss = F.cross_entropy(
+                logits, y_train[batch].to(device), label_smoothing=args.label_smoothing
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -533,6 +533,20 @@ def _reference_terms(
     return terms
 
 
+# The operator family whose configs discard each sensitivity term.
+_TERM_FAMILY = {
+    "qkv": "lowrank",
+    "proj": "lowrank",
+    "fc1": "lowrank",
+    "fc2": "lowrank",
+    "qk": "heads",
+    "vo": "heads",
+    "heads": "prune",
+    "hidden": "prune",
+    "merge": "tokens",
+}
+
+
 def measure_sensitivity(
     teacher: nn.Module,
     factors: FactorCache,
@@ -543,6 +557,7 @@ def measure_sensitivity(
     merge_ratio: float = 0.25,
     batch_size: int = 64,
     progress: bool = False,
+    families: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """Per-term weight w_l = KL(teacher ‖ only l compressed) / f_l at a reference level.
 
@@ -559,6 +574,8 @@ def measure_sensitivity(
     unit = SpectralProxy(factors, None, teacher=teacher, stats=stats)
     sensitivity = {}
     terms = _reference_terms(teacher, factors, stats, reference, merge_ratio)
+    if families is not None:  # only the terms a search over these families can score
+        terms = [t for t in terms if _TERM_FAMILY[t[0].rsplit(".", 1)[-1]] in families]
     with progress_bar("sensitivity terms", len(terms), progress) as advance:
         for term, index, spec in terms:
             specs = [BlockSpec()] * depth

@@ -1,7 +1,8 @@
 """Reading a run directory (`runs/<name>/`, see search's `RunDir`) into tables.
 
-Everything a report shows comes from the files a search leaves behind: run.yaml,
-trials.parquet, pareto.json and winners/<id>/{config.json, metrics.json}. Nothing is
+Everything a report shows comes from the files a search leaves behind: run.yaml, the
+trials (read from study.db, else trials.parquet), pareto.json and
+winners/<id>/{config.json, metrics.json}. Nothing is
 recomputed here except what the files imply (the budget line in the cost's units).
 """
 
@@ -64,7 +65,7 @@ def load_run(root: str | Path) -> RunData:
     trials_path = root / "trials.parquet"
     if not root.is_dir():
         raise FileNotFoundError(f"Run directory {root} does not exist; pass the --out of a search.")
-    if not trials_path.is_file():
+    if not trials_path.is_file() and not (root / "study.db").is_file():
         raise FileNotFoundError(
             f"{root} has no trials.parquet; pass a search's run directory (the --out of "
             "`vitrank search`)."
@@ -89,8 +90,24 @@ def load_run(root: str | Path) -> RunData:
         winners.append(Winner(directory.name, directory, config, metrics))
     # The search saves the best proxy first; W1 is that one.
     winners.sort(key=lambda w: (_sort_key(w.metrics.get("proxy")), w.id))
-    trials = trials_table(pd.read_parquet(trials_path), trials_path)
+    trials = trials_table(_trials(root, trials_path), trials_path)
     return RunData(root, root.name, settings, trials, pareto, winners)
+
+
+def _trials(root: Path, parquet: Path) -> pd.DataFrame:
+    """The study's trials, else trials.parquet: a search killed or interrupted between two
+    writes of the table leaves it behind the study, which records every trial."""
+    from search import read_trials
+
+    frame = read_trials(root)
+    if frame is None:
+        if not parquet.is_file():
+            raise FileNotFoundError(
+                f"{root} has no trials.parquet and its study.db holds no search; pass a "
+                "search's run directory (the --out of `vitrank search`)."
+            )
+        return pd.read_parquet(parquet)
+    return frame
 
 
 def _sort_key(value: Any) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from search._engines import ENGINES, EngineJob, run_engine
 from search._finish import finetune_winners
 from search._pareto import pareto_front, pick_winners
-from search._run import RESUMABLE, resolve_run, run_search
+from search._run import RESUMABLE, read_trials, resolve_run, run_search
 from search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
 from search._samplers import SAMPLERS, make_sampler
 from search._settings import SearchSettings, resolve_settings
@@ -33,6 +33,7 @@ __all__ = [
     "make_sampler",
     "pareto_front",
     "pick_winners",
+    "read_trials",
     "resolve_run",
     "resolve_settings",
     "run_baselines",

@@ -63,12 +63,34 @@ def storage(url: str) -> optuna.storages.RDBStorage:
     import optuna
     from sqlalchemy import event
 
-    # A generous timeout: Ray's driver and the table writer share the file.
-    rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+    with damaged_study(url):
+        # A generous timeout: Ray's driver and the table writer share the file.
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     if url.startswith("sqlite"):
         event.listen(rdb.engine, "connect", _sqlite_pragmas)
         rdb.engine.dispose()  # reconnect with the pragmas
     return rdb
+
+
+@contextlib.contextmanager
+def damaged_study(url: str) -> Iterator[None]:
+    """sqlite's errors for a damaged study.db, as a ValueError naming the file and the fix.
+
+    Busy or locked databases (OperationalError) are not damage and pass unchanged.
+    """
+    from sqlalchemy import exc
+
+    try:
+        yield
+    except exc.DatabaseError as error:
+        if isinstance(error, exc.OperationalError):
+            raise
+        where = url.removeprefix("sqlite:///")
+        raise ValueError(
+            f"{where} is damaged ({error.orig}); it is the record of the run's trials, so the "
+            "run cannot be resumed or reported from it: restore it from a backup, or start "
+            "the search again with another --out."
+        ) from error
 
 
 def open_study(job: EngineJob) -> optuna.Study:
@@ -166,6 +188,38 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         )
 
 
+def _local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_trial_resources(cpus: float, gpus: float, address: str | None = None) -> None:
+    """Refuse a per-trial request that no node can meet: Tune would wait for it forever.
+
+    Before vitrank starts a local Ray the machine's CPUs and GPUs are compared (no Ray is
+    started for it); in a Ray session already running, or on the cluster at `address`, the
+    nodes alive now. An autoscaling cluster's future nodes are not counted.
+    """
+    import ray
+
+    if address or ray.is_initialized():
+        init_ray(address)
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        where = f"the Ray cluster at {address}" if address else "the running Ray session"
+    else:
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())}]
+        where = "this machine"
+    if any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
+        return
+    shown = "; ".join(f"{n.get('CPU', 0.0):g} CPU, {n.get('GPU', 0.0):g} GPU" for n in nodes)
+    raise ValueError(
+        f"a trial asks for {cpus:g} CPU and {gpus:g} GPU (--cpus-per-trial, --gpus-per-trial), "
+        f"but no node of {where} has that much ({shown or 'no node alive'}), so no trial could "
+        "ever start; ask for less per trial, or use --engine optuna."
+    )
+
+
 def _recorder(job: EngineJob) -> Any:
     from ray.tune import Callback
 
@@ -230,8 +284,7 @@ def _run_tuner(job: EngineJob) -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     init_ray(job.ray_address)
-    import logging
-
+    check_trial_resources(job.cpus_per_trial, job.gpus_per_trial, job.ray_address)
     import ray
 
     # Tune's own console output and its result-file warnings (we disable its loggers).

@@ -100,6 +100,8 @@ class Problem:
     latency_table: LatencyTable | None
     space_fn: SpaceFunction
     factors: dict[str, FactorCache] = field(default_factory=dict)  # by svd kind
+    # The fp32 teacher the factors were made from, when `teacher` runs in fp16 / bf16.
+    reference: nn.Module | None = None
     _proxies: dict[str, Proxy] = field(default_factory=dict)
     _baselines: dict[str, CompressionConfig] = field(default_factory=dict)
 
@@ -116,7 +118,12 @@ class Problem:
         if svd not in self.factors:
             from vitrank.core.factorize import FactorCache
 
-            self.factors[svd] = FactorCache.load(factor_path(self.run, svd), self.teacher)
+            dtype = next(self.teacher.parameters()).dtype
+            source = self.teacher if self.reference is None else self.reference
+            with damaged_cache(self.run):
+                self.factors[svd] = FactorCache.load(
+                    factor_path(self.run, svd), source, dtype=dtype
+                )
         return self.factors[svd]
 
     def proxy(self, svd: str | None = None, name: str | None = None) -> Proxy:
@@ -219,7 +226,8 @@ def problem(run_dir: str | Path) -> Problem:
     """The run's `Problem`, loaded from disk once per process."""
     key = str(Path(run_dir).resolve())
     if key not in _PROBLEMS:
-        _PROBLEMS[key] = load_problem(RunDir(key))
+        with damaged_cache(RunDir(key)):
+            _PROBLEMS[key] = load_problem(RunDir(key))
     return _PROBLEMS[key]
 
 
@@ -342,7 +350,9 @@ def prepare(
     run.cache.mkdir(parents=True, exist_ok=True)
     device = run_device(settings)
     teacher = workload.model.eval()
+    check_teacher(teacher, workload.name)  # a workload passed in was not loaded by name
     meta = {"model_name": workload.model_name, "model_args": dict(workload.model_args)}
+    meta |= _same_teacher(run, teacher, workload.name)
     if not paths["teacher"].exists():
         state = {k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}
         atomic_write(paths["teacher"], lambda tmp: save_file(state, tmp))
@@ -391,7 +401,9 @@ def prepare(
     if not paths["sensitivity"].exists():
         images = _load_tensors(paths["heldout"])["images"][: sizes.sensitivity]
         factors = FactorCache.load(factor_path(run, settings.svd), teacher)
-        sensitivity = measure_sensitivity(teacher, factors, stats, images, progress=True)
+        sensitivity = measure_sensitivity(
+            teacher, factors, stats, images, progress=True, families=space.ops
+        )
         atomic_write_json(paths["sensitivity"], sensitivity)
     lap("sensitivity")
     workload.model.to(home)  # the caller's teacher goes back where it was
@@ -417,7 +429,51 @@ def _latency_table(
 def _load_tensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises several types for a bad file
+        raise ValueError(f"{path} is damaged or not safetensors ({error}).") from error
+
+
+@contextlib.contextmanager
+def damaged_cache(run: RunDir) -> Iterator[None]:
+    """An error that names a file of the run's cache gets the fix: rebuild the cache.
+
+    Everything in cache/ is computed from the teacher and the settings, so deleting it and
+    resuming recomputes it; the study (every scored trial) is kept.
+    """
+    try:
+        yield
+    except (ValueError, OSError, KeyError) as error:
+        if str(run.cache) not in str(error):
+            raise
+        raise ValueError(
+            f"{error} The run's cache is damaged: delete {run.cache} and rerun with --resume "
+            "(it is rebuilt from the teacher; no trial is lost)."
+        ) from error
+
+
+def _same_teacher(run: RunDir, teacher: nn.Module, name: str) -> dict[str, Any]:
+    """The digest of the teacher's weights; a resumed run refuses a teacher that changed.
+
+    The trials were scored against the cached teacher: a local-dir checkpoint replaced
+    since the start would silently be ignored (or, recomputed, mix two teachers).
+    """
+    from vitrank.core.factorize import weights_digest
+
+    digest = weights_digest(teacher)
+    meta_path = _paths(run)["teacher_meta"]
+    if _paths(run)["teacher"].exists() and meta_path.exists():
+        recorded = json.loads(meta_path.read_text()).get("weights")
+        if recorded is not None and recorded != digest:
+            raise ValueError(
+                f"the weights of {name} changed since this run started ({run.cache} holds "
+                "the teacher its trials were scored with); a resumed run keeps its teacher: "
+                "restore the weights, or start a new search with another --out."
+            )
+    return {"weights": digest}
 
 
 def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
@@ -454,7 +510,13 @@ def load_problem(run: RunDir) -> Problem:
         stats = CalibrationStats.load(paths["stats"])
     # Proxies, winners and latency run in the run's dtype on its device; statistics and
     # factors stay fp64 and are cast when a candidate is built.
-    teacher = teacher.to(device=device, dtype=resolve_dtype(settings.dtype))
+    dtype = resolve_dtype(settings.dtype)
+    reference = None
+    if dtype != torch.float32:
+        import copy
+
+        reference, teacher = teacher, copy.deepcopy(teacher)
+    teacher = teacher.to(device=device, dtype=dtype)
     return Problem(
         run=run,
         settings=settings,
@@ -466,4 +528,5 @@ def load_problem(run: RunDir) -> Problem:
         sensitivity=json.loads(paths["sensitivity"].read_text()),
         latency_table=table,
         space_fn=SpaceFunction(space, budget, settings.parametrization, table),
+        reference=reference,
     )

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from search._engines import EngineJob, open_study, run_engine, storage
+from search._engines import (
+    EngineJob,
+    check_trial_resources,
+    damaged_study,
+    open_study,
+    run_engine,
+    storage,
+)
 from search._problem import (
     BASELINE_ATTR,
     BASELINE_PARAMS_ATTR,
@@ -31,7 +38,14 @@ from search._progress import SearchProgress
 from search._rundir import RunDir, atomic_write_json, atomic_write_text
 from search._samplers import baseline_of, make_sampler
 from search._settings import SearchSettings
-from search._table import INTERRUPTED_ATTR, progress_summary, trial_rows, write_pareto, write_trials
+from search._table import (
+    INTERRUPTED_ATTR,
+    progress_summary,
+    trial_rows,
+    trials_frame,
+    write_pareto,
+    write_trials,
+)
 from search._winners import save_winners
 from search.baselines import BASELINES, forward_evaluations
 from vitrank.core.progress import progress
@@ -121,6 +135,50 @@ def _check_startable(run: RunDir) -> None:
             "would overwrite files there. Choose a new or empty --out, or continue your own "
             "run there with --resume."
         )
+
+
+def _check_machine(settings: SearchSettings) -> None:
+    """What the settings ask of this machine, refused before any work: a device that is not
+    there, or Ray trials bigger than any node (Tune would wait for them forever)."""
+    from search._problem import run_device
+
+    run_device(settings)
+    if settings.engine == "ray":
+        check_trial_resources(
+            settings.cpus_per_trial, settings.gpus_per_trial, settings.ray_address
+        )
+
+
+def _check_study(run: RunDir) -> None:
+    """Read every trial of study.db once: a damaged file is refused before calibration."""
+    with damaged_study(run.storage_url):
+        rdb = storage(run.storage_url)
+        for study in rdb.get_all_studies():
+            rdb.get_all_trials(study._study_id, deepcopy=False)
+
+
+def read_trials(run_dir: str | Path) -> Any:
+    """The trials table rebuilt from a run's study.db (the one truth), without writing it.
+
+    trials.parquet is rewritten only every few seconds and at the end, so after a killed
+    or interrupted search it may miss trials; this reads them all. None when there is no
+    study (or run.yaml is not one this version reads): trials.parquet is then all there is.
+    """
+    import optuna
+
+    run = RunDir(run_dir)
+    if not run.study_db.is_file() or run.study_db.stat().st_size == 0:
+        return None
+    with damaged_study(run.storage_url):
+        rdb = storage(run.storage_url)
+        if STUDY_NAME not in {study.study_name for study in rdb.get_all_studies()}:
+            return None
+        trials = optuna.load_study(study_name=STUDY_NAME, storage=rdb).get_trials(deepcopy=False)
+    try:
+        cost = SearchSettings.load(run.settings).objective_names[1]
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return trials_frame(trials, cost)
 
 
 def _load_workload(settings: SearchSettings) -> Workload:
@@ -304,8 +362,11 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
     console = Console(stderr=True)
     log = log or console.print
+    _check_machine(settings)
     run = RunDir(settings.run_dir())
     with run:
+        if settings.resume and run.study_db.exists():
+            _check_study(run)
         if not settings.resume and not run.study_db.exists() and run.cache.exists():
             shutil.rmtree(run.cache)  # left by a start that failed; made for other settings
         atomic_write_text(run.settings, settings.to_yaml())

@@ -56,17 +56,23 @@ def baseline_of(sampler: str) -> str | None:
     return sampler[len(BASELINE_PREFIX) :] if sampler.startswith(BASELINE_PREFIX) else None
 
 
-def make_sampler(name: str, seed: int = 0) -> optuna.samplers.BaseSampler:
-    """A fresh sampler; `baseline:NAME` gets a random sampler (it never samples)."""
+def check_sampler(name: str) -> None:
+    """Refuse a name that is neither a sampler nor `baseline:NAME` of a known baseline."""
     if baseline_of(name) is not None:
         from search.baselines import BASELINES
 
         if baseline_of(name) not in BASELINES:
             known = ", ".join(BASELINE_PREFIX + b for b in BASELINES)
             raise ValueError(f"unknown baseline {baseline_of(name)!r}; known: {known}.")
-        return _random(seed)
-    if name not in SAMPLERS:
+    elif name not in SAMPLERS:
         raise ValueError(
             f"{SAMPLERS.unknown(name)} (or {BASELINE_PREFIX}NAME to run one baseline alone)"
         )
+
+
+def make_sampler(name: str, seed: int = 0) -> optuna.samplers.BaseSampler:
+    """A fresh sampler; `baseline:NAME` gets a random sampler (it never samples)."""
+    check_sampler(name)
+    if baseline_of(name) is not None:
+        return _random(seed)
     return SAMPLERS.get(name)(seed)

@@ -19,6 +19,7 @@ import yaml
 
 from evaluators.proxies import PROXIES
 from search._engines import ENGINES
+from search._samplers import check_sampler
 from spaces import MERGE_FAMILY as _MERGE
 from spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
 
@@ -112,9 +113,17 @@ class SearchSettings:
                 raise ValueError(f"`{name}` must be one of {registry.names()}, but got {value!r}.")
         if self.svd not in SVD_KINDS:
             raise ValueError(f"`svd` must be one of {SVD_KINDS}, but got {self.svd=}.")
-        from vitrank.core.device import resolve_dtype
+        from vitrank.core.device import check_device_name, resolve_dtype
 
         resolve_dtype(self.dtype)
+        # Whether the device is on this machine is checked when a search starts
+        # (`run_search`): settings of a GPU run are also read elsewhere (reports, workers).
+        check_device_name(self.device)
+        check_sampler(self.sampler)
+        if self.batch < 1:
+            raise ValueError(
+                f"`batch >= 1` must hold (images per forward pass), but got {self.batch=}."
+            )
         for name in ("calib_size", "heldout_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -205,7 +205,7 @@ def save_winners(
                 epochs=epochs,
                 seed=settings.seed,
                 device=device,
-                progress=False,
+                progress=True,
             )
             save(model, directory)
             tuned[str(directory.resolve())] = {

@@ -144,26 +144,45 @@ def greedy(inputs: BaselineInputs) -> CompressionConfig:
         raise BaselineUnavailable(
             f"even the smallest ranks everywhere exceed the budget {inputs.budget}."
         )
+    # The spectral proxy and the parameter and FLOP costs are sums over Linears, so each
+    # step's change in score and cost is measured once, on one Linear moved alone; the
+    # budget is still checked exactly on every step taken.
     score, cost = inputs.spectral(current), inputs.cost(current)
+    effect: dict[tuple[int, str, int], tuple[float, float]] = {}
+    for i in range(len(level)):
+        for name in LINEARS:
+            for k in range(1, len(ladders[i][name])):
+                moved = [dict(x) for x in level]
+                moved[i][name] = k
+                alone = config_at(moved)
+                effect[(i, name, k)] = (inputs.spectral(alone) - score, inputs.cost(alone) - cost)
+    limit = inputs.budget.limit(inputs.space) * (1 + 1e-9)
+    blocked: set[tuple[int, str, int]] = set()
     while True:
-        best: tuple[float, int, str, CompressionConfig, float, float] | None = None
+        best: tuple[float, int, str] | None = None
         for i, lv in enumerate(level):
             for name in LINEARS:
-                if lv[name] + 1 >= len(ladders[i][name]):
+                k = lv[name] + 1
+                if k >= len(ladders[i][name]) or (i, name, k) in blocked:
                     continue
-                trial = [dict(x) for x in level]
-                trial[i][name] += 1
-                candidate = config_at(trial)
-                if not inputs.fits(candidate):
+                before = effect.get((i, name, lv[name]), (0.0, 0.0))
+                d_score = effect[(i, name, k)][0] - before[0]
+                d_cost = effect[(i, name, k)][1] - before[1]
+                if cost + d_cost > limit:
                     continue
-                new_score, new_cost = inputs.spectral(candidate), inputs.cost(candidate)
-                gain = (score - new_score) / max(new_cost - cost, 1e-12)
+                gain = -d_score / max(d_cost, 1e-12)
                 if best is None or gain > best[0]:
-                    best = (gain, i, name, candidate, new_score, new_cost)
+                    best = (gain, i, name)
         if best is None:
             return current
-        _, i, name, current, score, cost = best
-        level[i][name] += 1
+        _, i, name = best
+        trial = [dict(x) for x in level]
+        trial[i][name] += 1
+        candidate = config_at(trial)
+        if not inputs.fits(candidate):  # a cost that is not a plain sum (latency glue)
+            blocked.add((i, name, trial[i][name]))
+            continue
+        level, current, cost = trial, candidate, inputs.cost(candidate)
 
 
 def _ratio_rank(grid: tuple[int, ...], in_out: tuple[int, int], ratio: float) -> int:

@@ -102,3 +102,109 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
         "greedy",
         "asvd",
     }
+
+
+# The CLI on the tiny workload: `vitrank search` as a user runs it, registered by name.
+CLI_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from tests.search.conftest import tiny_workload
+from vitrank.workloads import WORKLOADS
+WORKLOADS.add("tiny", lambda settings: tiny_workload())
+from vitrank.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+SMALL = "baselines: false\nfinetune_top: 0\n"
+
+
+def _interrupt(command: list[str], db: Path, after: int) -> subprocess.CompletedProcess:
+    """Run `command`, press Ctrl-C (SIGINT) once `after` trials are scored, wait for it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(proc, db, after)
+    except AssertionError:
+        proc.kill()
+        raise
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def _states(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as connection:
+        rows = connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall()
+    return {state: int(count) for state, count in rows}
+
+
+def test_ctrl_c_then_resume_scores_every_trial_without_a_traceback(tmp_path: Path) -> None:
+    run, trials = tmp_path / "run", 20
+    (tmp_path / "small.yaml").write_text(SMALL)
+    options = [
+        "search", "--workload", "tiny", "--engine", "optuna", "--trials", str(trials),
+        "--calib-size", "32", "--granularity", "4", "--config", str(tmp_path / "small.yaml"),
+        "--out", str(run),
+    ]  # fmt: skip
+    stopped = _interrupt([sys.executable, "-c", CLI_SCRIPT, *options], run / "study.db", 3)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert "KeyboardInterrupt" not in stopped.stderr
+    assert f"--resume --out {run}" in " ".join(stopped.stderr.split())  # rich wraps lines
+    states = _states(run / "study.db")
+    assert 3 <= states["COMPLETE"] < trials and "RUNNING" not in states
+    # The stopped trial is flagged as interrupted, not as a trial that failed by itself.
+    with sqlite3.connect(run / "study.db") as connection:
+        flagged = connection.execute(
+            "SELECT COUNT(*) FROM trial_user_attributes WHERE key = 'interrupted'"
+        ).fetchone()[0]
+    assert flagged == states.get("FAIL", 0)
+
+    torch.set_num_threads(1)
+    settings = resolve_run(SearchSettings(out=str(run), resume=True), {"resume": True})
+    run_search(settings, tiny_workload())
+    assert _states(run / "study.db")["COMPLETE"] == trials
+
+
+def test_a_trial_that_failed_by_an_error_is_run_again_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search._problem import Problem
+    from tests.search.conftest import tiny_settings
+
+    torch.set_num_threads(1)
+    score, calls = Problem.score, []
+
+    def failing(self: Problem, config: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory in the third trial")
+        return score(self, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Problem, "score", failing)
+    settings = tiny_settings(tmp_path / "run", trials=5, baselines=False)
+    with pytest.raises(RuntimeError, match="third trial"):
+        run_search(settings, tiny_workload())
+    assert _states(tmp_path / "run" / "study.db") == {"COMPLETE": 2, "FAIL": 1}
+    monkeypatch.setattr(Problem, "score", score)
+    resumed = resolve_run(SearchSettings(out=str(tmp_path / "run"), resume=True), {"resume": True})
+    run_search(resumed, tiny_workload())
+    assert _states(tmp_path / "run" / "study.db") == {"COMPLETE": 5, "FAIL": 1}
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_the_digits_default_then_resume_scores_60_trials(tmp_path: Path) -> None:
+    """The issue's case: `vitrank search --trials 60` on digits-vit, Ctrl-C, `--resume`."""
+    run = tmp_path / "run"
+    (tmp_path / "small.yaml").write_text(SMALL)
+    vitrank = str(Path(sys.executable).parent / "vitrank")
+    options = [
+        "search", "--engine", "optuna", "--trials", "60", "--calib-size", "32",
+        "--config", str(tmp_path / "small.yaml"), "--out", str(run),
+    ]  # fmt: skip
+    stopped = _interrupt([vitrank, *options], run / "study.db", 5)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+    resumed = subprocess.run([vitrank, *options, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _states(run / "study.db")["COMPLETE"] == 60

@@ -74,7 +74,15 @@ def add_device(parser: argparse.ArgumentParser | argparse._ArgumentGroup, batch_
         help="auto, cpu, cuda or cuda:N: where everything runs (default: auto, the first "
         "CUDA GPU when there is one, else the CPU)",
     )
-    parser.add_argument("--batch", type=int, default=None, metavar="B", help=batch_help)
+    parser.add_argument("--batch", type=positive_int, default=None, metavar="B", help=batch_help)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the option and exits 2)."""
+    value = int(text)  # a ValueError reads "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, but got {value}")
+    return value
 
 
 def add_ops(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,9 @@ DTYPES: dict[str, torch.dtype] = {
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
-    ``cuda:N``; a device that is not there is refused with what there is."""
+def check_device_name(name: str | torch.device | None) -> str:
+    """The device name, normalised, if it is one `resolve_device` reads; it need not be
+    here (settings saved on a GPU machine are read elsewhere too)."""
     if isinstance(name, torch.device):
         name = str(name)
     name = (name or "auto").strip().lower()
@@ -25,6 +25,13 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             f"unknown device {name!r}; use auto, cpu, cuda or cuda:N (auto picks the first "
             "CUDA GPU when there is one)."
         )
+    return name
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a device that is not there is refused with what there is."""
+    name = check_device_name(name)
     if name == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if name == "cpu":

@@ -204,13 +204,14 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_finite_state(state: dict[str, torch.Tensor], path: Path, action: str) -> None:
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"Weights must be finite, but {key} holds {bad} NaN/Inf values "
-                f"(refusing to {action} {path})."
-            )
+    from vitrank.core.structure import first_non_finite
+
+    found = first_non_finite(state)
+    if found is not None:
+        raise ValueError(
+            f"Weights must be finite, but {found[0]} holds {found[1]} NaN/Inf values "
+            f"(refusing to {action} {path})."
+        )
 
 
 def load_model(

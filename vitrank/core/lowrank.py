@@ -28,39 +28,67 @@ _DAMPING_LIMIT = 1.0
 def check_finite(name: str, **tensors: Tensor | None) -> None:
     """Raise ValueError naming the layer and the tensor that holds NaN or Inf."""
     for label, value in tensors.items():
-        if value is not None and not bool(torch.isfinite(value).all()):
+        if value is None or value.numel() == 0:
+            continue
+        # min and max propagate NaN and see ±Inf, in one pass without a boolean copy
+        # (covariances of wide layers are 3073² and are checked often).
+        low, high = torch.aminmax(value)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             bad = int((~torch.isfinite(value)).sum())
             raise ValueError(
                 f"{name}: `{label}` must be finite, but it holds {bad} NaN/Inf values."
             )
 
 
-def whitening(C: Tensor, name: str = "layer") -> Tensor:
-    """Lower-triangular S with S Sᵀ = C + λ·mean(diag C)·I, in fp64.
+def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
+    """Lower-triangular S with S Sᵀ = C + λ·mean(diag C)·I, in fp64; C may be a batch.
 
     λ starts at 1e-6 and is raised ×10 until the Cholesky succeeds (a rank-deficient C,
     e.g. duplicate input features or the constant column of a LayerNorm output, needs
-    it). There is no silent fallback: if λ reaches 1 the layer's name is in the error.
+    it), for each matrix of a batch on its own. There is no silent fallback: if λ reaches
+    1 the layer's name (in a batch, with `item` and the index) is in the error.
     """
+    return damped_whitening(C, name, item)[0]
+
+
+def damped_whitening(C: Tensor, name: str = "layer", item: str = "head") -> tuple[Tensor, Tensor]:
+    """`whitening`'s S and the shift it added, λ·mean(diag C) (one per matrix of a batch)."""
     C = C.double()
     check_finite(name, C=C)
-    if C.ndim != 2 or C.shape[0] != C.shape[1]:
+    if C.ndim < 2 or C.shape[-1] != C.shape[-2]:
         raise ValueError(f"{name}: C must be square, but got shape {tuple(C.shape)}.")
-    C = (C + C.T) / 2  # summation order leaves C asymmetric in the last bits
-    scale = float(C.diagonal().mean())
-    if not scale > 0:
-        raise ValueError(f"{name}: `mean(diag C) > 0` must hold, but got {scale} (no signal).")
-    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-    damping = _DAMPING_START
+    flat = C.reshape(-1, *C.shape[-2:])
+    flat = (flat + flat.mT) / 2  # summation order leaves C asymmetric in the last bits
+    scale = flat.diagonal(dim1=-2, dim2=-1).mean(-1)
+
+    def where(index: int) -> str:
+        return f"{name} {item} {index}" if C.ndim > 2 else name
+
+    for index in (~(scale > 0)).nonzero().flatten().tolist()[:1]:
+        raise ValueError(
+            f"{where(index)}: `mean(diag C) > 0` must hold, but got {float(scale[index])} "
+            "(no signal)."
+        )
+    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    S, shift = torch.empty_like(flat), torch.empty_like(scale)
+    todo, damping = torch.arange(len(flat)), _DAMPING_START
     while damping <= _DAMPING_LIMIT:
-        S, info = torch.linalg.cholesky_ex(C + damping * scale * eye)
-        if int(info) == 0:
-            return S
+        part = flat if len(todo) == len(flat) else flat[todo]
+        added = damping * scale[todo]
+        factor, info = torch.linalg.cholesky_ex(part + added[:, None, None] * eye)
+        done = info == 0
+        if len(todo) == len(flat) and bool(done.all()):  # the usual case: no copies
+            return factor.reshape(C.shape), added.reshape(C.shape[:-2])
+        S[todo[done]], shift[todo[done]] = factor[done], added[done]
+        todo = todo[~done]
+        if len(todo) == 0:
+            return S.reshape(C.shape), shift.reshape(C.shape[:-2])
         damping *= 10
+    index = int(todo[0])
     raise ValueError(
-        f"{name}: Cholesky of the input covariance failed even with damping "
+        f"{where(index)}: Cholesky of the input covariance failed even with damping "
         f"{_DAMPING_LIMIT}·mean(diag C); C is not positive semi-definite (min eigenvalue "
-        f"{float(torch.linalg.eigvalsh(C).min()):.3g})."
+        f"{float(torch.linalg.eigvalsh(flat[index]).min()):.3g})."
     )
 
 
@@ -135,16 +163,85 @@ def factorize_linear(
                 f"{name}: C must be ({W.shape[1]}, {W.shape[1]}) for W {tuple(W.shape)}, "
                 f"but got {tuple(C.shape)}."
             )
-    S = whitening(C, name) if C is not None and whiten else None
-    U, sigma, Vh = torch.linalg.svd(W if S is None else W @ S, full_matrices=False)
+    whitened = C is not None and whiten
+    if W.shape[0] < W.shape[1]:
+        down, up, sigma2, energies = _wide_factors(W, C, whitened, name)
+    else:
+        S = whitening(C, name) if C is not None and whiten else None
+        down, up, sigma2, energies = _tall_factors(W, C, S)
+    return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
+
+
+# The SVD of W S comes from the eigenvectors of its smaller Gram matrix: a symmetric
+# eigensolver on min(out, in)² is several times faster than an SVD of W S (which LAPACK
+# does slowly for wide matrices), and the other side is recovered by one product, so
+# U Σ Vᵀ = W S holds to rounding at full rank whatever the eigenvectors' accuracy. The
+# price is absolute, not relative, accuracy in σ²: components below ~1e-16·σ_max² are
+# ordered and split arbitrarily, which changes no error by more than that.
+
+
+def _descending_eigenvectors(G: Tensor) -> Tensor:
+    return torch.linalg.eigh(G).eigenvectors.flip(-1)
+
+
+def _sorted_by(sigma: Tensor, *columns: Tensor) -> tuple[Tensor, ...]:
+    """σ descending and the columns of each of `columns` in the same order."""
+    order = sigma.argsort(descending=True, stable=True)
+    return sigma[order], *(c[:, order] for c in columns)
+
+
+def _balance(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(σ^½, σ^-½), the inverse 0 where σ is 0 (a component that carries nothing)."""
     root = sigma.sqrt()
+    return root, torch.where(root > 0, root.reciprocal(), torch.zeros_like(root))
+
+
+def _tall_factors(W: Tensor, C: Tensor | None, S: Tensor | None) -> tuple[Tensor, ...]:
+    """out >= in: V from the (in × in) Gram of M = W S, then U Σ = M V."""
+    M = W if S is None else W @ S
+    V = _descending_eigenvectors(M.T @ M)
+    B = M @ V  # U Σ, columns orthogonal
+    sigma, B, V = _sorted_by(B.norm(dim=0), B, V)
+    root, inverse = _balance(sigma)
     # Y = S⁻ᵀ V: the input-space directions of the components (V itself when plain).
-    Y = Vh.T if S is None else whitened_directions(S, Vh.T)
+    Y = V if S is None else whitened_directions(S, V)
     down = (Y * root).T.contiguous()
+    up = (B * inverse).contiguous()
+    sigma2 = sigma.square()
+    energies = sigma2 if C is None else sigma2 * ((C @ Y) * Y).sum(0)
+    return down, up, sigma2, energies
+
+
+def _wide_factors(W: Tensor, C: Tensor | None, whitened: bool, name: str) -> tuple[Tensor, ...]:
+    """out < in: U from the (out × out) Gram of W S, (W S)(W S)ᵀ = W (C + shift·I) Wᵀ.
+
+    No S is needed: Vᵀ S⁻¹ = Σ⁻¹ Uᵀ W S S⁻¹ = Σ⁻¹ Uᵀ W, so B = Σ^-½ Uᵀ W and U B = W.
+    The output energy of component i is u_iᵀ W C Wᵀ u_i (y_i = Wᵀ u_i / σ_i).
+    """
+    WCW = None if C is None else (W @ C) @ W.T
+    WW = W @ W.T
+    if whitened:
+        assert C is not None and WCW is not None
+        # The shift `whitening` adds; its Cholesky is the check that C is usable.
+        shift = float(damped_whitening(C, name)[1])
+        gram = WCW + shift * WW
+    else:
+        gram = WW
+    U = _descending_eigenvectors((gram + gram.T) / 2)
+    D = U.T @ W  # Σ Vᵀ S⁻¹ (Σ Vᵀ when plain)
+    sigma = D.norm(dim=1)
+    if whitened:
+        # σ_i² = u_iᵀ W (C + shift·I) Wᵀ u_i >= shift·‖Wᵀ u_i‖²; the bound keeps B = Σ^-½ Uᵀ W
+        # bounded where rounding leaves the quadratic form at zero.
+        quadratic = torch.einsum("ik,ij,jk->k", U, gram, U).clamp_min(0)
+        sigma = torch.maximum(quadratic, shift * sigma.square()).sqrt()
+    sigma, U, Dt = _sorted_by(sigma, U, D.T)
+    root, inverse = _balance(sigma)
+    down = (Dt * inverse).T.contiguous()
     up = (U * root).contiguous()
     sigma2 = sigma.square()
-    energies = sigma2 if C is None else sigma2 * torch.einsum("ik,ij,jk->k", Y, C, Y)
-    return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
+    energies = sigma2 if WCW is None else torch.einsum("ik,ij,jk->k", U, WCW, U)
+    return down, up, sigma2, energies
 
 
 def _bare_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:

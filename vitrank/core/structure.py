@@ -11,7 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 class UnsupportedModelError(ValueError):
@@ -132,6 +133,42 @@ def _block_shape(name: str, block: nn.Module) -> BlockShape:
         qk_norm=qk_norm,
         fixed_params=fixed,
     )
+
+
+def check_teacher(model: nn.Module, name: str | None = None) -> None:
+    """Refuse a teacher whose compression could not be scored: no head, one class, or
+    weights (parameters or buffers) holding NaN/Inf, named by their state-dict key.
+
+    Calibration sees only the blocks' inputs; a NaN in the head (or in one weight that
+    happens to give finite statistics) would surface as "no feasible trial" much later.
+    """
+    label = name or type(model).__name__
+    classes = getattr(model, "num_classes", None)
+    if classes == 0:
+        raise UnsupportedModelError(
+            f"{label} has no classification head (num_classes=0): vitrank scores a "
+            "compressed model by its class logits against the teacher's, so `num_classes "
+            ">= 2` must hold; pass the classifier with its head."
+        )
+    if classes == 1:
+        raise UnsupportedModelError(
+            f"{label} has one class: its softmax is 1 for every image, so every proxy would "
+            "be 0 and accuracy 100 %; `num_classes >= 2` must hold."
+        )
+    found = first_non_finite(dict([*model.named_parameters(), *model.named_buffers()]))
+    if found is not None:
+        raise ValueError(
+            f"{label}: the teacher's weights must be finite, but {found[0]} holds {found[1]} "
+            "NaN/Inf values; fix or re-export the checkpoint before compressing it."
+        )
+
+
+def first_non_finite(tensors: dict[str, Tensor]) -> tuple[str, int] | None:
+    """(key, count) of the first floating tensor holding NaN or Inf, else None."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key, int((~torch.isfinite(tensor)).sum())
+    return None
 
 
 def inspect_vit(model: nn.Module, name: str | None = None) -> Fingerprint:

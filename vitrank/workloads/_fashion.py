@@ -59,7 +59,8 @@ def _idx_file(directory: Path, stem: str) -> Path:
     raise FileNotFoundError(
         f"Fashion-MNIST's {stem}(.gz) is not in {directory}. Install it with "
         "`apt-get install dataset-fashion-mnist` (it goes to /usr/share/datasets/fashion-mnist), "
-        "or point --fashion-dir (VITRANK_FASHION_DIR) to a folder with the four idx files."
+        "or give the folder holding the four idx files as --data DIR with --workload "
+        "fashion-vit (or set VITRANK_FASHION_DIR)."
     )
 
 

@@ -3,6 +3,8 @@ deterministically) or from arrays, shown to the teacher through timm's transform
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,20 +42,134 @@ class _PilImages(Dataset):
 
 def _image_folder(root: Path, transform: Callable, mode: str) -> ImageFolder:
     from PIL import Image
-    from torchvision.datasets import ImageFolder
 
     def read(path: str) -> Image.Image:
-        with Image.open(path) as image:
-            return image.convert(mode)
+        try:
+            with Image.open(path) as image:
+                return image.convert(mode)
+        except _IMAGE_ERRORS as error:
+            raise ValueError(_damaged(path, error)) from error
 
     try:
-        return ImageFolder(str(root), transform=transform, loader=read)
+        folder = _image_tree()(str(root), transform=transform, loader=read)
     except FileNotFoundError as error:  # no class folders, or no images in them
         raise FileNotFoundError(f"no images found in {root}; expected {_FOLDER_LAYOUT}.") from error
+    check_images([path for path, _ in folder.samples])
+    return folder
+
+
+# What PIL raises for a file that is not a (whole) image.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+# Images opened with a progress line, not silently.
+CHECK_PROGRESS_FROM = 2000
+
+
+def _damaged(path: str, error: BaseException) -> str:
+    return f"image {path} is damaged or not an image ({error}); replace or delete it."
+
+
+def check_images(paths: list[str]) -> None:
+    """Open every image once, so that a damaged file is refused now, not after a search.
+
+    `verify()` reads a PNG whole (its checksums) but only a JPEG's header: a JPEG without
+    its end marker (a truncated download) is decoded in full to be sure.
+    """
+    from PIL import Image
+
+    from vitrank.core.progress import progress
+
+    enabled = len(paths) >= CHECK_PROGRESS_FROM
+    with progress("checking images", len(paths), enabled) as advance:
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    jpeg = image.format == "JPEG"
+                    image.verify()
+                if jpeg and not _ends_like_a_jpeg(path):
+                    with Image.open(path) as image:
+                        image.load()
+            except _IMAGE_ERRORS as error:
+                raise ValueError(_damaged(path, error)) from error
+            advance()
+
+
+def _ends_like_a_jpeg(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        handle.seek(max(0, handle.tell() - 2))
+        return handle.read() == b"\xff\xd9"
+
+
+@functools.cache
+def _image_tree() -> type:
+    from torchvision.datasets import ImageFolder
+
+    class ImageTree(ImageFolder):
+        """torchvision's ImageFolder, walking its class folders with `image_files`."""
+
+        @staticmethod
+        def make_dataset(  # type: ignore[override]
+            directory: str,
+            class_to_idx: dict[str, int],
+            extensions: tuple[str, ...] | None = None,
+            is_valid_file: Callable[[str], bool] | None = None,
+            allow_empty: bool = False,
+        ) -> list[tuple[str, int]]:
+            samples = []
+            for name in sorted(class_to_idx):
+                files = image_files(Path(directory) / name, Path(directory), extensions or ())
+                if not files and not allow_empty:
+                    raise FileNotFoundError(f"no images in {Path(directory) / name}")
+                samples += [(path, class_to_idx[name]) for path in files]
+            return samples
+
+    return ImageTree
+
+
+def image_files(top: Path, tree: Path, extensions: tuple[str, ...]) -> list[str]:
+    """The images under `top`, in torchvision's order, following no link back into `tree`.
+
+    torchvision walks with `followlinks=True`: a link to a parent folder repeats the same
+    images until the paths grow too long. Here a link that leaves the tree is followed
+    (datasets shared by links), one back into it is skipped with a warning, and no folder
+    is read twice.
+    """
+    import warnings
+
+    inside = str(tree.resolve())
+    files: list[str] = []
+    visited: set[str] = set()
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in visited:
+            continue
+        visited.add(real)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    target = os.path.realpath(entry.path)
+                    if entry.is_symlink() and (target + os.sep).startswith(inside + os.sep):
+                        warnings.warn(
+                            f"{entry.path} links back into {tree}; not followed (it would "
+                            "repeat images).",
+                            stacklevel=2,
+                        )
+                        continue
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(extensions):
+                    files.append(entry.path)
+    # sorted(os.walk(...)) then sorted file names: by folder, then name
+    return sorted(files, key=lambda path: (os.path.dirname(path), os.path.basename(path)))
 
 
 def _probe_classes(data: Path) -> tuple[int, list[str]]:
     """Class folders of an ImageFolder tree, checked before a model is built for them."""
+    if data.exists() and not data.is_dir():
+        raise FileNotFoundError(
+            f"--data {data} is a file, not a folder; expected {_FOLDER_LAYOUT}."
+        )
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist; expected {_FOLDER_LAYOUT}.")
     has_train, has_val = (data / "train").is_dir(), (data / "val").is_dir()

@@ -34,7 +34,24 @@ def _local_dir_config(path: Path) -> tuple[str, dict[str, Any]]:
         )
     from vitrank.core.io import check_architecture
 
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({error}); a local timm folder needs the "
+            "config.json timm.models.save_for_hf wrote with its weights."
+        ) from error
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_file} must hold a JSON object (timm's model config, as "
+            f"timm.models.save_for_hf writes it), but holds a {type(config).__name__}."
+        )
+    if "architecture" not in config:
+        raise ValueError(
+            f"{config_file} lacks `architecture` (the timm model name, e.g. "
+            "'vit_small_patch16_224'); a local timm folder needs the config.json "
+            "timm.models.save_for_hf wrote with its weights."
+        )
     # timm builds the teacher from these (and the run records them): nothing else is read.
     check_architecture(config.get("architecture"), config.get("model_args", {}), config_file)
     args = dict(config.get("model_args", {}))
@@ -48,13 +65,13 @@ def _create_teacher(
     """The teacher in eval mode with its timm name and rebuild arguments."""
     import timm
 
-    from vitrank.core.structure import inspect_vit
+    from vitrank.core.structure import check_teacher, inspect_vit
 
     if model.startswith("local-dir:"):
         path = Path(model.removeprefix("local-dir:")).expanduser()
         model_name, model_args = _local_dir_config(path)
-        # a local folder is a checkpoint: its weights are always loaded
-        teacher = timm.create_model(f"local-dir:{path}", pretrained=True)
+        teacher = _load_local_dir(path, model_name, model_args)
+        check_teacher(teacher, model)  # the rule before the class count of the data
         if num_classes is not None and num_classes != teacher.num_classes:
             raise ValueError(
                 f"{model} has {teacher.num_classes} classes but the data has {num_classes}; "
@@ -83,7 +100,48 @@ def _create_teacher(
                 "pass it as --model local-dir:PATH."
             )
     inspect_vit(teacher, model)  # UnsupportedModelError for anything vitrank cannot compress
+    check_teacher(teacher, model)
     return teacher.eval(), model_name, model_args
+
+
+def _load_local_dir(path: Path, model_name: str, model_args: dict[str, Any]) -> nn.Module:
+    """The checkpoint in a local timm folder; its architecture is built and checked first.
+
+    A bare build on the meta device costs no memory and reads no weights, so a config.json
+    naming a non-ViT or arguments timm refuses is reported against config.json, and a
+    damaged weights file against itself.
+    """
+    import timm
+    import torch
+
+    from vitrank.core.structure import inspect_vit
+
+    config_file = path / "config.json"
+    try:
+        with torch.device("meta"):
+            bare = timm.create_model(model_name, pretrained=False, **model_args)
+    except Exception as error:  # timm raises TypeError, RuntimeError, ... for bad arguments
+        raise ValueError(
+            f"{config_file}: timm cannot build {model_name!r} with model_args {model_args} "
+            f"({error}); a local folder needs the config.json timm.models.save_for_hf wrote "
+            "with its weights."
+        ) from error
+    inspect_vit(bare, f"{model_name}, which {config_file} names,")
+    weights = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()]
+    if not weights:
+        raise FileNotFoundError(
+            f"{path} has no model.safetensors; local-dir:PATH expects a timm model folder "
+            "(config.json + model.safetensors, as written by timm.models.save_for_hf)."
+        )
+    try:
+        # a local folder is a checkpoint: its weights are always loaded
+        return timm.create_model(f"local-dir:{path}", pretrained=True)
+    except Exception as error:  # safetensors and torch raise several types for a bad file
+        raise ValueError(
+            f"{weights[0]} cannot be loaded ({error}): it is truncated, damaged or not the "
+            f"weights {config_file} describes; copy the checkpoint's files again (as "
+            "timm.models.save_for_hf wrote them)."
+        ) from error
 
 
 def _data_config(model: nn.Module) -> dict[str, Any]:
