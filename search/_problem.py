@@ -14,12 +14,16 @@ parameters) are module level and take the run directory as their only extra argu
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import Dataset
 
 from search._engines import TRIAL_ID_KEY, VIOLATION_ATTR
 from search._rundir import RunDir, atomic_write_json
@@ -102,6 +106,19 @@ class Problem:
     factors: dict[str, FactorCache] = field(default_factory=dict)  # by svd kind
     # The fp32 teacher the factors were made from, when `teacher` runs in fp16 / bf16.
     reference: nn.Module | None = None
+    sizes: DataSizes | None = None  # the images each phase used (cache/sizes.json)
+
+    def compensation_images(self, workload: Workload) -> Dataset:
+        """The calibration images error compensation refines on: the first of the run's
+        calibration images, as many as its sensitivity phase used (bounded like it)."""
+        from torch.utils.data import Subset
+
+        from vitrank.workloads import calibration_indices
+
+        calib = self.sizes.calib if self.sizes else len(workload.calib)  # type: ignore[arg-type]
+        count = self.sizes.sensitivity if self.sizes else calib
+        indices = calibration_indices(len(workload.train), calib, self.settings.seed)  # type: ignore[arg-type]
+        return Subset(workload.train, indices[:count].tolist())
     _proxies: dict[str, Proxy] = field(default_factory=dict)
     _baselines: dict[str, CompressionConfig] = field(default_factory=dict)
 
@@ -263,6 +280,7 @@ def _paths(run: RunDir) -> dict[str, Path]:
         "heldout": c / "heldout.safetensors",
         "sensitivity": c / "sensitivity.json",
         "latency": c / "latency.json",
+        "sizes": c / "sizes.json",
     }
 
 
@@ -343,7 +361,7 @@ def prepare(
     from vitrank.core.factorize import FactorCache
     from vitrank.core.files import atomic_write
     from vitrank.core.stats import CalibrationStats
-    from vitrank.core.structure import inspect_vit
+    from vitrank.core.structure import check_teacher, inspect_vit
     from vitrank.workloads import calibration_indices
 
     paths = _paths(run)
@@ -367,6 +385,7 @@ def prepare(
     lap("teacher_and_latency_table")
     sizes = data_sizes(settings, inspect_vit(teacher), device)
     log(sizes.describe(workload.model_name, device))
+    atomic_write_json(paths["sizes"], dataclasses.asdict(sizes))
     home = next(teacher.parameters()).device
     teacher = teacher.to(device)  # fp32 for the statistics (summed in fp64)
     if paths["stats"].exists():
@@ -447,12 +466,28 @@ def damaged_cache(run: RunDir) -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError, KeyError) as error:
-        if str(run.cache) not in str(error):
+        if not any(str(cache) in str(error) for cache in (run.cache, run.cache.resolve())):
             raise
         raise ValueError(
             f"{error} The run's cache is damaged: delete {run.cache} and rerun with --resume "
             "(it is rebuilt from the teacher; no trial is lost)."
         ) from error
+
+
+def check_cache(run: RunDir) -> None:
+    """Open every file of the run's cache once (safetensors checks that its header covers
+    the file; JSON is parsed), so a damaged one is refused before the first trial."""
+    from safetensors import safe_open
+
+    for path in sorted(run.cache.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as error:  # safetensors and json raise several types
+            raise ValueError(f"{path} is damaged ({error}).") from error
 
 
 def _same_teacher(run: RunDir, teacher: nn.Module, name: str) -> dict[str, Any]:
@@ -469,9 +504,9 @@ def _same_teacher(run: RunDir, teacher: nn.Module, name: str) -> dict[str, Any]:
         recorded = json.loads(meta_path.read_text()).get("weights")
         if recorded is not None and recorded != digest:
             raise ValueError(
-                f"the weights of {name} changed since this run started ({run.cache} holds "
-                "the teacher its trials were scored with); a resumed run keeps its teacher: "
-                "restore the weights, or start a new search with another --out."
+                f"the weights of {name} changed since this run started; a resumed run keeps "
+                "the teacher its trials were scored with: restore the weights, or start a new "
+                "search with another --out."
             )
     return {"weights": digest}
 
@@ -480,12 +515,17 @@ def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
     import timm
 
     from vitrank.core.io import check_architecture
+    from vitrank.core.structure import first_non_finite
 
     paths = _paths(run)
     meta = json.loads(paths["teacher_meta"].read_text())
     check_architecture(meta["model_name"], meta["model_args"], paths["teacher_meta"])
     teacher = timm.create_model(meta["model_name"], pretrained=False, **meta["model_args"])
-    teacher.load_state_dict(_load_tensors(paths["teacher"]))
+    state = _load_tensors(paths["teacher"])
+    found = first_non_finite(state)
+    if found is not None:  # checked when it was written: the file changed since
+        raise ValueError(f"{paths['teacher']} holds {found[1]} NaN/Inf values in {found[0]}.")
+    teacher.load_state_dict(state)
     return teacher.eval(), meta
 
 
@@ -529,4 +569,5 @@ def load_problem(run: RunDir) -> Problem:
         latency_table=table,
         space_fn=SpaceFunction(space, budget, settings.parametrization, table),
         reference=reference,
+        sizes=DataSizes(**json.loads(paths["sizes"].read_text())) if paths["sizes"].exists() else None,
     )

@@ -28,6 +28,8 @@ from search._engines import (
 from search._problem import (
     BASELINE_ATTR,
     BASELINE_PARAMS_ATTR,
+    check_cache,
+    damaged_cache,
     define_trial,
     evaluate_trial,
     forget,
@@ -377,7 +379,9 @@ def run_search(
         clock = time.perf_counter()
         workload = workload or _load_workload(settings)
         timings["workload"] = time.perf_counter() - clock
-        prepare(run, settings, workload, log, timings)
+        with damaged_cache(run):
+            prepare(run, settings, workload, log, timings)
+            check_cache(run)
         forget(run.root)
         clock = time.perf_counter()
         current = problem(run.root)

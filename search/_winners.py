@@ -86,7 +86,7 @@ def build_winner(
             compensated,
             problem.stats,
             factors,
-            images=workload.calib,
+            images=problem.compensation_images(workload),
         )
         metrics["compensated_accuracy"] = _accuracy(model, workload, device)
     metrics["initial_accuracy"] = metrics.get(
@@ -167,6 +167,10 @@ def save_winners(
     directories, records = [], []
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
+        log(
+            f"building winner {directory.name} on {device}"
+            + (" with error compensation ..." if settings.compensate else " ...")
+        )
         model, metrics = build_winner(problem, workload, row, settings.compensate, device)
         config = getattr(model, CONFIG_ATTRIBUTE)
         metrics.update(

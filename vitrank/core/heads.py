@@ -210,7 +210,7 @@ def factorize_vo(
         if C_heads.shape[0] != num_heads:
             raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
     if C_heads is not None and whiten:
-        S = torch.stack([whitening(c, f"{name} head {h}") for h, c in enumerate(C_heads)])
+        S = whitening(C_heads, name, item="head")  # one batched Cholesky, λ per head
         U, sigma, V = _product_svd(S.transpose(-1, -2) @ v_t, o_h)
         U = whitened_directions(S, U)
     else:
