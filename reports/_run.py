@@ -232,8 +232,21 @@ def recorded_workload(config: Any, directory: str | Path) -> dict[str, Any]:
     recorded = config.provenance.get("workload")
     if isinstance(recorded, dict):
         return {k: v for k, v in recorded.items() if k in keys and v is not None}
+    saved = _winner_run_settings(directory)
+    return {k: saved[k] for k in keys if saved.get(k) is not None}
+
+
+def recorded_granularity(config: Any, directory: str | Path) -> int | None:
+    """The rank granularity a config was searched at: its provenance's, else its run's
+    run.yaml (a winner's folder); None when neither says."""
+    value = config.provenance.get("granularity", _winner_run_settings(directory).get("granularity"))
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _winner_run_settings(directory: str | Path) -> dict[str, Any]:
+    """run.yaml of the search whose winner `directory` (runs/<name>/winners/<id>/) is."""
     settings = Path(directory).resolve().parent.parent / "run.yaml"
     if Path(directory).resolve().parent.name == "winners" and settings.is_file():
         saved = yaml.safe_load(settings.read_text()) or {}
-        return {k: saved[k] for k in keys if saved.get(k) is not None}
+        return saved if isinstance(saved, dict) else {}
     return {}

@@ -46,9 +46,9 @@ SENSITIVITY_IMAGES = 64  # the most held-out images for per-term sensitivity and
 # Floating-point work one proxy evaluation may take on a CPU (a forward pass over the
 # held-out images): it sets how many held-out images a large model gets there.
 CPU_PROXY_FLOPS = 5e10
-# Calibration tokens a CPU run aims at: several times the widest Linear input of a
-# DeiT-B block (3072), so every covariance is well conditioned.
-CPU_CALIB_TOKENS = 12_288
+# Calibration tokens a CPU run aims at (256 images of 50 tokens): several times the widest
+# Linear input of a DeiT-B block (3072), so every covariance is well conditioned.
+CPU_CALIB_TOKENS = 12_800
 
 
 @dataclass(frozen=True)
@@ -479,7 +479,7 @@ def check_cache(run: RunDir) -> None:
     the file; JSON is parsed), so a damaged one is refused before the first trial."""
     from safetensors import safe_open
 
-    for path in sorted(run.cache.iterdir()):
+    for path in sorted(run.cache.iterdir()) if run.cache.is_dir() else ():
         try:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt"):

@@ -146,9 +146,7 @@ def _check_machine(settings: SearchSettings) -> None:
 
     run_device(settings)
     if settings.engine == "ray":
-        check_trial_resources(
-            settings.cpus_per_trial, settings.gpus_per_trial, settings.ray_address
-        )
+        check_trial_resources(settings.cpus_per_trial, settings.trial_gpus(), settings.ray_address)
 
 
 def _check_study(run: RunDir) -> None:
@@ -380,8 +378,8 @@ def run_search(
         workload = workload or _load_workload(settings)
         timings["workload"] = time.perf_counter() - clock
         with damaged_cache(run):
+            check_cache(run)  # what a resumed run finds; prepare writes what is missing
             prepare(run, settings, workload, log, timings)
-            check_cache(run)
         forget(run.root)
         clock = time.perf_counter()
         current = problem(run.root)

@@ -104,7 +104,7 @@ class RunDir:
             if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise RunLockedError(
                     f"{self.root} is being written by another search (pid {holder}); "
-                    "wait for it to finish or choose another --name/--out."
+                    "wait for it to finish, or choose another --out."
                 ) from None
             raise
         os.ftruncate(fd, 0)

@@ -228,7 +228,14 @@ class SearchSettings:
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> SearchSettings:
         """Settings from a YAML file, with `overrides` (not None) on top."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            with open(path, encoding="utf-8") as handle:  # a stream: YAML's marks name the file
+                data = yaml.safe_load(handle) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid YAML: {error}\nFix the line it names (or pass another "
+                "--config)."
+            ) from error
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}.")
         check_types(data, path)  # before the overrides join, so an error names the file

@@ -110,6 +110,32 @@ class SearchSpace:
     def dense(self) -> CompressionConfig:
         return self.config([BlockSpec() for _ in self.blocks])
 
+    def check_on_grid(self, config: CompressionConfig) -> None:
+        """Refuse a config with a knob this space does not offer: a rank, head count or
+        width that saves no parameters, or one off the grid of this granularity.
+
+        Rank 0 of a low-rank operator (the Linear kept dense) is always allowed. Merge
+        ratios are not checked.
+        """
+        from vitrank.core.operators import of
+
+        for choices, shape, block in zip(
+            self.blocks, self.fingerprint.blocks, config.blocks, strict=True
+        ):
+            for part, spec in (("attn", block.attn), ("mlp", block.mlp)):
+                op = of(spec)
+                limits = op.limits(shape)
+                for knob, grid in choices.grids(part, op.name).items():
+                    value = getattr(spec, knob)
+                    if value in grid or (value == 0 and limits.get(knob, (1,))[0] == 0):
+                        continue
+                    raise ValueError(
+                        f"{choices.name}.{part} {op.name}: `{knob} in {list(grid)}` must hold "
+                        f"(values that save parameters, on the grid of granularity "
+                        f"{self.granularity}), but got {knob}={value}; a config a search "
+                        "wrote always holds one of them."
+                    )
+
     def random_config(self, rng: random.Random) -> CompressionConfig:
         """A point drawn uniformly per block: operator, then each of its knobs, then merging."""
         specs = []

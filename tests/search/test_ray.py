@@ -45,11 +45,12 @@ def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path
     # The recorder stored the proxy's metrics on every Optuna trial before it was told.
     assert table["proxy.kl"].notna().all()
     assert table["proxy"].tolist() == pytest.approx([t.values[0] for t in study.trials])
-    assert table.head(4)["baseline"].tolist() == [
+    assert table.head(5)["baseline"].tolist() == [
         "uniform-plain",
         "uniform-whitened",
         "greedy",
         "asvd",
+        "flar",
     ]
     assert (run / "tune" / "session-0").is_dir()
     assert any((run / "winners").iterdir())
@@ -130,3 +131,25 @@ def test_tune_logger_settings_do_not_outlive_the_search(monkeypatch: pytest.Monk
         assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"  # the user's own value wins
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+
+
+@pytest.mark.slow
+def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: Path) -> None:
+    """`vitrank search` as the README's first command runs it (ray engine, digits)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "vitrank", "search", "--trials", "3", "--finetune-top", "0"]
+    proc = subprocess.run(
+        [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    for banner in (
+        "Configuration for experiment",
+        "TensorBoard",
+        "tensorboard --logdir",
+        "View detailed results",
+    ):
+        assert banner not in output, banner
+    assert "report: " in proc.stdout

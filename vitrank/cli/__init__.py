@@ -57,11 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_usage_error(error: BaseException) -> bool:
-    """The user's input is wrong (a model, a path, a value): say what, exit 2."""
+    """The user's input is wrong (a model, a path, a value), or the user must fix the
+    machine (a full disk, a folder that cannot be written, a run another search holds):
+    say what, exit 2."""
+    from search import RunLockedError
+    from vitrank.core.files import WriteError
     from vitrank.core.structure import UnsupportedModelError
 
     return isinstance(
-        error, (UnsupportedModelError, ValueError, FileNotFoundError, FileExistsError)
+        error,
+        (
+            UnsupportedModelError,
+            ValueError,
+            FileNotFoundError,
+            FileExistsError,
+            WriteError,
+            RunLockedError,
+        ),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -46,10 +47,64 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(error):
+            raise WriteError(
+                errno.ENOSPC,
+                f"no space left on the device to write {path} (the file was left as it was); "
+                "free space there, or write elsewhere (--out), and run again.",
+            ) from error
         raise
     return path
+
+
+class WriteError(OSError):
+    """A file vitrank must write cannot be: no space, or a folder it may not write to.
+
+    The user fixes it (frees space, picks another --out); `str()` is the whole message.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # safetensors (Rust) reports the OS error inside its own exception's text
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Raise `WriteError` naming `directory` unless files can be written there.
+
+    Called before long work whose result goes there, so a read-only folder is refused at
+    the start, not after the work. An existing folder is tried with a file created and
+    removed at once; for a new one, the nearest existing parent must be writable (nothing
+    is created).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WriteError(
+            errno.ENOTDIR, f"{directory} is a file, not a folder; choose another --out."
+        )
+    try:
+        if directory.is_dir():
+            tmp, _ = _new_temp_file(directory, "check")
+            os.unlink(tmp)
+        else:
+            parent = next(p for p in directory.absolute().parents if p.exists())
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"{parent} is not writable")
+    except OSError as error:
+        raise WriteError(
+            error.errno or errno.EACCES,
+            f"cannot write into {directory} ({error.strerror or error}); choose a folder you "
+            "can write to (--out), or change its permissions.",
+        ) from error
+    return directory
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
