@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--proxy", default="logits")
     parser.add_argument("--keep", default=None, help="keep the run directories here")
     parser.add_argument("--workload", default="digits-vit", choices=("digits-vit", "fashion-vit"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--engine-timing",
         action=argparse.BooleanOptionalAction,
@@ -137,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.engine_timing is None:
         args.engine_timing = args.workload == "digits-vit"
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from evaluators import evaluate_accuracy

@@ -26,10 +26,23 @@ def compare_with_teacher(
 ) -> dict[str, Any]:
     """Both models measured the same way; ``val`` None leaves accuracy out.
 
-    ``config`` (the model's CompressionConfig) gives the exact FLOP counts of both.
+    ``config`` (the model's CompressionConfig) gives the exact FLOP counts of both; the
+    teacher must be of the architecture it was made for, or no number would compare.
     """
     from spaces import count_flops, dense_flops
+    from vitrank.core.structure import inspect_vit
 
+    if batch is not None and batch < 1:
+        raise ValueError(f"`batch >= 1` must hold, but got {batch=}.")
+    found = inspect_vit(teacher, config.fingerprint.architecture)
+    if found != config.fingerprint:
+        raise ValueError(
+            f"the teacher is not the {config.fingerprint.architecture} this model was "
+            f"compressed from (first difference, model's != teacher's: "
+            f"{config.fingerprint.describe_difference(found)}), so its parameters, FLOPs and "
+            "speed-up would not compare; give the teacher it was made from, or no --model "
+            "to use the recorded one."
+        )
     rows: dict[str, dict[str, Any]] = {"compressed": {}, "teacher": {}}
     for name, module in (("compressed", model), ("teacher", teacher)):
         row = rows[name]

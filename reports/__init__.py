@@ -23,7 +23,15 @@ from ._data import (
     pareto_front,
     proxy_fidelity,
 )
-from ._run import RunData, Winner, config_summary, load_run, recorded_workload, winners_table
+from ._run import (
+    RunData,
+    Winner,
+    config_summary,
+    load_run,
+    recorded_granularity,
+    recorded_workload,
+    winners_table,
+)
 
 __all__ = [
     "BlockMapGrid",
@@ -45,6 +53,7 @@ __all__ = [
     "load_run",
     "pareto_front",
     "proxy_fidelity",
+    "recorded_granularity",
     "recorded_workload",
     "winners_table",
 ]

@@ -180,12 +180,18 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
-        ray.init(
+        from search._ray_session import mark_session, reap_orphans
+
+        reap_orphans()  # agents of a local Ray whose vitrank driver was killed
+        context = ray.init(
             num_cpus=num_cpus or os.cpu_count() or 1,
             num_gpus=num_gpus,
             include_dashboard=False,
             log_to_driver=False,
         )
+        session = getattr(context, "address_info", {}).get("session_dir")
+        if session:
+            mark_session(session)
 
 
 def _local_gpus() -> int:

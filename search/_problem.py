@@ -45,7 +45,10 @@ HELDOUT_SIZE = 256  # the most held-out images the logits proxy scores on
 SENSITIVITY_IMAGES = 64  # the most held-out images for per-term sensitivity and baselines
 # Floating-point work one proxy evaluation may take on a CPU (a forward pass over the
 # held-out images): it sets how many held-out images a large model gets there.
-CPU_PROXY_FLOPS = 5e10
+CPU_PROXY_FLOPS = 3e10
+# ... and one winner's error compensation (forward and backward of every block, for
+# every step): it bounds the calibration images compensation refines on.
+CPU_COMPENSATION_FLOPS = 2e12
 # Calibration tokens a CPU run aims at (256 images of 50 tokens): several times the widest
 # Linear input of a DeiT-B block (3072), so every covariance is well conditioned.
 CPU_CALIB_TOKENS = 12_800
@@ -59,34 +62,40 @@ class DataSizes:
     heldout: int
     sensitivity: int
     chosen: bool  # False when the settings gave them
+    compensation: int = 64  # the first calibration images, for the winners' compensation
 
     def describe(self, model: str, device: torch.device) -> str:
         how = f"chosen for {model} on {device}" if self.chosen else "as set"
         return (
             f"images: {self.calib} for calibration, {self.heldout} held out for the proxy, "
-            f"{self.sensitivity} for sensitivity and baselines ({how}; --calib-size, "
-            "--heldout-size to change)"
+            f"{self.sensitivity} for sensitivity and baselines, {self.compensation} for "
+            f"compensation ({how}; --calib-size, --heldout-size to change)"
         )
 
 
 def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device) -> DataSizes:
     """Image counts that keep each phase's cost bounded for this model on this device."""
     from spaces import dense_flops
+    from vitrank.core.compensate import COMPENSATION_STEPS
 
     calib, heldout = settings.calib_size, settings.heldout_size
+    per_image = max(dense_flops(fingerprint), 1)
     if device.type == "cpu":
-        per_image = max(dense_flops(fingerprint), 1)
         auto_heldout = int(min(HELDOUT_SIZE, max(16, CPU_PROXY_FLOPS // per_image)))
         auto_calib = int(min(256, max(16, -(-CPU_CALIB_TOKENS // fingerprint.num_tokens))))
+        # a forward and a backward (3 forwards' worth) of the whole model per step
+        compensation = int(max(4, CPU_COMPENSATION_FLOPS // (3 * COMPENSATION_STEPS * per_image)))
     else:
-        auto_heldout, auto_calib = HELDOUT_SIZE, 256
-    sizes = DataSizes(
-        calib=calib or auto_calib,
+        auto_heldout, auto_calib, compensation = HELDOUT_SIZE, 256, SENSITIVITY_IMAGES
+    calib = calib or auto_calib
+    sensitivity = min(SENSITIVITY_IMAGES, heldout or auto_heldout)
+    return DataSizes(
+        calib=calib,
         heldout=heldout or auto_heldout,
-        sensitivity=min(SENSITIVITY_IMAGES, heldout or auto_heldout),
-        chosen=calib is None or heldout is None,
+        sensitivity=sensitivity,
+        chosen=settings.calib_size is None or settings.heldout_size is None,
+        compensation=min(compensation, sensitivity, calib),
     )
-    return sizes
 
 
 @dataclass
@@ -116,9 +125,10 @@ class Problem:
         from vitrank.workloads import calibration_indices
 
         calib = self.sizes.calib if self.sizes else len(workload.calib)  # type: ignore[arg-type]
-        count = self.sizes.sensitivity if self.sizes else calib
+        count = self.sizes.compensation if self.sizes else calib
         indices = calibration_indices(len(workload.train), calib, self.settings.seed)  # type: ignore[arg-type]
         return Subset(workload.train, indices[:count].tolist())
+
     _proxies: dict[str, Proxy] = field(default_factory=dict)
     _baselines: dict[str, CompressionConfig] = field(default_factory=dict)
 
@@ -569,5 +579,7 @@ def load_problem(run: RunDir) -> Problem:
         latency_table=table,
         space_fn=SpaceFunction(space, budget, settings.parametrization, table),
         reference=reference,
-        sizes=DataSizes(**json.loads(paths["sizes"].read_text())) if paths["sizes"].exists() else None,
+        sizes=DataSizes(**json.loads(paths["sizes"].read_text()))
+        if paths["sizes"].exists()
+        else None,
     )

@@ -66,6 +66,7 @@ def build_winner(
         provenance={
             "run": problem.run.root.name,
             "trial": int(row["number"]),
+            "granularity": problem.settings.granularity,  # the grid `vitrank apply` checks
             "baseline": row["baseline"],
             "metrics": {"proxy": row["proxy"], "params": row["params"], "flops": row["flops"]},
         }

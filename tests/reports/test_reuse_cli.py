@@ -155,3 +155,131 @@ def test_export_matches_pytorch_logits_in_onnxruntime(winner, tmp_path, capsys):
     with torch.inference_mode():
         expected = load(winner["root"] / "winner")(winner["images"]).numpy()
     assert abs(got - expected).max() < 1e-4
+
+
+def test_eval_refuses_a_teacher_of_another_architecture(winner, tmp_path, capsys):
+    """A deeper teacher beside the winner gave a ratio of 10.24 and a made-up speed-up."""
+    deeper = _save_teacher(tmp_path / "deeper", depth=3)
+    assert main(["eval", str(winner["root"] / "winner"), "--model", deeper]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "is not the vit_small_patch16_224 this model was compressed from" in error
+    assert "number of blocks: 2 != 3" in error or "other_params" in error
+    assert "speed-up would not compare" in error
+
+
+def test_eval_refuses_batch_zero(winner, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", str(winner["root"] / "winner"), "--batch", "0"])
+    assert exited.value.code == 2 and "--batch: must be >= 1" in capsys.readouterr().err
+
+
+def _edited_config(winner, tmp_path, **provenance):
+    """The winner's config with block 1's qkv rank set later by the test."""
+    data = json.loads((winner["root"] / "winner" / "config.json").read_text())
+    data.setdefault("provenance", {}).update(provenance)
+    return data, tmp_path / "config.json"
+
+
+@pytest.mark.parametrize(
+    ("rank", "provenance", "rule"),
+    [
+        (32, {}, "`qkv_rank in [1, 2,"),  # the width: a factorized layer bigger than dense
+        (30, {}, "`qkv_rank in [1, 2,"),  # saves no parameters either
+        (12, {"granularity": 8}, "`qkv_rank in [8, 16]` must hold"),  # off the run's grid
+    ],
+)
+def test_apply_refuses_ranks_no_search_offers(
+    winner, tmp_path, capsys, monkeypatch, rank, provenance, rule
+):
+    from vitrank.workloads import WorkloadSettings
+
+    data, path = _edited_config(winner, tmp_path, **provenance)
+    data["blocks"][1]["attn"]["qkv_rank"] = rank
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("loaded"))
+    assert main(["apply", str(path), "--out", str(tmp_path / "out")]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert rule in error and f"but got qkv_rank={rank}" in error and "blocks.1.attn" in error
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_apply_to_an_unwritable_out_fails_before_any_work(winner, tmp_path, capsys, monkeypatch):
+    from vitrank.core import files
+    from vitrank.workloads import WorkloadSettings
+
+    out = tmp_path / "read-only"
+    out.mkdir()
+
+    def denied(directory, name):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(files, "_new_temp_file", denied)
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("loaded"))
+    config = winner["root"] / "winner" / "config.json"
+    assert main(["apply", str(config), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot write into {out}" in error and "--out" in error
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 6-trial search on the tiny workload, registered by name (finetune
+    rebuilds the workload from run.yaml)."""
+    from search import SearchSettings, run_search
+    from tests.search.conftest import tiny_settings, tiny_workload
+    from vitrank.workloads import WORKLOADS
+
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(WORKLOADS._entries, "tiny", lambda settings: tiny_workload())
+        settings = tiny_settings(tmp_path_factory.mktemp("tiny") / "run", trials=6)
+        run = run_search(SearchSettings(**{**settings.to_dict(), "baselines": False}))
+        yield run
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_report_of_an_interrupted_run_shows_every_trial_of_the_study(tiny_run, tmp_path):
+    """trials.parquet is rewritten every few seconds: Ctrl-C can leave it behind study.db."""
+    import pandas as pd
+
+    run = _copy_run(tiny_run, tmp_path)
+    stale = pd.read_parquet(run / "trials.parquet").head(2)
+    stale.to_parquet(run / "trials.parquet", index=False)
+    assert main(["report", str(run)]) == 0
+    assert "6 trials" in (run / "summary.md").read_text()
+    assert len(pd.read_csv(run / "trials.csv")) == 6
+    assert pd.read_parquet(run / "trials.parquet").equals(stale)  # the search's file, untouched
+
+
+def test_report_of_a_damaged_study_names_the_file_and_the_fix(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "study.db").write_bytes(b"not a database at all" * 100)
+    assert main(["report", str(run)]) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert f"{run / 'study.db'} is damaged" in error and "restore it from a backup" in error
+
+
+def test_finetune_says_how_many_winners_it_fine_tuned(tiny_run, tmp_path, capsys):
+    """`--top 100` on a front of a few points fine-tunes those few, and says so."""
+    import pandas as pd
+
+    from tests.search.conftest import tiny_workload
+    from vitrank.workloads import WORKLOADS
+
+    run = _copy_run(tiny_run, tmp_path)
+    (run / "run.yaml").write_text((run / "run.yaml").read_text().replace(str(tiny_run), str(run)))
+    front = int(pd.read_parquet(run / "trials.parquet")["feasible"].sum())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(WORKLOADS._entries, "tiny", lambda settings: tiny_workload())
+        assert main(["finetune", str(run), "--top", "100", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    tuned = [p for p in (run / "winners").iterdir() if p.is_dir()]
+    assert 1 <= len(tuned) <= front < 100
+    assert f"fine-tuned the top {len(tuned)} winner(s)" in out

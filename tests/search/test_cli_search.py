@@ -86,3 +86,127 @@ def test_a_budget_the_teacher_meets_is_refused_with_its_count(
     assert not (out / "study.db").exists()
     again = SearchSettings(out=str(out), engine="optuna", budget_params="0.5")
     assert resolve_run(again) is again
+
+
+def _refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run `vitrank ARGV`; it must exit 2 with a short message and no traceback."""
+    from vitrank.cli import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and len(error.strip().splitlines()) <= 6, error
+    return " ".join(error.split())
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--sampler", "annealing"], "annealing"),
+        (["--sampler", "baseline:magic"], "unknown baseline 'magic'"),
+    ],
+)
+def test_settings_are_checked_before_anything_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], named: str
+) -> None:
+    out = tmp_path / "run"
+    error = _refused(capsys, ["search", *options, "--engine", "optuna", "--out", str(out)])
+    assert named in error
+    assert not out.exists()
+
+
+def test_batch_below_one_is_refused_by_the_options_and_the_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search import SearchSettings
+    from vitrank.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["search", "--batch", "0", "--out", str(tmp_path / "run")])
+    assert exited.value.code == 2 and "--batch: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="`batch >= 1` must hold"):
+        SearchSettings(batch=0)
+
+
+def test_a_gpu_that_is_not_there_is_refused_before_the_teacher_is_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from vitrank.workloads import WorkloadSettings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("loaded"))
+    out = tmp_path / "run"
+    error = _refused(
+        capsys, ["search", "--device", "cuda", "--engine", "optuna", "--out", str(out)]
+    )
+    assert "asks for a CUDA GPU" in error and "--device cpu" in error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "asked"),
+    [(["--gpus-per-trial", "1"], "1 GPU"), (["--cpus-per-trial", "100000"], "100000 CPU")],
+)
+def test_ray_trials_bigger_than_the_machine_are_refused_up_front(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    options: list[str],
+    asked: str,
+) -> None:
+    """Tune would wait forever (a warning every 60 s) for a trial no node can hold."""
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    out = tmp_path / "run"
+    error = _refused(capsys, ["search", "--engine", "ray", *options, "--out", str(out)])
+    assert asked in error and "no node of this machine" in error and "--engine optuna" in error
+    assert not out.exists()
+
+
+def test_a_run_held_by_another_search_names_the_option_that_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search import RunDir
+
+    out = tmp_path / "run"
+    holder = RunDir(out)
+    holder.acquire()  # flock: a second open file of the lock conflicts, even in this process
+    try:
+        error = _refused(capsys, ["search", "--engine", "optuna", "--out", str(out)])
+    finally:
+        holder.release()
+    assert "being written by another search" in error
+    assert "--out" in error and "--name" not in error
+
+
+def test_a_settings_file_that_is_not_yaml_is_named_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("trials: 5\nsampler: [tpe\n")
+    error = _refused(capsys, ["search", "--config", str(config), "--out", str(tmp_path / "r")])
+    assert f"{config} is not valid YAML" in error and f'in "{config}", line' in error
+    assert "<unicode string>" not in error
+
+
+def test_a_damaged_study_is_refused_on_resume_with_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search import SearchSettings
+    from vitrank.workloads import WorkloadSettings
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.yaml").write_text(SearchSettings(engine="optuna", out=str(out)).to_yaml())
+    (out / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x13" * 3000)
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("loaded"))
+    error = _refused(capsys, ["search", "--out", str(out), "--resume"])
+    assert f"{out / 'study.db'} is damaged" in error and "another --out" in error

@@ -101,6 +101,7 @@ def test_sigkill_then_resume(tmp_path: Path) -> None:
         "uniform-whitened",
         "greedy",
         "asvd",
+        "flar",
     }
 
 

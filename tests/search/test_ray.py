@@ -153,3 +153,68 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
     ):
         assert banner not in output, banner
     assert "report: " in proc.stdout
+
+
+DRIVER = """
+import time
+from search._engines import init_ray
+init_ray(None, num_cpus=1)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def test_agents_of_a_killed_driver_are_stopped_by_the_next_start() -> None:
+    """SIGKILL of a search leaves Ray's dashboard and runtime-env agents running; the next
+    local start (`init_ray`) stops the processes of that session, and only those."""
+    from search._ray_session import DRIVER_FILE, _running, _uses, reap_orphans
+
+    # A private, short Ray temp dir (socket paths must stay short): no other session there.
+    temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "PYTHONPATH": str(Path(__file__).parents[2])}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert driver.stdout is not None and "READY" in driver.stdout.readline()
+        markers = (temp / "ray").glob(f"session_*/{DRIVER_FILE}")
+        (marker,) = [m for m in markers if not m.parent.is_symlink()]  # not session_latest
+        session = str(marker.parent)
+        deadline = time.monotonic() + 60
+        agents: list[int] = []
+        while time.monotonic() < deadline and len(agents) < 2:
+            agents = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit()
+                and int(p.name) != driver.pid
+                and "Agent" in (p / "cmdline").read_bytes().decode(errors="replace")
+                and _uses(int(p.name), session)
+            ]
+            time.sleep(0.5)
+        assert agents, "Ray started no agents"
+        assert reap_orphans(temp / "ray") == []  # the driver lives: its session is left alone
+        driver.kill()
+        driver.wait()
+        stopped = reap_orphans(temp / "ray")
+        assert set(agents) <= set(stopped)
+        assert not any(_running(pid) for pid in stopped)
+        assert not marker.exists()
+    finally:
+        driver.kill()
+        _stop_cluster(str(temp))
+
+
+def test_trials_bigger_than_any_node_of_the_session_are_refused(local_ray: None) -> None:
+    """The session has 2 CPUs: Tune would wait forever for these trials."""
+    import ray
+
+    from search._engines import check_trial_resources, init_ray
+
+    init_ray(None, num_cpus=2)  # again, if the cluster test shut the fixture's session down
+    check_trial_resources(2, 0)
+    with pytest.raises(ValueError, match=r"4 CPU and 0 GPU .* Ray session has that much \(2 CPU"):
+        check_trial_resources(4, 0)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    with pytest.raises(ValueError, match=f"{gpus + 1} GPU"):
+        check_trial_resources(1, gpus + 1)

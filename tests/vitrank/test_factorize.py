@@ -239,3 +239,89 @@ def test_non_finite_weights_or_statistics_are_reported(calibrated):
         bad_model.blocks[0].attn.proj.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="blocks.0.attn.proj: `W` must be finite"):
         FactorCache(bad_model, stats)
+
+
+def test_construction_decomposes_only_small_matrices(calibrated, monkeypatch):
+    """SVDs run on d_h × d_h head cores, eigensolvers on min(out, in)² Grams, and no
+    Cholesky of a wide layer's input (fc2's hidden width): the cost grows gently."""
+    model, _, stats = calibrated
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for name in ("svd", "eigh", "cholesky_ex"):
+        original = getattr(torch.linalg, name)
+
+        def recorded(A, *args, _name=name, _original=original, **kwargs):
+            shapes.setdefault(_name, []).append(tuple(A.shape))
+            return _original(A, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, recorded)
+    FactorCache(model, stats)
+    FactorCache(model, None, whitening=False)
+    attn = model.blocks[0].attn
+    dim = attn.num_heads * attn.head_dim
+    assert {s for s in shapes["svd"]} == {(attn.num_heads, attn.head_dim, attn.head_dim)}
+    assert {s[-1] for s in shapes["eigh"]} == {dim}
+    assert max(s[-1] for s in shapes["cholesky_ex"]) == dim + 1  # x̄ of the q/k products
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_models_get_fp64_statistics_and_the_same_factors(dtype):
+    import copy
+
+    from tests.conftest import make_tiny_vit
+
+    model = make_tiny_vit(qkv_bias=True).to(dtype)
+    stats = calibrate(model, _dataset(_images().to(dtype)), batch_size=6, progress=False)
+    assert all(g.dtype == torch.float64 for g in [*stats.gram.values(), *stats.head_gram.values()])
+    half = FactorCache(model, stats)
+    single = FactorCache(copy.deepcopy(model).float(), stats, dtype=dtype)
+    for key in half.layer_keys():  # fp64 factorization of the same values
+        assert half.errors(key).dtype == torch.float64
+        assert torch.equal(half.errors(key), single.errors(key)), key
+    tensors = [*half.linear("blocks.0.mlp.fc1", 5), *half.qk(0, 3), *half.vo(1, 2)]
+    assert {t.dtype for t in tensors} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(half.vo(1, 2), single.vo(1, 2), strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_statistics_read_back_from_file_build_every_operator(tmp_path, dtype):
+    from _compress_cases import build, calibration, full_rank, images
+
+    from vitrank.core.apply import apply_specs
+    from vitrank.core.operators import OPERATORS
+    from vitrank.core.spec import BlockSpec
+    from vitrank.core.stats import CalibrationStats
+    from vitrank.core.structure import inspect_vit
+
+    teacher = build("vit").to(dtype)
+    stats = calibration(teacher)
+    stats.save(tmp_path / "calibration.safetensors")
+    loaded = CalibrationStats.load(tmp_path / "calibration.safetensors")
+    assert (loaded.num_images, loaded.meta) == (stats.num_images, stats.meta)
+    for table in ("gram", "head_gram", "hidden_abs_mean", "head_abs_mean"):
+        saved, read = getattr(stats, table), getattr(loaded, table)
+        assert saved.keys() == read.keys() and all(torch.equal(saved[k], read[k]) for k in saved)
+    factors, reference = FactorCache(teacher, loaded), FactorCache(teacher, stats)
+    for key in reference.layer_keys():
+        assert torch.equal(factors.errors(key), reference.errors(key)), key
+    shapes = inspect_vit(teacher).blocks
+    x = images().to(dtype)
+    with torch.no_grad():
+        dense = teacher(x).float()
+    tolerance = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    for key in OPERATORS.names():
+        part, name = key.split(".")
+        op = OPERATORS.get(key)
+        grids = op.grids(shapes[0], granularity=4) or {}
+        spec = op.spec(**{knob: grid[len(grid) // 2] for knob, grid in grids.items()})
+        middle = [BlockSpec(**{part: spec}) for _ in shapes]  # type: ignore[arg-type]
+        top = [
+            full_rank(s, name if part == "attn" else "dense", name if part == "mlp" else "dense")
+            for s in shapes
+        ]
+        with torch.no_grad():
+            student = apply_specs(teacher, middle, factors, loaded)
+            out = student(x)
+            exact = apply_specs(teacher, top, factors, loaded)(x).float()
+        assert {p.dtype for p in student.parameters()} == {dtype}, key
+        assert out.dtype == dtype and bool(torch.isfinite(out).all()), key
+        assert float((exact - dense).abs().max()) <= tolerance * float(dense.abs().max()), key

@@ -189,3 +189,55 @@ def test_every_architecture_argument_builds_a_vit_and_only_those_pass() -> None:
     check_architecture("vit_small_patch16_224.augreg_in21k", {"act_layer": "gelu"}, "x")
     with pytest.raises(ValueError, match=r"`model_args.norm_layer` must be a timm layer name"):
         check_architecture("vit_small_patch16_224", {"norm_layer": {"file": "x"}}, "x")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device"),
+        # safetensors (Rust) wraps the OS error in its own exception's text
+        RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                     'message: "No space left on device" })'),
+    ],
+)  # fmt: skip
+def test_a_full_disk_names_the_file_and_leaves_it_as_it_was(tmp_path, failure):
+    from pathlib import Path
+
+    from vitrank.cli import _is_usage_error
+    from vitrank.core.files import WriteError, atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "pareto.json", "old\n")
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise failure
+
+    with pytest.raises(WriteError) as error:
+        atomic_write(target, write)
+    assert str(error.value).startswith(f"no space left on the device to write {target}")
+    assert "free space there" in str(error.value)
+    assert target.read_text() == "old\n" and sorted(tmp_path.iterdir()) == [target]
+    assert _is_usage_error(error.value)  # the CLI says it in one line and exits 2
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+
+    from vitrank.core import files
+    from vitrank.core.files import WriteError, check_writable
+
+    assert check_writable(tmp_path / "new" / "model") == tmp_path / "new" / "model"
+    assert not (tmp_path / "new").exists()  # nothing is created by the check
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(WriteError, match="is a file, not a folder"):
+        check_writable(tmp_path / "a-file")
+
+    def denied(directory, name):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+    monkeypatch.setattr(files, "_new_temp_file", denied)
+    with pytest.raises(WriteError, match=rf"cannot write into {tmp_path} \(Permission denied\)"):
+        check_writable(tmp_path)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(WriteError, match="choose a folder you can write to"):
+        check_writable(tmp_path / "new")

@@ -120,3 +120,73 @@ def test_residual_term_matches_closed_form_and_repairs_a_moved_first_term():
     moved = _measured(X, W, first.down.weight, first.up.weight)
     repaired = add_residual_term(first, W, C, 2)
     assert _measured(X, W, repaired.down.weight, repaired.up.weight) < moved
+
+
+def _svd_reference(W, C, whiten):
+    """The design's factors by a direct SVD of W S: (σ², B, A) with W ≈ A[:, :r] B[:r]."""
+    S = whitening(C) if whiten else torch.eye(W.shape[1], dtype=torch.float64)
+    U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    down = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)  # Vᵀ S⁻¹
+    return sigma.square(), sigma.sqrt()[:, None] * down, U * sigma.sqrt()
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (12, 9), (10, 10)], ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_factors_from_the_smaller_gram_match_the_svd_of_w_s(shape, whiten):
+    """Eigenvectors of the smaller Gram replace the SVD: same spectrum, same truncations."""
+    d_out, d_in = shape
+    X, W, b = _data(d_in=d_in, d_out=d_out, seed=7)
+    C = X.T @ X / len(X)
+    factors = factorize_linear(W, b, C, whiten=whiten)
+    sigma2, down, up = _svd_reference(W, C, whiten)
+    torch.testing.assert_close(factors.sigma2, sigma2, rtol=0, atol=1e-12 * float(sigma2[0]))
+    for rank in range(1, factors.max_rank + 1):
+        torch.testing.assert_close(
+            factors.up[:, :rank] @ factors.down[:rank],
+            up[:, :rank] @ down[:rank],
+            rtol=0,
+            atol=1e-10 * float(W.abs().max()),
+        )
+        measured = _measured(X, W, *factors.at_rank(rank)[:2])
+        assert factors.error(rank) == pytest.approx(measured, rel=1e-9, abs=1e-12), rank
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["wide", "tall"])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_rank_deficient_weights_stay_finite_and_exact(shape, whiten):
+    X, _, b = _data(d_in=shape[1], d_out=shape[0], seed=2)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(shape[0], 3, generator=g, dtype=torch.float64)
+    W = W @ torch.randn(3, shape[1], generator=g, dtype=torch.float64)  # rank 3 of 6
+    W[0] = 0.0  # and a dead output
+    factors = factorize_linear(W, b, X.T @ X / len(X), whiten=whiten)
+    assert all(bool(torch.isfinite(t).all()) for t in (factors.down, factors.up, factors.errors))
+    torch.testing.assert_close(factors.up @ factors.down, W, rtol=0, atol=1e-12)
+    # Beyond the weight's rank the components carry nothing.
+    assert float(factors.sigma2[3:].max()) <= 1e-20 * float(factors.sigma2[0])
+    assert factors.error(3) <= 1e-12 * factors.energy
+
+
+def test_indefinite_covariance_is_refused_for_wide_and_tall_layers():
+    C = torch.diag(torch.tensor([10.0, 10.0, -5.0], dtype=torch.float64))
+    wide = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc2: .*positive semi-definite"):
+        factorize_linear(wide, None, C, name="blocks.0.mlp.fc2")
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc1: Cholesky"):
+        factorize_linear(torch.ones(4, 3, dtype=torch.float64), None, C, name="blocks.0.mlp.fc1")
+
+
+def test_batched_whitening_damps_each_matrix_on_its_own_and_names_the_failing_one():
+    X, _, _ = _data(d_in=8)
+    regular = X.T @ X / len(X)
+    singular = torch.cat([X, X[:, :3]], dim=1)[:, :8]
+    singular = singular.T @ singular / len(X)
+    batch = torch.stack([regular, singular, 2 * regular])
+    S = whitening(batch, "blocks.2.attn.vo")
+    for got, C in zip(S, batch, strict=True):
+        torch.testing.assert_close(got, whitening(C), rtol=0, atol=0)
+    indefinite = torch.diag(torch.tensor([1.0] * 7 + [-5.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="blocks.2.attn.vo head 1: Cholesky"):
+        whitening(torch.stack([regular, indefinite]), "blocks.2.attn.vo")
+    with pytest.raises(ValueError, match="blocks.2.attn.vo head 0: `mean\\(diag C\\) > 0`"):
+        whitening(torch.stack([0 * regular, regular]), "blocks.2.attn.vo")

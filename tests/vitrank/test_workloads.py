@@ -204,3 +204,118 @@ def test_a_local_teacher_config_that_reaches_elsewhere_is_refused(
     with pytest.raises(ValueError, match=named) as error:
         load_workload(model=f"local-dir:{folder}")
     assert str(folder / "config.json") in str(error.value)
+
+
+def _local_folder(tmp_path, tiny_vit, name="teacher", change=None, **overrides):
+    """A tiny ViT saved as a timm folder; `change(model)` edits its weights first."""
+    model = tiny_vit(**{"num_classes": 3, **overrides})
+    if change is not None:
+        with torch.no_grad():
+            change(model)
+    folder = tmp_path / name
+    save_for_hf(model, str(folder), safe_serialization=True)
+    return folder
+
+
+def _write(path, data):
+    path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data)
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "named"),
+    [
+        ("model.safetensors", "truncate", "model.safetensors cannot be loaded"),
+        ("model.safetensors", b"", "model.safetensors cannot be loaded"),
+        ("config.json", "{not json", "config.json is not valid JSON"),
+        ("config.json", "", "config.json is not valid JSON"),
+        ("config.json", "[1, 2]", "config.json must hold a JSON object"),
+        ("config.json", '{"model_args": {}}', "config.json lacks `architecture`"),
+        ("config.json", '{"architecture": "resnet18"}', "config.json names, (ResNet) is not"),
+    ],
+)
+def test_a_damaged_local_teacher_names_the_file_and_the_fix(
+    tmp_path, tiny_vit, capsys, file, damage, named
+):
+    from vitrank.cli import main
+
+    folder = _local_folder(tmp_path, tiny_vit)
+    path = folder / file
+    _write(path, path.read_bytes()[: path.stat().st_size // 2] if damage == "truncate" else damage)
+    with pytest.raises(ValueError, match="save_for_hf|ViT") as error:
+        load_workload(model=f"local-dir:{folder}")
+    assert named in str(error.value) and str(folder) in str(error.value)
+    # The command line says the same in a line or two and exits 2 (a usage error).
+    assert main(["space", "--model", f"local-dir:{folder}"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err and "--verbose" not in err
+
+
+@pytest.mark.parametrize(
+    ("key", "index"),
+    [("head.weight", (1,)), ("blocks.1.attn.qkv.weight", (0, 0)), ("pos_embed", (0, 3, 5))],
+)
+def test_a_teacher_with_nan_is_refused_naming_the_weight(tmp_path, tiny_vit, key, index):
+    """Calibration never sees the head: a NaN there ended as "no feasible trial"."""
+
+    def poison(model):
+        model.state_dict()[key][index] = float("nan")
+
+    folder = _local_folder(tmp_path, tiny_vit, change=poison)
+    with pytest.raises(ValueError, match=rf"but {key} holds \d+ NaN/Inf values"):
+        load_workload(model=f"local-dir:{folder}")
+
+
+@pytest.mark.parametrize(("classes", "rule"), [(0, "no classification head"), (1, "has one class")])
+def test_headless_and_one_class_teachers_are_refused_with_the_rule(
+    tmp_path, tiny_vit, classes, rule
+):
+    folder = _local_folder(tmp_path, tiny_vit, num_classes=classes)
+    for data in (None, tmp_path / "images"):  # the rule comes before the class-count check
+        if data is not None:
+            _write_pngs(data, ["a", "b", "c"], per_class=2, size=16)
+        with pytest.raises(UnsupportedModelError, match=rule) as error:
+            load_workload(model=f"local-dir:{folder}", data=data)
+        assert "`num_classes >= 2` must hold" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_truncated_image_is_refused_at_load_naming_the_file(tmp_path, local_vit, kind):
+    _, folder = local_vit
+    data = tmp_path / "images"
+    _write_pngs(data / "train", ["a", "b", "c"], per_class=2, size=16)
+    _write_pngs(data / "val", ["a", "b", "c"], per_class=2, size=16)
+    bad = data / "val" / "b" / ("9.png" if kind == "png" else "9.jpg")
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(bad, format=kind.upper())
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    with pytest.raises(ValueError, match="replace or delete it") as error:
+        load_workload(model=f"local-dir:{folder}", data=data)
+    assert f"image {bad} is damaged" in str(error.value)
+
+
+def test_a_symlink_loop_does_not_repeat_images(tmp_path, local_vit):
+    """torchvision follows every link: `up -> ..` turned 12 images into thousands."""
+    import os
+    import warnings
+
+    _, folder = local_vit
+    data, shared = tmp_path / "images", tmp_path / "shared"
+    _write_pngs(data, ["a", "b", "c"], per_class=4, size=16)
+    _write_pngs(shared, ["more"], per_class=3, size=16)
+    os.symlink("..", data / "a" / "up")  # a loop back into the tree
+    os.symlink(data / "c", data / "b" / "other")  # another class's images
+    os.symlink(shared / "more", data / "c" / "shared")  # leaves the tree: followed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        workload = load_workload(model=f"local-dir:{folder}", data=data, calib_size=4)
+    assert len(workload.train) + len(workload.val) == 4 + 4 + 4 + 3
+    warned = " ".join(str(w.message) for w in caught)
+    assert f"{data / 'a' / 'up'} links back into" in warned
+    assert f"{data / 'b' / 'other'} links back into" in warned
+
+
+def test_data_that_is_a_file_is_named_as_a_file(tmp_path, local_vit):
+    _, folder = local_vit
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        load_workload(model=f"local-dir:{folder}", data=tmp_path / "images.zip")

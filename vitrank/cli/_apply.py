@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from evaluators.calibration import calibrate
-    from spaces import CompressionConfig
+    from reports import recorded_granularity
+    from spaces import CompressionConfig, build_space
+    from vitrank.core.files import check_writable
     from vitrank.core.model import compress, save
     from vitrank.core.structure import inspect_vit
     from vitrank.workloads import WorkloadSettings
@@ -34,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
             "(runs/<name>/winners/<id>/config.json)."
         )
     config = CompressionConfig.load(path)
+    # A hand-edited config is refused before any work: a rank no search offers (the
+    # width itself, or off the grid) makes a model bigger or slower than it needs to be.
+    granularity = recorded_granularity(config, path.parent) or 1
+    build_space(config.fingerprint, granularity=granularity).check_on_grid(config)
+    check_writable(args.out)  # before the calibration, not after it
     use_recorded_workload(args, config, path.parent)
     workload = workload_from_args(args)
     fingerprint = inspect_vit(workload.model, config.fingerprint.architecture)

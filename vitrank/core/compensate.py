@@ -17,11 +17,19 @@ compensation moves both terms jointly.
 Token merging in the student (fewer tokens than the teacher after a block) is handled
 through the source map: the target of a merged token is the mean of the teacher's tokens
 that went into it.
+
+fp16 and bf16 students are compensated on fp32 master copies: Adam's moments overflow
+and its steps round away in half precision (one step turns an fp16 error into NaN). The
+block is copied to fp32, fed the student's own (half-precision) inputs cast up, fitted
+to the teacher's tokens cast up; the best parameters are rounded back to the model's
+dtype, and every reported error is the fp32 error of parameters the model can hold.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +143,14 @@ def _error(
     return total
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _to_float(state: tuple) -> tuple:
+    """The floating tensors of a block's state in fp32 (token sizes, not source indices)."""
+    return tuple(t.float() if isinstance(t, Tensor) and t.is_floating_point() else t for t in state)
+
+
 def compensate_block(
     block: nn.Module,
     states: list[tuple],
@@ -142,35 +158,55 @@ def compensate_block(
     compressed: bool,
     steps: int,
     lr: float,
+    name: str = "block",
 ) -> tuple[float, float, int]:
-    """Adam on `block`'s factorized parameters; keeps the best. -> (before, after, count)."""
+    """Adam on `block`'s factorized parameters; keeps the best. -> (before, after, count).
+
+    A half-precision block is fitted on an fp32 copy (see the module docstring). The best
+    parameters are the ones with the lowest finite error; if the error stops being finite
+    the steps stop there with a warning, and if rounding the best back to the model's dtype
+    costs more than the steps gained, the start is kept.
+    """
     params = factorized_parameters(block)
+    half = any(p.dtype in _HALF for p in block.parameters())
+    work = copy.deepcopy(block).float() if half else block
+    if half:
+        states = [_to_float(s) for s in states]
+        targets = [t.float() for t in targets]
     if not params or steps <= 0:
-        error = _error(block, states, targets, compressed, grad=False)
+        error = _error(work, states, targets, compressed, grad=False)
         return error, error, 0
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    masters = factorized_parameters(work)  # `params` themselves unless `half`
+    frozen = [(p, p.requires_grad) for p in work.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)
-    for p in params:
+    for p in masters:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    # The start is the fallback even if every error is NaN (then `after` reports inf).
-    best: list[Tensor] = [p.detach().clone() for p in params]
-    best_error, before = float("inf"), float("nan")
+    optimizer = torch.optim.Adam(masters, lr=lr)
+    start: list[Tensor] = [p.detach().clone() for p in masters]
+    best, best_error, before = start, float("inf"), float("nan")
     try:
         for step in range(steps + 1):
             optimizer.zero_grad(set_to_none=True)
             last = step == steps
-            error = _error(block, states, targets, compressed, grad=not last)
+            error = _error(work, states, targets, compressed, grad=not last)
             if step == 0:
                 before = error
                 if not math.isfinite(before):
                     raise ValueError(
-                        f"The block's output error must be finite before compensation, but got "
+                        f"{name}: the output error must be finite before compensation, but got "
                         f"{before} (NaN/Inf in the student's factors or inputs)."
                     )
+            if not math.isfinite(error):
+                warnings.warn(
+                    f"{name}: the compensation error became {error} after {step} steps; "
+                    f"keeping the best parameters seen (error {best_error:.6g}).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                break
             if error < best_error:  # the error of the parameters *before* this step
-                best_error, best = error, [p.detach().clone() for p in params]
+                best_error, best = error, [p.detach().clone() for p in masters]
             if last:
                 break
             optimizer.step()
@@ -179,7 +215,15 @@ def compensate_block(
             p.requires_grad_(flag)
     with torch.no_grad():
         for p, value in zip(params, best, strict=True):
-            p.copy_(value)
+            p.copy_(value)  # rounds to the model's dtype where `half`
+        if half and best is not start:
+            for p, q in zip(masters, params, strict=True):
+                p.copy_(q)  # the error of what the model now holds
+            best_error = _error(work, states, targets, compressed, grad=False)
+            if not best_error <= before:
+                for p, value in zip(params, start, strict=True):
+                    p.copy_(value)
+                best_error = before
     return before, best_error, sum(p.numel() for p in params)
 
 
@@ -232,7 +276,9 @@ def compensate(
         ):
             with torch.no_grad():
                 teacher_x = [teacher_block(x) for x in teacher_x]
-            before, after, count = compensate_block(block, states, teacher_x, compressed, steps, lr)
+            before, after, count = compensate_block(
+                block, states, teacher_x, compressed, steps, lr, name=f"blocks.{i}"
+            )
             records.append(BlockCompensation(i, count, before, after))
             with torch.no_grad():
                 states = [_run_block(block, s, compressed) for s in states]
