@@ -48,7 +48,11 @@ SENSITIVITY_IMAGES = 64  # the most held-out images for per-term sensitivity and
 CPU_PROXY_FLOPS = 3e10
 # ... and one winner's error compensation (forward and backward of every block, for
 # every step): it bounds the calibration images compensation refines on.
-CPU_COMPENSATION_FLOPS = 2e12
+CPU_COMPENSATION_FLOPS = 1e12
+# ... and the whole sensitivity phase (each term runs the blocks from its own on, about
+# half the model, over the sensitivity images).
+CPU_SENSITIVITY_FLOPS = 1.5e12
+SENSITIVITY_TERMS_PER_BLOCK = 8
 # Calibration tokens a CPU run aims at (256 images of 50 tokens): several times the widest
 # Linear input of a DeiT-B block (3072), so every covariance is well conditioned.
 CPU_CALIB_TOKENS = 12_800
@@ -89,6 +93,11 @@ def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device)
         auto_heldout, auto_calib, compensation = HELDOUT_SIZE, 256, SENSITIVITY_IMAGES
     calib = calib or auto_calib
     sensitivity = min(SENSITIVITY_IMAGES, heldout or auto_heldout)
+    if device.type == "cpu":
+        terms = SENSITIVITY_TERMS_PER_BLOCK * len(fingerprint.blocks)
+        sensitivity = int(
+            min(sensitivity, max(8, CPU_SENSITIVITY_FLOPS // (terms * per_image / 2)))
+        )
     return DataSizes(
         calib=calib,
         heldout=heldout or auto_heldout,

@@ -242,8 +242,9 @@ def test_non_finite_weights_or_statistics_are_reported(calibrated):
 
 
 def test_construction_decomposes_only_small_matrices(calibrated, monkeypatch):
-    """SVDs run on d_h × d_h head cores, eigensolvers on min(out, in)² Grams, and no
-    Cholesky of a wide layer's input (fc2's hidden width): the cost grows gently."""
+    """SVDs run on d_h × d_h head cores, eigensolvers on min(out, in)² Grams (d_h² per
+    head), and there is no Cholesky of a wide layer's input (fc2's hidden width) nor of
+    the per-head covariances: the cost grows gently."""
     model, _, stats = calibrated
     shapes: dict[str, list[tuple[int, ...]]] = {}
     for name in ("svd", "eigh", "cholesky_ex"):
@@ -259,8 +260,9 @@ def test_construction_decomposes_only_small_matrices(calibrated, monkeypatch):
     attn = model.blocks[0].attn
     dim = attn.num_heads * attn.head_dim
     assert {s for s in shapes["svd"]} == {(attn.num_heads, attn.head_dim, attn.head_dim)}
-    assert {s[-1] for s in shapes["eigh"]} == {dim}
-    assert max(s[-1] for s in shapes["cholesky_ex"]) == dim + 1  # x̄ of the q/k products
+    assert {s[-1] for s in shapes["eigh"]} == {dim, attn.head_dim}
+    assert {s[-2:] for s in shapes["cholesky_ex"]} == {(dim, dim), (dim + 1, dim + 1)}  # x, x̄
+    assert all(s[:-2] in ((), (1,)) for s in shapes["cholesky_ex"])  # one matrix at a time
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

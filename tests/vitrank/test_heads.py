@@ -164,3 +164,40 @@ def test_non_finite_weights_are_reported():
     C[1, 1] = float("nan")
     with pytest.raises(ValueError, match="`C` must be finite"):
         factorize_qk(W_q, b_q, W_k, b_k, H, C)
+
+
+@pytest.mark.parametrize("singular", [False, True])
+def test_whitened_vo_matches_the_svd_of_each_whitened_head_product(singular):
+    """No Cholesky per head: the same spectrum and truncations as SVD(S_hᵀ N_h) with
+    S_h S_hᵀ = C_h + 1e-6·mean(diag C_h)·I, also where C_h is singular."""
+    from vitrank.core.lowrank import whitening
+
+    x, W_qkv, b_qkv, W_o, b_o = _setup(seed=5)
+    (_, _, W_v), (_, _, b_v) = _split(W_qkv, b_qkv)
+    Ax = (_attention(x, W_qkv, b_qkv) @ x.unsqueeze(1)).transpose(0, 1).reshape(H, -1, D)
+    if singular:  # two input features that always agree
+        Ax = torch.cat([Ax[..., :-2], Ax[..., :1], Ax[..., -1:]], dim=-1)
+    C_heads = Ax.transpose(-1, -2) @ Ax / Ax.shape[1]
+    factors, _ = factorize_vo(W_v, b_v, W_o, b_o, H, C_heads)
+    N = W_v.reshape(H, DH, D).transpose(-1, -2) @ W_o.T.reshape(H, DH, D)
+    S = whitening(C_heads)
+    U, sigma, Vh = torch.linalg.svd(S.transpose(-1, -2) @ N)
+    left = torch.linalg.solve_triangular(S.transpose(-1, -2), U[..., :DH], upper=True)
+    scale = float(sigma[:, 0].max())
+    torch.testing.assert_close(
+        factors.sigma2, sigma[:, :DH].square(), rtol=0, atol=1e-12 * scale**2
+    )
+    for rank in range(1, DH + 1):
+        reference = (left[..., :rank] * sigma[:, None, :rank]) @ Vh[:, :rank]
+        got = factors.left[..., :rank] @ factors.right[..., :rank].transpose(-1, -2)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-10 * float(N.abs().max()))
+
+
+def test_an_indefinite_head_covariance_is_refused_with_the_head():
+    _, W_qkv, b_qkv, W_o, b_o = _setup()
+    (_, _, W_v), (_, _, b_v) = _split(W_qkv, b_qkv)
+    C_heads = torch.eye(D, dtype=torch.float64).repeat(H, 1, 1)
+    C_heads[2] = -C_heads[2]
+    C_heads[2, 0, 0] = 20.0  # mean(diag) > 0, yet indefinite
+    with pytest.raises(ValueError, match="blocks.1.attn.vo head 2: .*positive semi-definite"):
+        factorize_vo(W_v, b_v, W_o, b_o, H, C_heads, name="blocks.1.attn.vo")

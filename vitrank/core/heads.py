@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitrank.core.lowrank import check_finite, suffix_sums, whitened_directions, whitening
+from vitrank.core.lowrank import (
+    check_finite,
+    initial_damping,
+    suffix_sums,
+    whitened_directions,
+    whitening,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,36 @@ def _product_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q_right, r_right = torch.linalg.qr(right)
     u, sigma, vh = torch.linalg.svd(r_left @ r_right.transpose(-1, -2))
     return q_left @ u, sigma, q_right @ vh.transpose(-1, -2)
+
+
+def _whitened_product_svd(
+    left: Tensor, right: Tensor, C: Tensor, name: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_product_svd` of S_hᵀ left_h @ right_hᵀ, S_h S_hᵀ = C_h + shift_h·I, without S_h.
+
+    -> (S_h⁻ᵀ U, σ, V, diag(Uᵀ S_h⁻¹ C_h S_h⁻ᵀ U)). The QR of S_hᵀ left_h enters only
+    through RᵀR = K_h = left_hᵀ (C_h + shift_h·I) left_h (d_h × d_h): with K_h = E Λ Eᵀ,
+    R = Λ^½ Eᵀ, and the whitened directions S_h⁻ᵀ Q u = left_h E Λ^-½ u. So there is no
+    Cholesky of the H covariances (d × d each), the largest cost of the head products. The
+    shift is `initial_damping`'s; an indefinite K_h is refused instead.
+    """
+    CA = C @ left
+    K0 = left.transpose(-1, -2) @ CA  # left_hᵀ C_h left_h
+    shift = initial_damping(C, name, item="head")[:, None, None]
+    values, E = torch.linalg.eigh(K0 + shift * (left.transpose(-1, -2) @ left))
+    low, high = values[:, 0], values[:, -1]
+    for head in (low < -1e-9 * high).nonzero().flatten().tolist()[:1]:
+        raise ValueError(
+            f"{name} head {head}: the input covariance must be positive semi-definite, but "
+            f"W_v C W_vᵀ has eigenvalue {float(low[head]):.3g} (largest {float(high[head]):.3g})."
+        )
+    values = values.clamp_min(0)
+    q_right, r_right = torch.linalg.qr(right)
+    r_left = values.sqrt().unsqueeze(-1) * E.transpose(-1, -2)
+    u, sigma, vh = torch.linalg.svd(r_left @ r_right.transpose(-1, -2))
+    inverse = torch.where(values > 0, values.rsqrt(), torch.zeros_like(values))
+    M = (E * inverse.unsqueeze(-2)) @ u  # S_h⁻ᵀ Q u = left_h M
+    return left @ M, sigma, q_right @ vh.transpose(-1, -2), ((K0 @ M) * M).sum(-2)
 
 
 def _trailing_block_sums(G: Tensor) -> Tensor:
@@ -210,15 +246,13 @@ def factorize_vo(
         if C_heads.shape[0] != num_heads:
             raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
     if C_heads is not None and whiten:
-        S = whitening(C_heads, name, item="head")  # one batched Cholesky, λ per head
-        U, sigma, V = _product_svd(S.transpose(-1, -2) @ v_t, o_h)
-        U = whitened_directions(S, U)
+        U, sigma, V, quadratic = _whitened_product_svd(v_t, o_h, C_heads, name)
+        energies = sigma.square() * quadratic
     else:
         U, sigma, V = _product_svd(v_t, o_h)
-    if C_heads is None:
         energies = sigma.square()
-    else:
-        energies = sigma.square() * torch.einsum("hik,hij,hjk->hk", U, C_heads, U)
+        if C_heads is not None:
+            energies = energies * torch.einsum("hik,hij,hjk->hk", U, C_heads, U)
     root = sigma.sqrt().unsqueeze(-2)
     out_bias = None
     if b_v is not None or b_o is not None:

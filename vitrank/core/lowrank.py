@@ -52,6 +52,17 @@ def diagonal_scale(C: Tensor, name: str = "layer", item: str = "head") -> Tensor
     return scale
 
 
+def initial_damping(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
+    """The shift `whitening` tries first, 1e-6·mean(diag C), per matrix of C (..., n, n).
+
+    A Cholesky of a second-moment matrix (a sum of outer products in fp64) passes at this
+    λ for any n below ~10⁵: its negative eigenvalues from rounding are ~n·1e-16·‖C‖, and
+    the shift is at least 1e-6·‖C‖/n. Factorizations that never invert S (wide Linears,
+    the value/output products) use it without the Cholesky.
+    """
+    return _DAMPING_START * diagonal_scale(C, name, item)
+
+
 def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
     """Lower-triangular S with S Sᵀ = C + λ·mean(diag C)·I, in fp64; C may be a batch.
 
@@ -231,14 +242,13 @@ def _wide_factors(W: Tensor, C: Tensor | None, whitened: bool, name: str) -> tup
 
     No S is needed: Vᵀ S⁻¹ = Σ⁻¹ Uᵀ W S S⁻¹ = Σ⁻¹ Uᵀ W, so B = Σ^-½ Uᵀ W and U B = W, and
     the output energy of component i is u_iᵀ W C Wᵀ u_i = σ_i² - shift·‖Wᵀ u_i‖². Nor is a
-    Cholesky of C (in × in, the largest matrix of the layer): the shift is `whitening`'s
-    first, λ = 1e-6, which succeeds for every second-moment matrix (it is raised only for
-    an indefinite C); an indefinite W C Wᵀ is refused instead.
+    Cholesky of C (in × in, the largest matrix of the layer): the shift is
+    `initial_damping`'s; an indefinite W C Wᵀ is refused instead.
     """
     shift = 0.0
     if whitened:
         assert C is not None
-        shift = _DAMPING_START * float(diagonal_scale(C, name))
+        shift = float(initial_damping(C, name))
         gram = torch.add(W @ C, W, alpha=shift) @ W.T
     else:
         gram = W @ W.T
