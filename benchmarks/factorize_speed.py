@@ -7,8 +7,12 @@ whitening=False)` (every Linear and every head product of every block), median o
 repeats, with the machine's load average before and after (the figures are only as quiet
 as the machine was).
 
-    python benchmarks/factorize_speed.py            # writes results/factorize_speed.json
-    python benchmarks/factorize_speed.py --models deit_small --repeats 1
+On a shared 2-core machine, two torch threads with OpenMP's default (spinning) wait
+policy run several times slower than one thread whenever another process is busy (each
+waits out the other's time slice); OMP_WAIT_POLICY=PASSIVE avoids that, and is recorded.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/factorize_speed.py   # results/factorize_speed.json
+    python benchmarks/factorize_speed.py --models deit_small --repeats 1 --threads 1
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def main() -> None:
             "load_average_at_start": start,
             "load_average_at_end": os.getloadavg(),
         },
-        "settings": vars(args),
+        "settings": {**vars(args), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
         "models": models,
         "total_s": round(time.perf_counter() - began, 1),
     }

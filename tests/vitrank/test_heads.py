@@ -201,3 +201,29 @@ def test_an_indefinite_head_covariance_is_refused_with_the_head():
     C_heads[2, 0, 0] = 20.0  # mean(diag) > 0, yet indefinite
     with pytest.raises(ValueError, match="blocks.1.attn.vo head 2: .*positive semi-definite"):
         factorize_vo(W_v, b_v, W_o, b_o, H, C_heads, name="blocks.1.attn.vo")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_whitened_qk_matches_the_svd_of_each_whitened_head_product(bias):
+    from vitrank.core.lowrank import whitening
+
+    x, W_qkv, b_qkv, _, _ = _setup(seed=6, bias=bias)
+    (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
+    X = _bar(x).reshape(-1, D + 1)
+    C_bar = X.T @ X / len(X)
+    factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar)
+    q_bar = torch.cat([W_q, b_q[:, None] if bias else W_q.new_zeros(H * DH, 1)], 1)
+    k_bar = torch.cat([W_k, b_k[:, None] if bias else W_k.new_zeros(H * DH, 1)], 1)
+    M = q_bar.reshape(H, DH, D + 1).transpose(-1, -2) @ k_bar.reshape(H, DH, D + 1)
+    S = whitening(C_bar)
+    U, sigma, Vh = torch.linalg.svd(S.T @ M @ S)
+    P = torch.linalg.solve_triangular(S.T, U[..., :DH], upper=True)
+    Q = torch.linalg.solve_triangular(S.T, Vh[:, :DH].transpose(-1, -2), upper=True)
+    scale = float(sigma[:, 0].max())
+    torch.testing.assert_close(
+        factors.sigma2, sigma[:, :DH].square(), rtol=0, atol=1e-12 * scale**2
+    )
+    for rank in range(1, DH + 1):
+        reference = (P[..., :rank] * sigma[:, None, :rank]) @ Q[..., :rank].transpose(-1, -2)
+        got = factors.left[..., :rank] @ factors.right[..., :rank].transpose(-1, -2)
+        torch.testing.assert_close(got, reference, rtol=0, atol=1e-10 * float(M.abs().max()))

@@ -206,7 +206,8 @@ def compensate_block(
                 )
                 break
             if error < best_error:  # the error of the parameters *before* this step
-                best_error, best = error, [p.detach().clone() for p in masters]
+                best_error = error
+                best = start if step == 0 else [p.detach().clone() for p in masters]
             if last:
                 break
             optimizer.step()

@@ -16,10 +16,12 @@ rows h·d_h:(h+1)·d_h of each):
   V_h = S_h⁻ᵀ U Σ^½, O_h = Σ^½ Vᵀ.
 
 Both products have rank <= d_h, so the SVD runs on a d_h × d_h core (QR of the two thin
-factors) rather than on a (d+1)² matrix. Errors are exact on the calibration data:
+factors) rather than on a (d+1)² matrix; whitened, a thin factor's R comes from its
+d_h × d_h Gram under the covariance, so neither S̄ nor the S_h are ever computed (see
+`_whitened_root`). Errors are exact on the calibration data:
 - qk: E_{x, x'}[(x̄ (M_h - M̂_h) x̄'ᵀ)²] over independent pairs of calibration tokens
   (= tr(Δ C̄ Δᵀ C̄)); the cross terms between components are kept, so this is exact even
-  where the damping of the Cholesky made S̄ S̄ᵀ differ from C̄;
+  where the damping made S̄ S̄ᵀ = C̄ + shift·I differ from C̄;
 - vo: E‖(A_h x)(N_h - N̂_h)‖² per token, per head (cross-head terms are not included).
 Without statistics the errors are the weight-space ‖M_h - M̂_h‖_F² (‖N_h - N̂_h‖_F²).
 """
@@ -32,13 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitrank.core.lowrank import (
-    check_finite,
-    initial_damping,
-    suffix_sums,
-    whitened_directions,
-    whitening,
-)
+from vitrank.core.lowrank import check_finite, initial_damping, suffix_sums
 
 
 @dataclass(frozen=True)
@@ -100,34 +96,32 @@ def _product_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q_left @ u, sigma, q_right @ vh.transpose(-1, -2)
 
 
-def _whitened_product_svd(
-    left: Tensor, right: Tensor, C: Tensor, name: str
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_product_svd` of S_hᵀ left_h @ right_hᵀ, S_h S_hᵀ = C_h + shift_h·I, without S_h.
+def _whitened_root(F: Tensor, C: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The QR of the whitened thin factor Sᵀ F_h (S Sᵀ = C + shift·I) without S.
 
-    -> (S_h⁻ᵀ U, σ, V, diag(Uᵀ S_h⁻¹ C_h S_h⁻ᵀ U)). The QR of S_hᵀ left_h enters only
-    through RᵀR = K_h = left_hᵀ (C_h + shift_h·I) left_h (d_h × d_h): with K_h = E Λ Eᵀ,
-    R = Λ^½ Eᵀ, and the whitened directions S_h⁻ᵀ Q u = left_h E Λ^-½ u. So there is no
-    Cholesky of the H covariances (d × d each), the largest cost of the head products. The
-    shift is `initial_damping`'s; an indefinite K_h is refused instead.
+    F: (H, n, d_h); C: (n, n) shared or (H, n, n) per head. -> (R, B, T), each head's
+    R (d_h × d_h) with RᵀR = K_h = F_hᵀ (C + shift·I) F_h, B = S⁻ᵀ Q (n × d_h), the input-
+    space directions of Q's columns, and T = Bᵀ C B. With K_h = E Λ Eᵀ, R = Λ^½ Eᵀ and
+    Q = Sᵀ F_h E Λ^-½, so B = F_h E Λ^-½: no Cholesky of C (one per head for the values,
+    the largest cost of the head products), only d_h × d_h eigensolvers. The shift is
+    `initial_damping`'s; an indefinite K_h is refused instead.
     """
-    CA = C @ left
-    K0 = left.transpose(-1, -2) @ CA  # left_hᵀ C_h left_h
-    shift = initial_damping(C, name, item="head")[:, None, None]
-    values, E = torch.linalg.eigh(K0 + shift * (left.transpose(-1, -2) @ left))
+    Ft = F.transpose(-1, -2)
+    K0 = Ft @ (C @ F)  # F_hᵀ C F_h
+    shift = initial_damping(C, name, item="head")[..., None, None]
+    values, E = torch.linalg.eigh(K0 + shift * (Ft @ F))
     low, high = values[:, 0], values[:, -1]
     for head in (low < -1e-9 * high).nonzero().flatten().tolist()[:1]:
         raise ValueError(
             f"{name} head {head}: the input covariance must be positive semi-definite, but "
-            f"W_v C W_vᵀ has eigenvalue {float(low[head]):.3g} (largest {float(high[head]):.3g})."
+            f"the head weights' Gram under it has eigenvalue {float(low[head]):.3g} "
+            f"(largest {float(high[head]):.3g})."
         )
     values = values.clamp_min(0)
-    q_right, r_right = torch.linalg.qr(right)
-    r_left = values.sqrt().unsqueeze(-1) * E.transpose(-1, -2)
-    u, sigma, vh = torch.linalg.svd(r_left @ r_right.transpose(-1, -2))
     inverse = torch.where(values > 0, values.rsqrt(), torch.zeros_like(values))
-    M = (E * inverse.unsqueeze(-2)) @ u  # S_h⁻ᵀ Q u = left_h M
-    return left @ M, sigma, q_right @ vh.transpose(-1, -2), ((K0 @ M) * M).sum(-2)
+    M = E * inverse.unsqueeze(-2)  # E Λ^-½
+    root = values.sqrt().unsqueeze(-1) * E.transpose(-1, -2)
+    return root, F @ M, M.transpose(-1, -2) @ K0 @ M
 
 
 def _trailing_block_sums(G: Tensor) -> Tensor:
@@ -171,25 +165,34 @@ def factorize_qk(
     k_bar = _split_heads(_augment(W_k, b_k), num_heads).transpose(-1, -2)
     if C_bar is not None:
         C_bar = _checked_covariance(C_bar, dim + 1, name)
-    S = whitening(C_bar, name) if C_bar is not None and whiten else None
-    if S is not None:
-        q_bar, k_bar = S.T @ q_bar, S.T @ k_bar
-    U, sigma, V = _product_svd(q_bar, k_bar)
-    keys = _key_maps(V, sigma, k_bar)
-    if S is not None:
-        U, V = whitened_directions(S, U), whitened_directions(S, V)
+    grams: tuple[Tensor, Tensor] | None = None  # Uᵀ C̄ U, Vᵀ C̄ V
+    if C_bar is not None and whiten:
+        r_q, basis_q, gram_q = _whitened_root(q_bar, C_bar, name)
+        r_k, basis_k, gram_k = _whitened_root(k_bar, C_bar, name)
+        u, sigma, vh = torch.linalg.svd(r_q @ r_k.transpose(-1, -2))
+        v = vh.transpose(-1, -2)
+        U, V = basis_q @ u, basis_k @ v
+        keys = _key_maps(v, sigma, r_k)  # in the coordinates of the QR of S̄ᵀ k̄_h
+        grams = (u.transpose(-1, -2) @ gram_q @ u, v.transpose(-1, -2) @ gram_k @ v)
+    else:
+        U, sigma, V = _product_svd(q_bar, k_bar)
+        keys = _key_maps(V, sigma, k_bar)
+        if C_bar is not None:
+            grams = (U.transpose(-1, -2) @ C_bar @ U, V.transpose(-1, -2) @ C_bar @ V)
     root = sigma.sqrt().unsqueeze(-2)
-    if C_bar is None:
+    if grams is None:
         errors = suffix_sums(sigma.square())
     else:
-        G = sigma.unsqueeze(-1) * sigma.unsqueeze(-2)
-        G = G * (U.transpose(-1, -2) @ C_bar @ U) * (V.transpose(-1, -2) @ C_bar @ V)
+        G = sigma.unsqueeze(-1) * sigma.unsqueeze(-2) * grams[0] * grams[1]
         errors = _trailing_block_sums(G)
     return HeadFactors(U * root, V * root, sigma.square(), errors, keys)
 
 
 def _key_maps(V: Tensor, sigma: Tensor, k_bar: Tensor) -> Tensor:
     """G_h = Σ^-½ Vᵀ k̄_h (H, k, d_h), V and k̄_h in the whitened basis: k_h ≈ k'_h G_h.
+
+    (Or both in the coordinates of an orthonormal basis of it: the core's right singular
+    vectors and the R of the QR of S̄ᵀ k̄_h give the same Vᵀ S̄ᵀ k̄_h.)
 
     The factorized keys k'_h = x̄ Q_h live in head h's SVD basis, and cosine similarity
     is not invariant to that change of basis; nor can the teacher's keys be recovered
@@ -246,8 +249,11 @@ def factorize_vo(
         if C_heads.shape[0] != num_heads:
             raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
     if C_heads is not None and whiten:
-        U, sigma, V, quadratic = _whitened_product_svd(v_t, o_h, C_heads, name)
-        energies = sigma.square() * quadratic
+        r_v, basis_v, gram_v = _whitened_root(v_t, C_heads, name)
+        q_o, r_o = torch.linalg.qr(o_h)
+        u, sigma, vh = torch.linalg.svd(r_v @ r_o.transpose(-1, -2))
+        U, V = basis_v @ u, q_o @ vh.transpose(-1, -2)
+        energies = sigma.square() * ((gram_v @ u) * u).sum(-2)
     else:
         U, sigma, V = _product_svd(v_t, o_h)
         energies = sigma.square()
