@@ -247,7 +247,7 @@ def test_construction_decomposes_only_small_matrices(calibrated, monkeypatch):
     fc2's hidden width, of x̄ or of the per-head covariances): the cost grows gently."""
     model, _, stats = calibrated
     shapes: dict[str, list[tuple[int, ...]]] = {}
-    for name in ("svd", "eigh", "cholesky_ex"):
+    for name in ("svd", "eigh", "cholesky_ex", "qr"):
         original = getattr(torch.linalg, name)
 
         def recorded(A, *args, _name=name, _original=original, **kwargs):
@@ -263,6 +263,7 @@ def test_construction_decomposes_only_small_matrices(calibrated, monkeypatch):
     assert {s[-1] for s in shapes["eigh"]} == {dim, attn.head_dim}
     assert {s[-2:] for s in shapes["cholesky_ex"]} == {(dim, dim)}
     assert len(shapes["cholesky_ex"]) == 3 * len(model.blocks)  # qkv, proj, fc1; once each
+    assert "qr" not in shapes  # no Householder QR of the tall thin head factors
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -16,9 +16,9 @@ rows h·d_h:(h+1)·d_h of each):
   V_h = S_h⁻ᵀ U Σ^½, O_h = Σ^½ Vᵀ.
 
 Both products have rank <= d_h, so the SVD runs on a d_h × d_h core (QR of the two thin
-factors) rather than on a (d+1)² matrix; whitened, a thin factor's R comes from its
-d_h × d_h Gram under the covariance, so neither S̄ nor the S_h are ever computed (see
-`_whitened_root`). Errors are exact on the calibration data:
+factors) rather than on a (d+1)² matrix; each factor's R comes from its d_h × d_h Gram
+(under the covariance when whitened), so neither S̄ nor the S_h are ever computed (see
+`_thin_root`). Errors are exact on the calibration data:
 - qk: E_{x, x'}[(x̄ (M_h - M̂_h) x̄'ᵀ)²] over independent pairs of calibration tokens
   (= tr(Δ C̄ Δᵀ C̄)); the cross terms between components are kept, so this is exact even
   where the damping made S̄ S̄ᵀ = C̄ + shift·I differ from C̄;
@@ -88,28 +88,27 @@ def _augment(W: Tensor, b: Tensor | None) -> Tensor:
     return torch.cat([W, column], dim=1)
 
 
-def _product_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched SVD of left @ rightᵀ (thin factors (H, m, d_h), (H, n, d_h)) via QR."""
-    q_left, r_left = torch.linalg.qr(left)
-    q_right, r_right = torch.linalg.qr(right)
-    u, sigma, vh = torch.linalg.svd(r_left @ r_right.transpose(-1, -2))
-    return q_left @ u, sigma, q_right @ vh.transpose(-1, -2)
+def _thin_root(
+    F: Tensor, C: Tensor | None = None, name: str = "heads"
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A QR of the (whitened) thin factor Sᵀ F_h, S Sᵀ = C + shift·I, S = I when C is None.
 
-
-def _whitened_root(F: Tensor, C: Tensor, name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The QR of the whitened thin factor Sᵀ F_h (S Sᵀ = C + shift·I) without S.
-
-    F: (H, n, d_h); C: (n, n) shared or (H, n, n) per head. -> (R, B, T), each head's
+    F: (H, n, d_h); C: (n, n) shared or (H, n, n) per head. -> (R, B, T), per head
     R (d_h × d_h) with RᵀR = K_h = F_hᵀ (C + shift·I) F_h, B = S⁻ᵀ Q (n × d_h), the input-
-    space directions of Q's columns, and T = Bᵀ C B. With K_h = E Λ Eᵀ, R = Λ^½ Eᵀ and
-    Q = Sᵀ F_h E Λ^-½, so B = F_h E Λ^-½: no Cholesky of C (one per head for the values,
-    the largest cost of the head products), only d_h × d_h eigensolvers. The shift is
-    `initial_damping`'s; an indefinite K_h is refused instead.
+    space directions of Q's columns, and T = Bᵀ C B (None without C). With K_h = E Λ Eᵀ,
+    R = Λ^½ Eᵀ and Q = Sᵀ F_h E Λ^-½, so B = F_h E Λ^-½ and Q R = Sᵀ F_h. Only d_h × d_h
+    eigensolvers run: no Cholesky of C (one per head for the values, the largest cost of
+    the head products), and no Householder QR of the tall F_h, which LAPACK parallelises
+    so badly that two threads take 30× one. The Gram costs accuracy only in σ_i below
+    ~1e-16·σ_max² (as in `lowrank`). The shift is `initial_damping`'s; an indefinite K_h
+    is refused instead.
     """
     Ft = F.transpose(-1, -2)
-    K0 = Ft @ (C @ F)  # F_hᵀ C F_h
-    shift = initial_damping(C, name, item="head")[..., None, None]
-    values, E = torch.linalg.eigh(K0 + shift * (Ft @ F))
+    K0 = Ft @ F if C is None else Ft @ (C @ F)  # F_hᵀ C F_h
+    K = K0
+    if C is not None:
+        K = K0 + initial_damping(C, name, item="head")[..., None, None] * (Ft @ F)
+    values, E = torch.linalg.eigh(K)
     low, high = values[:, 0], values[:, -1]
     for head in (low < -1e-9 * high).nonzero().flatten().tolist()[:1]:
         raise ValueError(
@@ -121,7 +120,13 @@ def _whitened_root(F: Tensor, C: Tensor, name: str) -> tuple[Tensor, Tensor, Ten
     inverse = torch.where(values > 0, values.rsqrt(), torch.zeros_like(values))
     M = E * inverse.unsqueeze(-2)  # E Λ^-½
     root = values.sqrt().unsqueeze(-1) * E.transpose(-1, -2)
-    return root, F @ M, M.transpose(-1, -2) @ K0 @ M
+    return root, F @ M, None if C is None else M.transpose(-1, -2) @ K0 @ M
+
+
+def _core_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, σ, v) of left @ rightᵀ per head, d_h × d_h roots of the two thin factors."""
+    u, sigma, vh = torch.linalg.svd(left @ right.transpose(-1, -2))
+    return u, sigma, vh.transpose(-1, -2)
 
 
 def _trailing_block_sums(G: Tensor) -> Tensor:
@@ -165,20 +170,17 @@ def factorize_qk(
     k_bar = _split_heads(_augment(W_k, b_k), num_heads).transpose(-1, -2)
     if C_bar is not None:
         C_bar = _checked_covariance(C_bar, dim + 1, name)
+    whitened = C_bar if whiten else None
+    r_q, basis_q, gram_q = _thin_root(q_bar, whitened, name)
+    r_k, basis_k, gram_k = _thin_root(k_bar, whitened, name)
+    u, sigma, v = _core_svd(r_q, r_k)
+    U, V = basis_q @ u, basis_k @ v
+    keys = _key_maps(v, sigma, r_k)  # in the coordinates of the QR of S̄ᵀ k̄_h
     grams: tuple[Tensor, Tensor] | None = None  # Uᵀ C̄ U, Vᵀ C̄ V
-    if C_bar is not None and whiten:
-        r_q, basis_q, gram_q = _whitened_root(q_bar, C_bar, name)
-        r_k, basis_k, gram_k = _whitened_root(k_bar, C_bar, name)
-        u, sigma, vh = torch.linalg.svd(r_q @ r_k.transpose(-1, -2))
-        v = vh.transpose(-1, -2)
-        U, V = basis_q @ u, basis_k @ v
-        keys = _key_maps(v, sigma, r_k)  # in the coordinates of the QR of S̄ᵀ k̄_h
+    if gram_q is not None and gram_k is not None:
         grams = (u.transpose(-1, -2) @ gram_q @ u, v.transpose(-1, -2) @ gram_k @ v)
-    else:
-        U, sigma, V = _product_svd(q_bar, k_bar)
-        keys = _key_maps(V, sigma, k_bar)
-        if C_bar is not None:
-            grams = (U.transpose(-1, -2) @ C_bar @ U, V.transpose(-1, -2) @ C_bar @ V)
+    elif C_bar is not None:
+        grams = (U.transpose(-1, -2) @ C_bar @ U, V.transpose(-1, -2) @ C_bar @ V)
     root = sigma.sqrt().unsqueeze(-2)
     if grams is None:
         errors = suffix_sums(sigma.square())
@@ -248,17 +250,15 @@ def factorize_vo(
         C_heads = _checked_covariance(C_heads, dim, name)
         if C_heads.shape[0] != num_heads:
             raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
-    if C_heads is not None and whiten:
-        r_v, basis_v, gram_v = _whitened_root(v_t, C_heads, name)
-        q_o, r_o = torch.linalg.qr(o_h)
-        u, sigma, vh = torch.linalg.svd(r_v @ r_o.transpose(-1, -2))
-        U, V = basis_v @ u, q_o @ vh.transpose(-1, -2)
-        energies = sigma.square() * ((gram_v @ u) * u).sum(-2)
-    else:
-        U, sigma, V = _product_svd(v_t, o_h)
-        energies = sigma.square()
-        if C_heads is not None:
-            energies = energies * torch.einsum("hik,hij,hjk->hk", U, C_heads, U)
+    r_v, basis_v, gram_v = _thin_root(v_t, C_heads if whiten else None, name)
+    r_o, basis_o, _ = _thin_root(o_h)
+    u, sigma, v = _core_svd(r_v, r_o)
+    U, V = basis_v @ u, basis_o @ v
+    energies = sigma.square()
+    if gram_v is not None:
+        energies = energies * ((gram_v @ u) * u).sum(-2)
+    elif C_heads is not None:
+        energies = energies * torch.einsum("hik,hij,hjk->hk", U, C_heads, U)
     root = sigma.sqrt().unsqueeze(-2)
     out_bias = None
     if b_v is not None or b_o is not None:
