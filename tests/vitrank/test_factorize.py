@@ -328,3 +328,43 @@ def test_statistics_read_back_from_file_build_every_operator(tmp_path, dtype):
         assert {p.dtype for p in student.parameters()} == {dtype}, key
         assert out.dtype == dtype and bool(torch.isfinite(out).all()), key
         assert float((exact - dense).abs().max()) <= tolerance * float(dense.abs().max()), key
+
+
+def test_layers_factorized_side_by_side_give_the_sequential_factors(calibrated, tmp_path):
+    """On the CPU the layers are factorized by `torch.get_num_threads()` workers with one
+    thread each; the factors are the same bits as one layer after another on one thread,
+    the caller's thread count comes back, and the first failing layer is the one named."""
+    model, _, stats = calibrated
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = FactorCache(model, stats)
+        torch.set_num_threads(2)
+        parallel = FactorCache(model, stats, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    sequential.save(tmp_path / "a.safetensors")
+    parallel.save(tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    import copy
+
+    bad_model = copy.deepcopy(model)
+    with torch.no_grad():
+        bad_model.blocks[0].mlp.fc2.weight[0, 0] = float("nan")
+        bad_model.blocks[1].attn.qkv.weight[0, 0] = float("nan")
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="blocks.0.mlp.fc2: `W` must be finite"):
+            FactorCache(bad_model, stats)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_factorization_reports_its_progress(calibrated, capsys):
+    model, _, stats = calibrated
+    FactorCache(model, stats, progress=True)
+    err = capsys.readouterr().err
+    layers = 6 * len(model.blocks)
+    assert f"factorizing (whitened): {layers}/{layers}" in err

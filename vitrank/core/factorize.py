@@ -13,6 +13,8 @@ products, see `heads`). Errors are per-token output errors on the calibration da
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from vitrank.core.files import load_tensors, save_tensors
 from vitrank.core.heads import HeadFactors, factorize_qk, factorize_vo, key_maps_of
 from vitrank.core.lowrank import LinearFactors, factorize_linear
+from vitrank.core.progress import progress as progress_bar
 from vitrank.core.stats import LINEAR_KEYS, CalibrationStats
 
 _FORMAT = "vitrank.factors/1"
@@ -58,6 +61,42 @@ def _split_key(key: str) -> tuple[int, str]:
     return int(parts[1]), ".".join(parts[2:])
 
 
+Job = tuple[str, Callable[[], Any], float]  # (layer key, work, its rough cost)
+
+
+def _run(jobs: list[Job], parallel: bool) -> Iterator[Any]:
+    """Every job's result, in order, as it is ready; on the CPU the jobs share the threads.
+
+    The factorizations of the layers are independent, and the symmetric eigensolvers at
+    their heart barely use a second thread (two threads run a 768² fp64 `eigh` only ~10 %
+    faster than one), so on the CPU each of `torch.get_num_threads()` workers runs whole
+    layers with one thread, the costliest first so that none is left alone at the end.
+    The first error (in job order) is raised once every started job is done; jobs not
+    yet started are dropped.
+    """
+    workers = min(torch.get_num_threads(), len(jobs)) if parallel else 1
+    if workers <= 1:
+        yield from (job() for _, job, _ in jobs)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="vitrank-factorize")
+    try:
+        order = sorted(range(len(jobs)), key=lambda index: -jobs[index][2])
+        futures = {index: pool.submit(_single_threaded, jobs[index][1]) for index in order}
+        for index in range(len(jobs)):
+            yield futures[index].result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def _single_threaded(job: Callable[[], Any]) -> Any:
+    torch.set_num_threads(1)  # the intra-op setting of this worker thread
+    with torch.no_grad():
+        return job()
+
+
 class FactorCache:
     """Full-rank factors of every block's Linears and head products; ranks are slices.
 
@@ -72,6 +111,8 @@ class FactorCache:
         stats: CalibrationStats | None,
         whitening: bool = True,
         dtype: torch.dtype | None = None,
+        *,
+        progress: bool = False,
     ) -> None:
         blocks = _blocks(model)
         if stats is not None:
@@ -80,17 +121,32 @@ class FactorCache:
         self.calibrated = stats is not None
         self.dtype = dtype or next(model.parameters()).dtype
         self._cast_cache: dict[str, tuple[Tensor | None, ...]] = {}
-        self.digest = weights_digest(model)
         self.num_blocks = len(blocks)
         self._linear: dict[str, LinearFactors] = {}
         self._heads: dict[str, HeadFactors] = {}
         self._vo_bias: dict[int, Tensor | None] = {}
         self.qk_norm_blocks: set[int] = set()
-        with torch.no_grad():
-            for i, block in enumerate(blocks):
-                self._factorize_block(i, block, stats)
+        # The digest (hashing every weight) runs beside the factorizations.
+        jobs: list[Job] = [("digest", lambda: weights_digest(model), 1e9)]
+        for i, block in enumerate(blocks):
+            jobs += self._block_jobs(i, block, stats)
+        kind = "whitened" if self.whitening else "plain"
+        with (
+            torch.no_grad(),
+            progress_bar(f"factorizing ({kind})", len(jobs) - 1, progress) as advance,
+        ):
+            on_cpu = next(model.parameters()).device.type == "cpu"
+            results = _run(jobs, parallel=on_cpu)
+            self.digest = next(results)
+            for (key, _, _), result in zip(jobs[1:], results, strict=True):
+                self._store(key, result)
+                advance()
 
-    def _factorize_block(self, i: int, block: Any, stats: CalibrationStats | None) -> None:
+    def _block_jobs(self, i: int, block: Any, stats: CalibrationStats | None) -> list[Job]:
+        """(layer key, factorization, cost) of each Linear and head product of block `i`.
+
+        The cost is the multiply-adds of the largest products, roughly.
+        """
         attn, mlp = block.attn, block.mlp
         layers = {
             "attn.qkv": attn.qkv,
@@ -98,38 +154,53 @@ class FactorCache:
             "mlp.fc1": mlp.fc1,
             "mlp.fc2": mlp.fc2,
         }
+        whiten = self.whitening
+        jobs: list[Job] = []
         for name in LINEAR_KEYS:
             key, layer = f"blocks.{i}.{name}", layers[name]
-            C = stats.covariance(key) if stats is not None else None
-            self._linear[key] = factorize_linear(
-                layer.weight, layer.bias, C, whiten=self.whitening, name=key
-            )
+
+            def linear(key: str = key, layer: nn.Linear = layer) -> LinearFactors:
+                C = stats.covariance(key) if stats is not None else None
+                return factorize_linear(layer.weight, layer.bias, C, whiten=whiten, name=key)
+
+            out, inner = layer.weight.shape
+            jobs.append((key, linear, out * inner * (inner if whiten else min(out, inner))))
         D, H = attn.num_heads * attn.head_dim, attn.num_heads
         W, b = attn.qkv.weight, attn.qkv.bias
         bq, bk, bv = (None, None, None) if b is None else (b[:D], b[D : 2 * D], b[2 * D :])
         if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-            C_bar = (
-                stats.augmented_covariance(f"blocks.{i}.attn.qkv") if stats is not None else None
-            )
-            self._heads[f"blocks.{i}.attn.qk"] = factorize_qk(
-                W[:D],
-                bq,
-                W[D : 2 * D],
-                bk,
-                H,
-                C_bar,
-                whiten=self.whitening,
-                name=f"blocks.{i}.attn.qk",
-            )
+            key = f"blocks.{i}.attn.qk"
+
+            def qk() -> HeadFactors:
+                C_bar = (
+                    stats.augmented_covariance(f"blocks.{i}.attn.qkv")
+                    if stats is not None
+                    else None
+                )
+                return factorize_qk(W[:D], bq, W[D : 2 * D], bk, H, C_bar, whiten=whiten, name=key)
+
+            jobs.append((key, qk, 2.0 * D * W.shape[1] ** 2))
         else:
             self.qk_norm_blocks.add(i)
-        C_heads = stats.head_covariance(i) if stats is not None else None
-        vo, bias = factorize_vo(
-            W[2 * D :], bv, attn.proj.weight, attn.proj.bias, H, C_heads,
-            whiten=self.whitening, name=f"blocks.{i}.attn.vo",
-        )  # fmt: skip
-        self._heads[f"blocks.{i}.attn.vo"] = vo
-        self._vo_bias[i] = bias
+
+        def vo() -> tuple[HeadFactors, Tensor | None]:
+            C_heads = stats.head_covariance(i) if stats is not None else None
+            return factorize_vo(
+                W[2 * D :], bv, attn.proj.weight, attn.proj.bias, H, C_heads,
+                whiten=whiten, name=f"blocks.{i}.attn.vo",
+            )  # fmt: skip
+
+        jobs.append((f"blocks.{i}.attn.vo", vo, 2.0 * D * W.shape[1] ** 2))
+        return jobs
+
+    def _store(self, key: str, result: Any) -> None:
+        index, name = _split_key(key)
+        if name == "attn.vo":
+            self._heads[key], self._vo_bias[index] = result
+        elif name == "attn.qk":
+            self._heads[key] = result
+        else:
+            self._linear[key] = result
 
     # -- lookup ------------------------------------------------------------------------
 

@@ -66,6 +66,14 @@ def initial_damping(C: Tensor, name: str = "layer", item: str = "head") -> Tenso
 def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
     """Lower-triangular S with S Sᵀ = C + λ·mean(diag C)·I, in fp64; C may be a batch.
 
+    See `damped_whitening`, which also returns the shift λ·mean(diag C).
+    """
+    return damped_whitening(C, name, item)[0]
+
+
+def damped_whitening(C: Tensor, name: str = "layer", item: str = "head") -> tuple[Tensor, Tensor]:
+    """(S, shift): lower-triangular S with S Sᵀ = C + shift·I, shift = λ·mean(diag C).
+
     λ starts at 1e-6 and is raised ×10 until the Cholesky succeeds (a rank-deficient C,
     e.g. duplicate input features or the constant column of a LayerNorm output, needs
     it), for each matrix of a batch on its own. There is no silent fallback: if λ reaches
@@ -84,6 +92,7 @@ def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
         return f"{name} {item} {index}" if C.ndim > 2 else name
 
     S = torch.empty_like(flat)
+    shifts = torch.empty_like(scale)
     todo, damping = torch.arange(len(flat)), _DAMPING_START
     while damping <= _DAMPING_LIMIT:
         added = damping * scale[todo]
@@ -92,11 +101,12 @@ def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
         factor, info = torch.linalg.cholesky_ex(damped)
         done = info == 0
         if len(todo) == len(flat) and bool(done.all()):  # the usual case: λ = 1e-6 for all
-            return factor.reshape(C.shape)
+            return factor.reshape(C.shape), added.reshape(C.shape[:-2])
         S[todo[done]] = factor[done]
+        shifts[todo[done]] = added[done]
         todo = todo[~done]
         if len(todo) == 0:
-            return S.reshape(C.shape)
+            return S.reshape(C.shape), shifts.reshape(C.shape[:-2])
         damping *= 10
     index = int(todo[0])
     raise ValueError(
@@ -188,8 +198,8 @@ def factorize_linear(
     if W.shape[0] < W.shape[1]:
         down, up, sigma2, energies = _wide_factors(W, C, whitened, name)
     else:
-        S = whitening(C, name) if C is not None and whiten else None
-        down, up, sigma2, energies = _tall_factors(W, C, S)
+        S, shift = damped_whitening(C, name) if C is not None and whiten else (None, None)
+        down, up, sigma2, energies = _tall_factors(W, C, S, shift)
     return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
 
 
@@ -221,8 +231,15 @@ def _balance(sigma: Tensor) -> tuple[Tensor, Tensor]:
     return root, torch.where(root > 0, root.reciprocal(), torch.zeros_like(root))
 
 
-def _tall_factors(W: Tensor, C: Tensor | None, S: Tensor | None) -> tuple[Tensor, ...]:
-    """out >= in: V from the (in × in) Gram of M = W S, then U Σ = M V."""
+def _tall_factors(
+    W: Tensor, C: Tensor | None, S: Tensor | None, shift: Tensor | None
+) -> tuple[Tensor, ...]:
+    """out >= in: V from the (in × in) Gram of M = W S, then U Σ = M V.
+
+    Whitened, the output energy of component i is σ_i² y_iᵀ C y_i, and with S Sᵀ = C +
+    shift·I, y_iᵀ C y_i = ‖Sᵀ y_i‖² - shift·‖y_i‖² = 1 - shift·‖y_i‖² (v_i is a unit
+    vector): no product with C.
+    """
     M = W if S is None else W @ S
     _, V = _descending_eigh(M.T @ M)
     B = M @ V  # U Σ, columns orthogonal
@@ -233,7 +250,13 @@ def _tall_factors(W: Tensor, C: Tensor | None, S: Tensor | None) -> tuple[Tensor
     down = (Y * root).T.contiguous()
     up = (B * inverse).contiguous()
     sigma2 = sigma.square()
-    energies = sigma2 if C is None else sigma2 * ((C @ Y) * Y).sum(0)
+    if C is None:
+        energies = sigma2
+    elif S is None:
+        energies = sigma2 * ((C @ Y) * Y).sum(0)
+    else:
+        assert shift is not None
+        energies = sigma2 * (1 - shift * Y.square().sum(0)).clamp_min(0)
     return down, up, sigma2, energies
 
 

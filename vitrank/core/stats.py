@@ -101,7 +101,9 @@ class CalibrationStats:
     def check_finite(self) -> None:
         """Raise ValueError naming the first layer whose statistics hold NaN or Inf."""
         for name, value in self._named_tensors().items():
-            if not bool(torch.isfinite(value).all()):
+            # min and max propagate NaN and see ±Inf, in one pass without a boolean copy
+            low, high = torch.aminmax(value) if value.numel() else (value.new_zeros(()),) * 2
+            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
                 bad = int((~torch.isfinite(value)).sum())
                 raise ValueError(
                     f"Calibration statistics must be finite, but {name} holds {bad} NaN/Inf "
