@@ -27,6 +27,8 @@ from evaluators._data import as_loader, images_and_labels, num_batches, progress
 from evaluators.accuracy import evaluate_accuracy, input_dtype
 from vitrank.core.files import atomic_write_text
 
+KEEP = ("best", "latest-best", "last")  # which epoch's weights `finetune` leaves
+
 
 @dataclass
 class FinetuneResult:
@@ -81,7 +83,7 @@ def finetune(
     student: nn.Module,
     teacher: nn.Module,
     train: Dataset | DataLoader | Iterable,
-    val: Dataset | DataLoader | Iterable,
+    val: Dataset | DataLoader | Iterable | None,
     epochs: int = 3,
     lr: float = 5e-4,
     weight_decay: float = 0.05,
@@ -93,11 +95,15 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     report: Callable[[dict[str, float]], None] | None = None,
+    keep: str = "best",
+    score: Callable[[nn.Module], float] | None = None,
 ) -> FinetuneResult:
     """Distil `teacher` into `student` in place; the best epoch's weights are left in it.
 
     `alpha` weighs the soft (distillation) term, `warmup` is the fraction of all steps
-    spent warming the learning rate up. `report(metrics)` is called after every epoch
+    spent warming the learning rate up. `keep="latest-best"` breaks ties between epochs
+    (an accuracy that saturates) in favour of the later one; `keep="last"` leaves the last
+    epoch's weights (the end of the cosine schedule; `best_accuracy` is then theirs). `report(metrics)` is called after every epoch
     (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call gives the same
     weights. The global random state is left as it was.
     """
@@ -109,11 +115,15 @@ def finetune(
         raise ValueError(f"`temperature > 0` must hold, but got {temperature=}.")
     if not 0.0 <= warmup < 1.0:
         raise ValueError(f"`0 <= warmup < 1` must hold, but got {warmup=}.")
+    if keep not in KEEP:
+        raise ValueError(f"`keep` must be one of {KEEP}, but got {keep=}.")
     device = torch.device(device)
     student_home, teacher_home = _device_of(student), _device_of(teacher)
     teacher_was_training = teacher.training
     train_loader = as_loader(train, batch_size, shuffle=True, seed=seed)
-    val_loader = as_loader(val, batch_size)
+    if val is None and score is None:
+        raise ValueError("fine-tuning needs `val` images or a `score` to judge each epoch by.")
+    val_loader = as_loader(val, batch_size) if val is not None else None
     steps_per_epoch = num_batches(train_loader)
     if steps_per_epoch is None:
         raise ValueError("fine-tuning needs a sized training set or loader (len() must work).")
@@ -135,6 +145,9 @@ def finetune(
         )
 
         def evaluate() -> float:
+            if score is not None:
+                return float(score(student))
+            assert val_loader is not None
             return evaluate_accuracy(student, val_loader, batch_size, device, progress=False)
 
         initial = evaluate()
@@ -163,7 +176,10 @@ def finetune(
                         seen += labels.numel()
                         advance(description=f"fine-tune epoch {epoch}/{epochs} loss {value:.4f}")
                     accuracy = evaluate()
-                    if accuracy > best_accuracy:
+                    better = accuracy > best_accuracy or (
+                        keep == "latest-best" and accuracy == best_accuracy
+                    )
+                    if better or (keep == "last" and epoch == epochs):
                         best_accuracy, best_epoch = accuracy, epoch
                         best_state = _cpu_state(student)
                     metrics = dict(

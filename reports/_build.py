@@ -172,18 +172,32 @@ def build(run_dir: str | Path, out: str | Path | None = None) -> ReportPaths:
         figures.append(
             ("Proxy vs fine-tuned accuracy", _figures.fidelity_figure(fidelity, "winners"))
         )
+    if "rung1_accuracy" in run.trials.columns or len(winners):
+        promoted = run.trials
+        if "rung1_accuracy" in promoted.columns:
+            promoted = promoted[promoted["rung1_accuracy"].notna()]
+        else:
+            promoted = promoted.iloc[0:0].assign(rung1_accuracy=[])
+        for x in axes:
+            if x not in promoted.columns and x not in winners.columns:
+                continue
+            figure = _figures.accuracy_front_figure(
+                promoted,
+                winners,
+                x,
+                teacher_costs(run),
+                budget_limit(run, x),
+                f"{run.name}: accuracy vs {x}",
+            )
+            figures.append((f"Accuracy vs {x}: as built, after rung 1 and fine-tuned", figure))
     trace = _data.hypervolume_over_trials(run.trials, (score, cost))
     figures.append(
         ("Hypervolume of the front over trials", _figures.hypervolume_figure(trace, "hypervolume"))
     )
 
     summary = summary_markdown(run, winners, (score, cost), fidelity)
-    intro = f"<p>{len(run.trials)} trials, {int(run.trials['feasible'].sum())} feasible; " + (
-        f"Kendall τ (proxy vs fine-tuned accuracy) {fidelity.kendall_tau:+.2f}.</p>"
-        if math.isfinite(fidelity.kendall_tau)
-        else "</p>"
-    )
-    tables = f"<h2>Summary</h2><pre>{html.escape(summary)}</pre>"
+    intro = "".join(f"<p>{_inline(line)}</p>" for line in _head_lines(run, (score, cost), fidelity))
+    tables = summary_html(run, winners, (score, cost), fidelity)
     paths = ReportPaths(
         out / "report.html", out / "summary.md", out / "trials.parquet", out / "trials.csv"
     )
@@ -225,10 +239,15 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
-def summary_markdown(
-    run: RunData, winners: pd.DataFrame, objectives: tuple[str, str], fidelity: _data.FidelityData
-) -> str:
-    """The run's settings, winners against the teacher and baselines, and how to reuse them."""
+class Table(NamedTuple):
+    heading: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str
+
+
+def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
+    """Winners against the teacher and the baselines: accuracy, costs, measured speed-up."""
     teacher = teacher_costs(run)
     header = [
         "model",
@@ -237,16 +256,21 @@ def summary_markdown(
         "params",
         "FLOPs",
         "latency ms (measured)",
+        "speed-up (measured)",
         "latency ms (predicted)",
         "speed-up (predicted)",
         "proxy",
     ]
 
+    def ratio(base: Any, value: Any) -> str:
+        if not isinstance(value, (int, float)) or not isinstance(base, (int, float)):
+            return "–"
+        if not (math.isfinite(value) and math.isfinite(base)) or value <= 0 or base <= 0:
+            return "–"
+        return f"{base / value:.2f}×"
+
     def row(name: str, record: dict[str, Any]) -> list[str]:
-        predicted, base = record.get("predicted_ms"), teacher.get("latency_ms")
-        speedup = "–"
-        if isinstance(predicted, (int, float)) and base and predicted and math.isfinite(predicted):
-            speedup = f"{base / predicted:.2f}×"
+        predicted, measured = record.get("predicted_ms"), record.get("measured_ms")
         params = record.get("params")
         share = f" ({params / teacher['params']:.0%})" if params and teacher.get("params") else ""
         return [
@@ -255,13 +279,23 @@ def summary_markdown(
             _number(record.get("initial_accuracy"), "percent"),
             _number(params) + share,
             _number(record.get("flops")),
-            _number(record.get("measured_ms"), "ms"),
+            _number(measured, "ms"),
+            ratio(teacher.get("measured_latency_ms"), measured),
             _number(predicted, "ms"),
-            speedup,
+            ratio(teacher.get("latency_ms"), predicted),
             _number(record.get("proxy"), "float"),
         ]
 
-    rows = [row("teacher", dict(teacher, predicted_ms=teacher.get("latency_ms")))]
+    rows = [
+        row(
+            "teacher",
+            dict(
+                teacher,
+                predicted_ms=teacher.get("latency_ms"),
+                measured_ms=teacher.get("measured_latency_ms"),
+            ),
+        )
+    ]
     predicted_by_trial = (
         run.trials.set_index("number")["latency_ms"].to_dict()
         if ("latency_ms" in run.trials.columns)
@@ -286,31 +320,88 @@ def summary_markdown(
             feasible = "" if record.get("feasible") else ", infeasible"
             name = f"baseline {record['baseline']} (trial {record['number']}{feasible})"
             rows.append(row(name, dict(record, predicted_ms=record.get("latency_ms"))))
-
-    settings = (
-        "\n".join(f"- {key}: `{value}`" for key, value in run.settings.items() if value is not None)
-        or "- (no run.yaml)"
-    )
-    lines = [
-        f"# vitrank run `{run.name}`",
-        "",
-        f"{len(run.trials)} trials, {int(run.trials['feasible'].sum())} feasible; objectives "
-        f"{objectives[0]} and {objectives[1]} (both minimised).",
-    ]
-    if math.isfinite(fidelity.kendall_tau):
-        lines.append(
-            f"Proxy fidelity over {fidelity.n} winners: Kendall τ {fidelity.kendall_tau:+.2f}, "
-            f"Spearman ρ {fidelity.spearman_rho:+.2f}."
-        )
-    lines += ["", "## Settings", "", settings, "", "## Winners, teacher and baselines", ""]
-    lines += [_markdown_table(header, rows), ""]
-    lines += [
+    note = (
         "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it). "
-        "Predicted latency comes from the run's latency table (batch and device of the "
-        "budget); measured latency is the winner's own timing.",
-        "",
+        "Measured latency is each model's own timing at the run's batch on its device, the "
+        "teacher's included; predicted latency comes from the run's latency table."
+    )
+    return Table("Winners, teacher and baselines", header, rows, note)
+
+
+def ladder_rows(run: RunData) -> Table | None:
+    """The fidelity ladder: each promoted candidate's score at every rung, τ and times."""
+    trials = run.trials
+    if "rung1_score" not in trials.columns or not trials["rung1_score"].notna().any():
+        return None
+    promoted = trials[trials["rung1_score"].notna()].copy()
+    promoted = promoted.sort_values(
+        ["rung1_units", "rung1_score", "proxy"], ascending=[False, False, True]
+    )
+    header = [
+        "trial",
+        "baseline",
+        "params",
+        "proxy (rung 0)",
+        "rung 1: selection accuracy (milestones)",
+        "rung 2: selection accuracy",
+        "final accuracy (validation)",
     ]
-    lines += ["## Reuse", ""]
+    rows = []
+    for record in promoted.to_dict("records"):
+        units = record.get("rung1_units")
+        rows.append(
+            [
+                str(record["number"]),
+                record["baseline"] if isinstance(record.get("baseline"), str) else "–",
+                _number(record.get("params")),
+                _number(record.get("proxy"), "float"),
+                _number(record.get("rung1_accuracy"), "percent")
+                + (f" ({int(units)})" if units == units and units is not None else ""),
+                _number(record.get("rung2_selection_accuracy"), "percent"),
+                _number(record.get("final_accuracy"), "percent"),
+            ]
+        )
+    rungs = _rungs_file(run)
+    parts = []
+    for rung, label in (("proxy", "proxy"), ("rung1", "rung 1")):
+        figure = (rungs.get("agreement") or {}).get(rung) or {}
+        tau, count = figure.get("tau"), figure.get("count", 0)
+        if isinstance(tau, (int, float)) and math.isfinite(tau):
+            parts.append(
+                f"Kendall τ of the {label} against the final accuracy: {tau:+.2f} ({count} candidates)"
+            )
+        else:
+            parts.append(
+                f"Kendall τ of the {label}: needs 3 candidates with a final accuracy ({count} here; raise --finetune-top)"
+            )
+    seconds = rungs.get("seconds") or {}
+    if seconds:
+        parts.append(
+            f"selection by the proxy alone took {seconds.get('proxy_selection', math.nan):.1f} s; "
+            f"with rungs 1 and 2, {seconds.get('multi_fidelity_selection', math.nan):.1f} s "
+            f"(rung 1 {seconds.get('rung1', math.nan):.1f} s, rung 2 {seconds.get('rung2', math.nan):.1f} s)"
+        )
+    note = (
+        "Rung 1 distils each candidate briefly, halving the field at each milestone; rung 2 "
+        "fine-tunes the best K in full. Selection accuracy is top-1 on training images no "
+        "distillation uses (never the validation split); equal accuracies are ordered by the "
+        "KL divergence from the teacher there. " + "; ".join(parts) + "."
+    )
+    return Table("Fidelity ladder: proxy, short distillation, fine-tuning", header, rows, note)
+
+
+def _rungs_file(run: RunData) -> dict[str, Any]:
+    import json
+
+    path = run.root / "rungs.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _reuse_lines(run: RunData, winners: pd.DataFrame) -> list[str]:
+    lines = []
     model_option = _model_option(run.settings)
     for record in winners.to_dict("records"):
         directory = Path(record["directory"])
@@ -323,7 +414,83 @@ def summary_markdown(
     if winners.empty:
         lines.append("- no winners were saved (run `vitrank finetune RUN_DIR --top K`).")
     lines.append(f"- re-run the search: `vitrank search --config {run.root / 'run.yaml'}`")
+    return lines
+
+
+def _tables(run: RunData, winners: pd.DataFrame) -> list[Table]:
+    ladder = ladder_rows(run)
+    return [winners_rows(run, winners), *([ladder] if ladder is not None else [])]
+
+
+def _head_lines(
+    run: RunData, objectives: tuple[str, str], fidelity: _data.FidelityData
+) -> list[str]:
+    lines = [
+        f"{len(run.trials)} trials, {int(run.trials['feasible'].sum())} feasible; objectives "
+        f"{objectives[0]} and {objectives[1]} (both minimised)."
+    ]
+    if math.isfinite(fidelity.kendall_tau):
+        lines.append(
+            f"Proxy fidelity over {fidelity.n} winners: Kendall τ {fidelity.kendall_tau:+.2f}, "
+            f"Spearman ρ {fidelity.spearman_rho:+.2f}."
+        )
+    return lines
+
+
+def _settings_items(run: RunData) -> list[tuple[str, Any]]:
+    return [(key, value) for key, value in run.settings.items() if value is not None]
+
+
+def summary_markdown(
+    run: RunData, winners: pd.DataFrame, objectives: tuple[str, str], fidelity: _data.FidelityData
+) -> str:
+    """The run's settings, winners against the teacher and baselines, and how to reuse them."""
+    settings = "\n".join(f"- {k}: `{v}`" for k, v in _settings_items(run)) or "- (no run.yaml)"
+    lines = [f"# vitrank run `{run.name}`", "", *_head_lines(run, objectives, fidelity)]
+    lines += ["", "## Settings", "", settings, ""]
+    for table in _tables(run, winners):
+        lines += [f"## {table.heading}", "", _markdown_table(table.header, table.rows), ""]
+        lines += [table.note, ""]
+    lines += ["## Reuse", "", *_reuse_lines(run, winners)]
     return "\n".join(lines) + "\n"
+
+
+def _inline(text: str) -> str:
+    """Markdown's `code` spans as <code>, everything else escaped."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def summary_html(
+    run: RunData, winners: pd.DataFrame, objectives: tuple[str, str], fidelity: _data.FidelityData
+) -> str:
+    """The summary's content as HTML sections: real tables, lists and code."""
+    parts = []
+    for table in _tables(run, winners):
+        parts.append(
+            f"<section><h2>{html.escape(table.heading)}</h2>"
+            f"{_html_table(table.header, table.rows)}<p>{_inline(table.note)}</p></section>"
+        )
+    settings = "".join(
+        f"<li>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></li>"
+        for k, v in _settings_items(run)
+    )
+    parts.append(
+        f"<section><h2>Settings</h2><ul>{settings or '<li>(no run.yaml)</li>'}</ul></section>"
+    )
+    reuse = "".join(
+        f"<li>{_inline(line.lstrip('- ').strip())}</li>" for line in _reuse_lines(run, winners)
+    )
+    parts.append(f"<section><h2>Reuse</h2><ul>{reuse}</ul></section>")
+    return "\n".join(parts)
 
 
 def _model_option(settings: dict[str, Any]) -> str:

@@ -250,3 +250,60 @@ def hypervolume_figure(trace: HypervolumeTrace, title: str) -> go.Figure:
         template="plotly_white",
     )
     return figure
+
+
+def accuracy_front_figure(
+    candidates: object,
+    winners: object,
+    cost: str,
+    teacher: dict,
+    budget: float | None,
+    title: str,
+) -> go.Figure:
+    """Accuracy against cost: rung-1 candidates (selection accuracy), each winner as built
+    and fine-tuned (validation accuracy, joined by a line), the teacher and the budget."""
+    import plotly.graph_objects as go
+
+    figure = go.Figure()
+    if len(candidates):  # type: ignore[arg-type]
+        figure.add_trace(
+            go.Scatter(
+                x=candidates[cost],  # type: ignore[index]
+                y=candidates["rung1_accuracy"],  # type: ignore[index]
+                mode="markers",
+                name="rung 1 (selection images)",
+                marker={"color": _GREY, "size": 8},
+                text=[f"trial {n}" for n in candidates["number"]],  # type: ignore[index]
+            )
+        )
+    for index, record in enumerate(winners.to_dict("records")):  # type: ignore[attr-defined]
+        x = record.get(cost)
+        built, tuned = record.get("initial_accuracy"), record.get("finetuned_accuracy")
+        ys = [v for v in (built, tuned) if v is not None and np.isfinite(float(v))]
+        if x is None or not ys:
+            continue
+        figure.add_trace(
+            go.Scatter(
+                x=[x] * len(ys),
+                y=ys,
+                mode="lines+markers",
+                name=f"{record['label']}: as built → fine-tuned",
+                marker={"color": _PALETTE[index % len(_PALETTE)], "size": 10},
+            )
+        )
+    if teacher.get(cost) and teacher.get("accuracy") is not None:
+        figure.add_trace(
+            go.Scatter(
+                x=[teacher[cost]],
+                y=[teacher["accuracy"]],
+                mode="markers",
+                name="teacher",
+                marker={"symbol": "star", "size": 14, "color": "black"},
+            )
+        )
+    if budget is not None:
+        figure.add_vline(x=budget, line_dash="dash", annotation_text="budget")
+    figure.update_layout(
+        title=title, xaxis_title=_title(cost), yaxis_title="accuracy", template="plotly_white"
+    )
+    return figure

@@ -26,6 +26,9 @@ WINNER_METRICS = (
     "initial_accuracy",
     "latency_ms",
     "predicted_latency_ms",
+    "rank",
+    "rung1_accuracy",
+    "selection_accuracy",
 )
 
 
@@ -88,8 +91,14 @@ def load_run(root: str | Path) -> RunData:
         if (directory / "metrics.json").is_file():
             metrics = json.loads((directory / "metrics.json").read_text())
         winners.append(Winner(directory.name, directory, config, metrics))
-    # The search saves the best proxy first; W1 is that one.
-    winners.sort(key=lambda w: (_sort_key(w.metrics.get("proxy")), w.id))
+    # W1 is the winner: rank 1 of the fidelity ladder (older runs: the best proxy).
+    winners.sort(
+        key=lambda w: (
+            _sort_key(w.metrics.get("rank")),
+            _sort_key(w.metrics.get("proxy")),
+            w.id,
+        )
+    )
     trials = trials_table(_trials(root, trials_path), trials_path)
     return RunData(root, root.name, settings, trials, pareto, winners)
 

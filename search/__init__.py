@@ -8,12 +8,14 @@ samplers and baselines are looked up by name in `ENGINES`, `SAMPLERS` and `BASEL
 from __future__ import annotations
 
 from search._engines import ENGINES, EngineJob, run_engine
+from search._fidelity import milestones, promotion_pool, rank_agreement
 from search._finish import finetune_winners
 from search._pareto import pareto_front, pick_winners
 from search._run import RESUMABLE, read_trials, resolve_run, run_search
 from search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
 from search._samplers import SAMPLERS, make_sampler
 from search._settings import SearchSettings, resolve_settings
+from search._winners import build_candidate, finetune_candidate
 from search.baselines import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
 
 __all__ = [
@@ -29,10 +31,15 @@ __all__ = [
     "SearchSettings",
     "atomic_write_bytes",
     "atomic_write_json",
+    "build_candidate",
+    "finetune_candidate",
     "finetune_winners",
     "make_sampler",
+    "milestones",
     "pareto_front",
     "pick_winners",
+    "promotion_pool",
+    "rank_agreement",
     "read_trials",
     "resolve_run",
     "resolve_settings",

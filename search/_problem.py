@@ -52,6 +52,11 @@ CPU_COMPENSATION_FLOPS = 1e12
 # ... and the whole sensitivity phase (each term runs the blocks from its own on, about
 # half the model, over the sensitivity images).
 CPU_SENSITIVITY_FLOPS = 1.5e12
+# Rung 1 distils each candidate on at most RUNG_IMAGES images per epoch (forward and
+# backward of the student, forward of the teacher: ~4 forwards an image), on a CPU also
+# bounded by CPU_RUNG_FLOPS.
+RUNG_IMAGES = 2048
+CPU_RUNG_FLOPS = 4e12
 SENSITIVITY_TERMS_PER_BLOCK = 8
 # Calibration tokens a CPU run aims at (256 images of 50 tokens): several times the widest
 # Linear input of a DeiT-B block (3072), so every covariance is well conditioned.
@@ -67,13 +72,15 @@ class DataSizes:
     sensitivity: int
     chosen: bool  # False when the settings gave them
     compensation: int = 64  # the first calibration images, for the winners' compensation
+    rung: int = RUNG_IMAGES  # distillation images per rung-1 epoch
 
     def describe(self, model: str, device: torch.device) -> str:
         how = f"chosen for {model} on {device}" if self.chosen else "as set"
         return (
             f"images: {self.calib} for calibration, {self.heldout} held out for the proxy, "
             f"{self.sensitivity} for sensitivity and baselines, {self.compensation} for "
-            f"compensation ({how}; --calib-size, --heldout-size to change)"
+            f"compensation, {self.rung} per rung-1 epoch ({how}; --calib-size, "
+            "--heldout-size, --rung-images to change)"
         )
 
 
@@ -98,11 +105,15 @@ def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device)
         sensitivity = int(
             min(sensitivity, max(8, CPU_SENSITIVITY_FLOPS // (terms * per_image / 2)))
         )
+    rung = settings.rung_images or RUNG_IMAGES
+    if device.type == "cpu" and settings.rung_images is None:
+        rung = int(min(RUNG_IMAGES, max(64, CPU_RUNG_FLOPS // (4 * per_image))))
     return DataSizes(
+        rung=rung,
         calib=calib,
         heldout=heldout or auto_heldout,
         sensitivity=sensitivity,
-        chosen=settings.calib_size is None or settings.heldout_size is None,
+        chosen=None in (settings.calib_size, settings.heldout_size, settings.rung_images),
         compensation=min(compensation, sensitivity, calib),
     )
 
@@ -125,6 +136,8 @@ class Problem:
     # The fp32 teacher the factors were made from, when `teacher` runs in fp16 / bf16.
     reference: nn.Module | None = None
     sizes: DataSizes | None = None  # the images each phase used (cache/sizes.json)
+    # The fidelity ladder's distillation and selection images (search._fidelity), once made.
+    selection: Any = None
 
     def compensation_images(self, workload: Workload) -> Dataset:
         """The calibration images error compensation refines on: the first of the run's
@@ -421,7 +434,8 @@ def prepare(
     for svd in sorted(kinds):
         if not factor_path(run, svd).exists():
             log(f"factorizing every layer once ({svd} SVD) on {device} ...")
-            cache = FactorCache(teacher, stats if svd == "whitened" else None, svd == "whitened")
+            whitened = svd == "whitened"
+            cache = FactorCache(teacher, stats if whitened else None, whitened, progress=True)
             cache.save(factor_path(run, svd))
             del cache
     lap("factorization")

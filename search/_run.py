@@ -66,8 +66,10 @@ RESUMABLE = (
     "ray_address",
     "cpus_per_trial",
     "gpus_per_trial",
+    "promote",
     "finetune_top",
     "finetune_epochs",
+    "finetune_images",
     "resume",
 )
 TABLE_EVERY_S = 5.0
@@ -173,12 +175,13 @@ def read_trials(run_dir: str | Path) -> Any:
         rdb = storage(run.storage_url)
         if STUDY_NAME not in {study.study_name for study in rdb.get_all_studies()}:
             return None
-        trials = optuna.load_study(study_name=STUDY_NAME, storage=rdb).get_trials(deepcopy=False)
+        study = optuna.load_study(study_name=STUDY_NAME, storage=rdb)
+        trials = study.get_trials(deepcopy=False)
     try:
         cost = SearchSettings.load(run.settings).objective_names[1]
     except (OSError, ValueError, yaml.YAMLError):
         return None
-    return trials_frame(trials, cost)
+    return trials_frame(trials, cost, study.user_attrs)
 
 
 def _load_workload(settings: SearchSettings) -> Workload:
@@ -342,6 +345,12 @@ def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
     }
     if current.latency_table is not None:
         record["latency_ms"] = float(current.latency_table.dense_ms)
+    from search._winners import measured_latency
+
+    # Timed as the winners are (batch, device), so that their speed-up is measured too.
+    record["measured_latency_ms"] = measured_latency(
+        current.teacher, workload, current.settings.batch, str(current.device)
+    )
     return record
 
 
@@ -432,7 +441,7 @@ def run_search(
         timings["trials"] = time.perf_counter() - clock
         study = open_study(job)
         frame = write_trials(run, study, cost)
-        rows = trial_rows(study.get_trials(deepcopy=False), cost)
+        rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
         budget = {
             "kind": current.budget.kind,
             "text": str(current.budget),
@@ -446,23 +455,61 @@ def run_search(
             f"{int(frame['feasible'].sum())} feasible, {len(front)} on the Pareto front "
             f"({time.monotonic() - started:.0f} s)"
         )
+        # With the ray engine, Ray Tune runs rungs 1 and 2 when workers can rebuild the
+        # workload by name; otherwise they run in this process.
+        ray_rungs = settings.engine == "ray" and by_name
+        clock = time.perf_counter()
+        if front and settings.promote > 0:
+            from search._fidelity import run_rung1
+
+            run_rung1(
+                current, workload, study, storage(run.storage_url), rows, ray=ray_rungs, log=log
+            )
+            study = open_study(job)
+            write_trials(run, study, cost)
+            rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
+        timings["rung1"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if front:
-            ray_finetune = settings.engine == "ray" and by_name
             save_winners(
                 current,
                 workload,
                 rows,
                 top=settings.finetune_top,
                 epochs=settings.finetune_epochs,
-                ray=ray_finetune,
+                ray=ray_rungs,
                 log=log,
             )
+            study = open_study(job)
+            write_trials(run, study, cost)
+            rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
         else:
             log("no feasible trial: no winners saved (raise the budget or run more trials).")
         timings["winners"] = time.perf_counter() - clock
         _write_timings(run, timings, study, str(current.device))
+        if front and settings.promote > 0:
+            from search._fidelity import write_rungs
+
+            write_rungs(run, rows, _selection_seconds(run))
     return run.root
+
+
+def _selection_seconds(run: RunDir) -> dict[str, float]:
+    """The proxy selection's time (every session's trials) beside the ladder's (plus rungs
+    1 and 2), from timings.json."""
+    import json
+
+    sessions = json.loads((run.root / "timings.json").read_text())["sessions"]
+    total = {
+        key: round(sum(s["seconds"].get(key, 0.0) for s in sessions), 3)
+        for key in ("trials", "rung1", "winners")
+    }
+    return {
+        "proxy_selection": total["trials"],
+        "rung1": total["rung1"],
+        "rung2": total["winners"],
+        "multi_fidelity_selection": round(total["trials"] + total["rung1"] + total["winners"], 3),
+    }
 
 
 def _write_timings(run: RunDir, timings: dict[str, float], study: Any, device: str) -> None:

@@ -73,9 +73,18 @@ class SearchSettings:
     # GPUs each Ray trial asks for (fractional: several trials share one); None: a quarter
     # of a GPU when the run's device is a GPU, else none.
     gpus_per_trial: float | None = None
-    # Winners: the top K of the feasible front, fine-tuned by distillation.
+    # The fidelity ladder (search._fidelity). Rung 1: a short distillation of `promote`
+    # candidates and every feasible baseline, with successive halving; 0 skips it.
+    promote: int = 6
+    rung_epochs: float = 1.0
+    # Distillation images per rung-1 epoch (a seeded subset); None: 2048, fewer for
+    # DeiT-sized models on a CPU (cache/sizes.json says what was chosen).
+    rung_images: int | None = None
+    # Rung 2: the best K of rung 1 (else of the front) fine-tuned by distillation, on a
+    # seeded subset of `finetune_images` distillation images per epoch (None: all).
     finetune_top: int = 1
     finetune_epochs: int = 1
+    finetune_images: int | None = None
     compensate: bool = True  # error compensation of winners before fine-tuning
     # Where the run lives: `out` itself when given, else `runs/<name>/`.
     out: str | None = None
@@ -137,6 +146,14 @@ class SearchSettings:
             raise ValueError(f"`0 <= refine < 1` must hold, but got {self.refine=}.")
         if self.trials < 1:
             raise ValueError(f"`trials >= 1` must hold, but got {self.trials=}.")
+        if self.promote < 0:
+            raise ValueError(f"`promote >= 0` must hold (0: no rung 1), but got {self.promote=}.")
+        if not self.rung_epochs > 0:
+            raise ValueError(f"`rung_epochs > 0` must hold, but got {self.rung_epochs=}.")
+        for name in ("rung_images", "finetune_images"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name} >= 1` must hold, but got {name}={value!r}.")
         if self.finetune_top < 0 or self.finetune_epochs < 0:
             raise ValueError(
                 "`finetune_top >= 0` and `finetune_epochs >= 0` must hold, but got "

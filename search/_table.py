@@ -14,13 +14,37 @@ from search._engines import INTERRUPTED_ATTR, METRICS_ATTR, VIOLATION_ATTR
 from search._pareto import pareto_front
 from search._rundir import RunDir, atomic_write_bytes, atomic_write_json
 
+# The fidelity ladder's results (search._fidelity) are study user attrs, one per trial
+# ("rung1:0017"): Optuna refuses to change a finished trial's attributes.
+RUNG1_ATTR = "rung1"
+RUNG2_ATTR = "rung2"
+
+
+def rung_key(rung: str, number: int) -> str:
+    return f"{rung}:{number:04d}"
+
+
+def rung_records(study_attrs: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """{(rung, trial number): record} from a study's user attrs."""
+    out = {}
+    for key, value in study_attrs.items():
+        rung, _, number = key.partition(":")
+        if rung in (RUNG1_ATTR, RUNG2_ATTR) and number.isdigit() and isinstance(value, dict):
+            out[(rung, int(number))] = value
+    return out
+
+
 if TYPE_CHECKING:
     import optuna
     import pandas as pd
 
 
-def trial_rows(trials: list[optuna.trial.FrozenTrial], cost: str) -> list[dict[str, Any]]:
-    """One flat row per trial (every state), numbers ascending."""
+def trial_rows(
+    trials: list[optuna.trial.FrozenTrial], cost: str, study_attrs: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One flat row per trial (every state), numbers ascending; `study_attrs` (the study's
+    user attrs) add each trial's rung results."""
+    rungs = rung_records(study_attrs or {})
     from spaces import CONFIG_ATTR
 
     rows = []
@@ -51,19 +75,32 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial], cost: str) -> list[dict[s
         for key, value in metrics.items():
             if key not in ("proxy", "params", "flops", "latency_ms"):
                 row[f"proxy.{key}"] = float(value)
+        # The fidelity ladder (search._fidelity): None where a trial did not get that far.
+        rung1 = rungs.get((RUNG1_ATTR, t.number), {})
+        rung2 = rungs.get((RUNG2_ATTR, t.number), {})
+        row["rung1_score"] = rung1.get("score")
+        row["rung1_accuracy"] = rung1.get("accuracy")
+        row["rung1_units"] = rung1.get("units")
+        row["rung1_curve"] = rung1.get("curve")
+        row["rung1_initial"] = rung1.get("initial")
+        row["rung2_selection_score"] = rung2.get("selection_score")
+        row["rung2_selection_accuracy"] = rung2.get("selection_accuracy")
+        row["final_accuracy"] = rung2.get("accuracy")
         rows.append(row)
     return rows
 
 
-def trials_frame(trials: list[optuna.trial.FrozenTrial], cost: str) -> pd.DataFrame:
+def trials_frame(
+    trials: list[optuna.trial.FrozenTrial], cost: str, study_attrs: dict[str, Any] | None = None
+) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.DataFrame(trial_rows(trials, cost))
+    return pd.DataFrame(trial_rows(trials, cost, study_attrs))
 
 
 def write_trials(run: RunDir, study: optuna.Study, cost: str) -> pd.DataFrame:
     """Rebuild trials.parquet from the study (atomic)."""
-    frame = trials_frame(study.get_trials(deepcopy=False), cost)
+    frame = trials_frame(study.get_trials(deepcopy=False), cost, study.user_attrs)
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
     atomic_write_bytes(run.trials, buffer.getvalue())

@@ -40,7 +40,8 @@ def _accuracy(model: nn.Module, workload: Workload, device: str) -> float:
     return float(evaluate_accuracy(model, workload.val, device=device, progress=False))
 
 
-def _latency(model: nn.Module, workload: Workload, batch: int, device: str) -> float:
+def measured_latency(model: nn.Module, workload: Workload, batch: int, device: str) -> float:
+    """Median milliseconds of a forward pass at `batch` on `device` (evaluators' timing)."""
     from evaluators import LATENCY_REPEATS, LATENCY_WARMUP, measure_latency
 
     result = measure_latency(
@@ -54,10 +55,29 @@ def _latency(model: nn.Module, workload: Workload, batch: int, device: str) -> f
     return float(result.median_ms)
 
 
+def build_candidate(
+    problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool
+) -> nn.Module:
+    """A trial's model as the winners are built: compressed, then compensated when asked."""
+    model, _ = _build(problem, workload, row, compensate, None)
+    return model
+
+
 def build_winner(
     problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool, device: str
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The winner's model (compensated when asked) and its pre-fine-tuning metrics."""
+    return _build(problem, workload, row, compensate, device)
+
+
+def _build(
+    problem: Problem,
+    workload: Workload,
+    row: dict[str, Any],
+    compensate: bool,
+    device: str | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model, and (when `device` is given) its validation accuracy as built."""
     from spaces import CompressionConfig
     from vitrank.core.model import compress
 
@@ -67,8 +87,8 @@ def build_winner(
             "run": problem.run.root.name,
             "trial": int(row["number"]),
             "granularity": problem.settings.granularity,  # the grid `vitrank apply` checks
-            "baseline": row["baseline"],
-            "metrics": {"proxy": row["proxy"], "params": row["params"], "flops": row["flops"]},
+            "baseline": row.get("baseline"),
+            "metrics": {k: row[k] for k in ("proxy", "params", "flops") if k in row},
         }
     )
     teacher = problem.teacher
@@ -76,10 +96,11 @@ def build_winner(
     model = compress(teacher, config, problem.stats, factors)
     metrics: dict[str, Any] = {
         "number": int(row["number"]),
-        "baseline": row["baseline"],
-        "proxy": row["proxy"],
-        "compressed_accuracy": _accuracy(model, workload, device),
+        "baseline": row.get("baseline"),
+        "proxy": row.get("proxy"),
     }
+    if device is not None:
+        metrics["compressed_accuracy"] = _accuracy(model, workload, device)
     if compensate and config.svd == "whitened":
         compensated = config.replace(compensate=True)
         model = compress(
@@ -89,20 +110,78 @@ def build_winner(
             factors,
             images=problem.compensation_images(workload),
         )
-        metrics["compensated_accuracy"] = _accuracy(model, workload, device)
-    metrics["initial_accuracy"] = metrics.get(
-        "compensated_accuracy", metrics["compressed_accuracy"]
-    )
+        if device is not None:
+            metrics["compensated_accuracy"] = _accuracy(model, workload, device)
+    if device is not None:
+        metrics["initial_accuracy"] = metrics.get(
+            "compensated_accuracy", metrics["compressed_accuracy"]
+        )
     return model, metrics
 
 
-def finetune_winner(config: dict[str, Any]) -> None:
-    """Ray Tune trainable: fine-tune the model saved in `winner_dir` and save it back there."""
-    from evaluators.finetune import finetune_trainable
+def finetune_candidate(
+    problem: Problem,
+    workload: Workload,
+    model: nn.Module,
+    epochs: int,
+    *,
+    train_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rung 2: distil `model` in place for `epochs` on the distillation images, keep the
+    epoch most accurate on the selection images (the model as built included, so
+    fine-tuning never makes it worse there; ties go to the later epoch), then score it
+    there (`selection_score`, what ranks the winners) and measure it on the validation
+    split.
 
-    config = dict(config)
-    directory = config.pop("winner_dir")
-    finetune_trainable({**config, "student_dir": directory, "output_dir": directory})
+    The same for every config a comparison fine-tunes (benchmarks/quality.py uses it):
+    the seed, learning rate and images are the run's. `train_images` distils on a seeded
+    subset of that many distillation images instead (default: the run's `finetune_images`).
+    """
+    from evaluators import finetune
+    from search._fidelity import _selection, limited, selection_accuracy, selection_score
+
+    settings = problem.settings
+    data = _selection(problem, workload)
+    train = limited(data.train, train_images or settings.finetune_images, settings.seed)
+    result = finetune(
+        model,
+        problem.teacher,
+        train,
+        None,
+        epochs=epochs,
+        seed=settings.seed,
+        device=str(problem.device),
+        progress=progress,
+        keep="latest-best",
+        score=lambda student: selection_accuracy(student, data, problem.device),
+    )
+    return {
+        "selection_score": selection_score(model, data, problem.device),
+        "selection_accuracy": float(result.best_accuracy),
+        "finetuned_accuracy": _accuracy(model, workload, str(problem.device)),
+        "best_epoch": int(result.best_epoch),
+        "finetune_history": result.history,
+    }
+
+
+def finetune_winner(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: fine-tune the model saved in `winner_dir` as rung 2 does, save it
+    back there with its figures in finetune.json."""
+    from ray import tune
+
+    from search._problem import problem
+    from vitrank.core.model import load, save
+    from vitrank.workloads import WorkloadSettings
+
+    current = problem(config["run_dir"])
+    workload = WorkloadSettings.of(current.settings).load()
+    directory = Path(config["winner_dir"])
+    model = load(directory).to(current.device)
+    result = finetune_candidate(current, workload, model, int(config["epochs"]), progress=False)
+    save(model, directory)
+    atomic_write_json(directory / "finetune.json", result)
+    tune.report({k: v for k, v in result.items() if k != "finetune_history"})
 
 
 def _finetune_ray(
@@ -114,36 +193,33 @@ def _finetune_ray(
 
     settings = problem.settings
     init_ray(settings.ray_address)
-    from vitrank.workloads import WorkloadSettings
-
     space = {
         "winner_dir": tune.grid_search([str(d.resolve()) for d in directories]),
-        **WorkloadSettings.of(settings).teacher_keys(),
+        "run_dir": str(run.root.resolve()),
         "epochs": epochs,
-        "seed": settings.seed,
-        "device": "cuda" if settings.trial_gpus() > 0 else "cpu",
     }
+    from search._engines import _environment
+
     tuner = tune.Tuner(
         tune.with_resources(
             finetune_winner, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
         ),
         param_space=space,
+        tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(
             name=session, storage_path=str(run.tune.resolve()), verbose=0, log_to_file=False
         ),
     )
-    results = tuner.fit()
+    # Tune's experiment banner and TensorBoard hint stay out of the user's terminal.
+    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+        results = tuner.fit()
     out: dict[str, dict[str, Any]] = {}
     for index in range(len(results)):
         result = results[index]
         directory = (result.config or {})["winner_dir"]
         if result.error is not None:
             raise RuntimeError(f"fine-tuning {directory} failed: {result.error}")
-        metrics = result.metrics or {}
-        out[directory] = {
-            "finetuned_accuracy": float(metrics.get("best_accuracy", float("nan"))),
-            "finetune_epochs_run": int(metrics.get("epoch", 0)),
-        }
+        out[directory] = json.loads((Path(directory) / "finetune.json").read_text())
     return out
 
 
@@ -157,13 +233,20 @@ def save_winners(
     ray: bool,
     log: Any = print,
 ) -> list[Path]:
-    """Build, (compensate,) fine-tune, measure and save the top winners; their folders."""
+    """Build, (compensate,) fine-tune, measure and save the top winners; their folders.
+
+    With rung-1 results the winners are the best of rung 1 (`search._fidelity`), else the
+    best proxy and points spread along the front. Fine-tuned winners (rung 2) are ranked by
+    their selection accuracy; `rank` in metrics.json says the order (1 is the winner).
+    """
+    from search._fidelity import rung1_order
     from spaces import count_flops, count_params, predict_latency
     from vitrank.core.model import CONFIG_ATTRIBUTE, save
 
     settings = problem.settings
     device = str(problem.device)
-    chosen = choose(rows, max(top, 1))
+    ladder = rung1_order(rows)
+    chosen = ladder[: max(top, 1)] if ladder else choose(rows, max(top, 1))
     run = problem.run
     directories, records = [], []
     for row in chosen:
@@ -179,49 +262,76 @@ def save_winners(
             params_built=int(sum(p.numel() for p in model.parameters())),
             flops=int(count_flops(config)),
         )
+        if row.get("rung1_accuracy") is not None:
+            metrics["rung1_accuracy"] = float(row["rung1_accuracy"])
+            metrics["rung1_score"] = float(row["rung1_score"])
+            metrics["rung1_units"] = int(row["rung1_units"])
         if problem.latency_table is not None:
             metrics["predicted_latency_ms"] = float(predict_latency(config, problem.latency_table))
         # Measured before any fine-tuning (which keeps the structure, hence the latency), so
         # that Ray fine-tuning workers never share the cores with the measurement.
-        metrics["latency_ms"] = _latency(model, workload, settings.batch, device)
+        metrics["latency_ms"] = measured_latency(model, workload, settings.batch, device)
         metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
         save(model, directory)
         directories.append(directory)
         records.append((directory, model, metrics))
-    # Fine-tune only the first `top` (the best proxy first); the others are kept as built.
+    # Fine-tune only the first `top` (the best first); the others are kept as built.
     tune_these = [d for d, _, _ in records][: top if epochs > 0 else 0]
     tuned: dict[str, dict[str, Any]] = {}
     if tune_these and ray:
-        log(f"fine-tuning {len(tune_these)} winner(s) for {epochs} epoch(s) as Ray Tune trials ...")
+        log(
+            f"rung 2: fine-tuning {len(tune_these)} winner(s) for {epochs} epoch(s) as Ray Tune trials ..."
+        )
         sessions = sorted(run.tune.glob("finetune-*")) if run.tune.exists() else []
         tuned = _finetune_ray(run, tune_these, problem, epochs, f"finetune-{len(sessions)}")
     elif tune_these:
-        from evaluators import finetune
-
         for directory, model, _ in records:
             if directory not in tune_these:
                 continue
-            log(f"fine-tuning {directory.name} for {epochs} epoch(s) ...")
-            result = finetune(
-                model,
-                problem.teacher,
-                workload.train,
-                workload.val,
-                epochs=epochs,
-                seed=settings.seed,
-                device=device,
-                progress=True,
-            )
+            log(f"rung 2: fine-tuning {directory.name} for {epochs} epoch(s) ...")
+            tuned[str(directory.resolve())] = finetune_candidate(problem, workload, model, epochs)
             save(model, directory)
-            tuned[str(directory.resolve())] = {
-                "finetuned_accuracy": float(result.best_accuracy),
-                "finetune_history": result.history,
-            }
     for directory, _, metrics in records:
         extra = tuned.get(str(directory.resolve()))
         if extra is not None:
             metrics.update(extra, finetune_epochs=epochs)
+    # The winner is the best on the selection images after rung 2 (else rung 1's order).
+    order = sorted(
+        range(len(records)),
+        key=lambda i: (-records[i][2].get("selection_score", -1.0), i),
+    )
+    for rank, index in enumerate(order, start=1):
+        directory, _, metrics = records[index]
+        metrics["rank"] = rank
         atomic_write_json(
             directory / "metrics.json", json.loads(json.dumps(metrics, default=float))
         )
-    return directories
+    _record_rung2(problem, [records[i][2] for i in order])
+    return [records[i][0] for i in order]
+
+
+def _record_rung2(problem: Problem, winners: list[dict[str, Any]]) -> None:
+    """Each fine-tuned winner's rung-2 figures on its Optuna trial (the trials table)."""
+    from search._engines import storage
+    from search._table import RUNG2_ATTR, rung_key
+
+    fine_tuned = [m for m in winners if "selection_score" in m]
+    if not fine_tuned or not problem.run.study_db.exists():
+        return
+    import optuna
+
+    rdb = storage(problem.run.storage_url)
+    names = [s.study_name for s in rdb.get_all_studies()]
+    if not names:
+        return
+    study = optuna.load_study(study_name=names[0], storage=rdb)
+    for metrics in fine_tuned:
+        record = {
+            "selection_score": metrics["selection_score"],
+            "selection_accuracy": metrics["selection_accuracy"],
+            "accuracy": metrics["finetuned_accuracy"],
+            "epochs": metrics.get("finetune_epochs"),
+            "rank": metrics["rank"],
+        }
+        key = rung_key(RUNG2_ATTR, int(metrics["number"]))
+        rdb.set_study_user_attr(study._study_id, key, record)

@@ -56,6 +56,7 @@ def tiny_settings(out: Path, **overrides: Any) -> Any:
         trials=8,
         finetune_top=1,
         finetune_epochs=0,
+        promote=0,  # the fidelity ladder has its own tests (test_fidelity.py)
         compensate=False,
         granularity=4,
         calib_size=32,

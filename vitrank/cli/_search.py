@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ._options import RegistryChoices, add_device, add_ops, add_workload
 
@@ -104,13 +105,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-trial", type=float, default=None, metavar="N")
     p.add_argument("--gpus-per-trial", type=float, default=None, metavar="N")
     p.add_argument(
+        "--promote",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rung 1: candidates (plus every feasible baseline) given a short distillation, "
+        "the weaker halved away (default: 6; 0 ranks by the proxy alone)",
+    )
+    p.add_argument(
+        "--rung-epochs",
+        type=float,
+        default=None,
+        metavar="E",
+        help="rung 1: epochs of the short distillation (default: 1)",
+    )
+    p.add_argument(
+        "--rung-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rung 1: distil on a seeded subset of N training images per epoch (default: 2048, fewer for DeiT-sized models on a CPU)",
+    )
+    p.add_argument(
         "--finetune-top",
         type=int,
         default=None,
         metavar="K",
-        help="winners fine-tuned after the search",
+        help="rung 2: the best K of rung 1 fine-tuned in full; the best of them wins",
     )
     p.add_argument("--finetune-epochs", type=int, default=None, metavar="E")
+    p.add_argument(
+        "--finetune-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rung 2: distil on a seeded subset of N training images per epoch (default: all)",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
     p.add_argument(
         "--resume",
@@ -118,6 +148,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="continue the search in --out where it stopped",
     )
+
+
+def _rank(directory: Any) -> int:
+    """A winner's rank in its metrics.json (1 is the winner); unranked ones last."""
+    import json
+
+    try:
+        return int(json.loads((directory / "metrics.json").read_text()).get("rank", 10**6))
+    except (OSError, ValueError, AttributeError):
+        return 10**6
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k in known and v is not None}
     run_dir = Path(search(args.config, **given))
     winners = sorted(p for p in (run_dir / "winners").glob("*") if p.is_dir())
+    winners.sort(key=lambda p: _rank(p))
     print(f"run: {run_dir}")
     if (run_dir / "report.html").exists():
         print(f"report: {run_dir / 'report.html'}")

@@ -1,0 +1,682 @@
+"""The fidelity ladder: how far past the proxy each candidate goes.
+
+- Rung 0: the proxy, over every trial (the search itself).
+- Rung 1: a short distillation of the promoted candidates: the best by the proxy and
+  points spread along the feasible front, and every feasible baseline (the bar to beat).
+  Successive halving stops the weaker half at each milestone: Ray Tune's
+  `ASHAScheduler` with the ray engine, the same milestones in-process with the optuna
+  engine. Its objective is one number, the top-1 on the selection images: training images
+  that neither the calibration nor any distillation uses, never the validation split.
+- Rung 2: the full fine-tune of the K best of rung 1 (`search._winners`), on the same
+  distillation images, the best epoch chosen on the same selection images; the winners are
+  ranked by it.
+
+Each rung-1 candidate's state (weights, optimizer, schedule, step) is saved at every
+milestone under `cache/rungs/`, and its accuracies are recorded on its Optuna trial (the
+`rung1` user attribute) once it is done, so a killed search resumes each candidate where
+it stopped and never runs a finished one again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from search._pareto import pick_winners
+from search._rundir import RunDir, atomic_write_json
+from search._table import RUNG1_ATTR, front_rows, rung_key
+from vitrank.core.files import atomic_write
+
+if TYPE_CHECKING:
+    import optuna
+    from torch.utils.data import Dataset
+
+    from search._problem import Problem
+    from vitrank.workloads import Workload
+
+# RUNG1_ATTR: {"score", "accuracy", "units", "curve", "seconds", ...} once it is done;
+# RUNG2_ATTR: {"selection_score", "accuracy", "epochs", "rank"} of a fine-tuned winner.
+RUNG_REPORTS = 4  # selection evaluations in a rung-1 distillation: the milestones 1, 2, 4
+REDUCTION = 2  # successive halving keeps 1 in REDUCTION at each milestone
+SELECTION_MAX = 2000  # selection images, at most (a fifth of the training images otherwise)
+SELECTION_MIN = 64
+BATCH_SIZE = 64
+
+
+def milestones(units: int = RUNG_REPORTS, reduction: int = REDUCTION) -> list[int]:
+    """The successive-halving milestones 1, r, r², ... up to `units` (always included)."""
+    steps, unit = [], 1
+    while unit < units:
+        steps.append(unit)
+        unit *= reduction
+    return [*steps, units]
+
+
+# -- which candidates ----------------------------------------------------------------
+
+
+def promotion_pool(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The rung-1 candidates: `count` feasible configs and every feasible baseline.
+
+    Half of `count` are the best by the proxy; the rest are spread along the (proxy, cost)
+    front (`pick_winners`). Every feasible baseline is added: a short distillation is what
+    tells whether the search found better than they. Distinct configs only (a baseline's
+    config that a sampled trial repeated counts once, under the baseline).
+    """
+    feasible = [r for r in rows if r["feasible"] and r["proxy"] == r["proxy"]]
+    feasible.sort(key=lambda r: (r["baseline"] is None, r["number"]))  # baselines first
+    distinct: dict[str, dict[str, Any]] = {}
+    for row in feasible:
+        distinct.setdefault(row["config"], row)
+    pool = list(distinct.values())
+    if count <= 0 or not pool:
+        return []
+    chosen: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        if all(row["number"] != c["number"] for c in chosen):
+            chosen.append(row)
+
+    for row in sorted(pool, key=lambda r: (r["proxy"], r["number"]))[: (count + 1) // 2]:
+        add(row)
+    front = [r for r in front_rows(pool) if all(r["number"] != c["number"] for c in chosen)]
+    points = [(r["proxy"], r["cost"]) for r in front]
+    for index in pick_winners(points, list(range(len(front))), count - len(chosen)):
+        add(front[index])
+    for row in sorted(pool, key=lambda r: (r["proxy"], r["number"])):
+        if len(chosen) >= count:
+            break
+        add(row)
+    for row in pool:
+        if row["baseline"] is not None:
+            add(row)
+    return chosen
+
+
+def rung1_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a rung-1 result, best first: furthest milestone, then its accuracy."""
+    done = [r for r in rows if r.get("rung1_score") is not None]
+    done = [r for r in done if r["rung1_score"] == r["rung1_score"]]
+    return sorted(
+        done, key=lambda r: (-r["rung1_units"], -r["rung1_score"], r["proxy"], r["number"])
+    )
+
+
+# -- the images ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SelectionData:
+    """The distillation images and the selection images (held out from it), both train."""
+
+    train: Dataset
+    images: Tensor
+    labels: Tensor
+    indices: list[int]  # the selection images' indices in the training split
+    teacher_logits: Tensor  # the teacher's on the selection images (fp32, CPU)
+
+
+def selection_data(problem: Problem, workload: Workload) -> SelectionData:
+    """A seeded choice of training images for selection, disjoint from the calibration
+    images; the distillation trains on every other training image (calibration included)."""
+    from torch.utils.data import Subset
+
+    from vitrank.workloads import calibration_indices
+
+    train = workload.train
+    total = len(train)  # type: ignore[arg-type]
+    calib = problem.sizes.calib if problem.sizes else len(workload.calib)  # type: ignore[arg-type]
+    excluded = set(calibration_indices(total, calib, problem.settings.seed).tolist())
+    remaining = np.array([i for i in range(total) if i not in excluded])
+    size = min(SELECTION_MAX, max(SELECTION_MIN, total // 5), len(remaining) // 2)
+    if size < 1:
+        raise ValueError(
+            f"the {total} training images leave none for selection after the {calib} "
+            "calibration images; use a smaller --calib-size."
+        )
+    rng = np.random.default_rng(problem.settings.seed + 7919)
+    chosen = sorted(int(i) for i in rng.permutation(remaining)[:size])
+    picked = set(chosen)
+    items = [train[i] for i in chosen]
+    images = torch.stack([torch.as_tensor(image) for image, _ in items])
+    labels = torch.as_tensor([int(label) for _, label in items])
+    rest = Subset(train, [i for i in range(total) if i not in picked])
+    logits = _logits(problem.teacher, images, problem.device)
+    return SelectionData(rest, images, labels, chosen, logits)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    from evaluators.accuracy import input_dtype
+
+    was_training = model.training
+    model.eval()
+    dtype = input_dtype(model)
+    try:
+        batches = [
+            model(images[i : i + BATCH_SIZE].to(device=device, dtype=dtype)).float().cpu()
+            for i in range(0, len(images), BATCH_SIZE)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(batches)
+
+
+def limited(dataset: Dataset, count: int | None, seed: int) -> Dataset:
+    """A seeded subset of `count` images of `dataset` (all of it when None or larger)."""
+    from torch.utils.data import Subset
+
+    size = len(dataset)  # type: ignore[arg-type]
+    if count is None or count >= size:
+        return dataset
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[:count].tolist()))
+
+
+def selection_score(model: nn.Module, data: SelectionData, device: torch.device) -> float:
+    """The one number rungs 1 and 2 compare: top-1 on the selection images, ties broken by
+    the KL divergence from the teacher there.
+
+    score = accuracy + 1 / (2 n (1 + KL)) over n images: the added term is below half an
+    image's worth of accuracy, so it only orders equal accuracies (which are common where
+    the teacher knows its training images by heart, as on digits), lower KL first.
+    """
+    import torch.nn.functional as F
+
+    logits = _logits(model, data.images, device)
+    accuracy = float((logits.argmax(-1) == data.labels).double().mean())
+    kl = float(
+        F.kl_div(
+            F.log_softmax(logits.double(), -1),
+            F.log_softmax(data.teacher_logits.double(), -1),
+            reduction="batchmean",
+            log_target=True,
+        )
+    )
+    return accuracy + 1.0 / (2 * len(data.labels) * (1.0 + max(kl, 0.0)))
+
+
+def score_accuracy(score: float, data: SelectionData) -> float:
+    """The top-1 part of a `selection_score`."""
+    n = len(data.labels)
+    return math.floor(score * n + 1e-9) / n if score == score else score
+
+
+def selection_accuracy(model: nn.Module, data: SelectionData, device: torch.device) -> float:
+    """Top-1 on the selection images (what rung 2 picks its epoch by)."""
+    logits = _logits(model, data.images, device)
+    return float((logits.argmax(-1) == data.labels).double().mean())
+
+
+# -- one distillation, in milestones ---------------------------------------------------
+
+
+class Distillation:
+    """A seeded distillation of `student` from `teacher`, run in `units` equal parts.
+
+    The loss, optimizer and schedule are `evaluators.finetune`'s (AdamW, warm-up then
+    cosine over the whole run); the batches are a seeded permutation per epoch, so the
+    run is the same whether it goes in one piece or stops and resumes at a milestone
+    (`state_dict` / `load_state_dict`).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        train: Dataset,
+        epochs: float,
+        *,
+        units: int = RUNG_REPORTS,
+        seed: int = 0,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        temperature: float = 4.0,
+        alpha: float = 0.7,
+        batch_size: int = BATCH_SIZE,
+        warmup: float = 0.1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        from evaluators.finetune import warmup_cosine
+
+        if epochs <= 0:
+            raise ValueError(f"`rung_epochs > 0` must hold, but got {epochs}.")
+        self.student, self.teacher, self.train = student, teacher, train
+        self.size = len(train)  # type: ignore[arg-type]
+        if self.size == 0:
+            raise ValueError("the distillation has no training images.")
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = math.ceil(self.size / batch_size)
+        self.total_steps = max(units, math.ceil(epochs * self.per_epoch))
+        self.units = units
+        self.step = 0
+        self.device = torch.device(device)
+        self.temperature, self.alpha = temperature, alpha
+        student.to(device=self.device, dtype=torch.float32)
+        teacher.to(self.device).eval()
+        parameters = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            warmup_cosine(self.total_steps, max(1, round(warmup * self.total_steps))),
+        )
+
+    def boundary(self, unit: int) -> int:
+        """The step at which milestone `unit` (1..units) ends."""
+        return round(self.total_steps * unit / self.units)
+
+    def _batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, position = divmod(step, self.per_epoch)
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        )
+        chosen = order[position * self.batch_size : (position + 1) * self.batch_size]
+        items = [self.train[int(i)] for i in chosen]
+        images = torch.stack([torch.as_tensor(image) for image, _ in items])
+        labels = torch.as_tensor([int(label) for _, label in items])
+        return images, labels
+
+    def run_to(self, unit: int, advance: Callable[[], None] | None = None) -> None:
+        """Train until the end of milestone `unit` (nothing when already past it)."""
+        from evaluators.accuracy import input_dtype
+        from evaluators.finetune import distillation_loss
+
+        teacher_dtype = input_dtype(self.teacher)
+        end = self.boundary(unit)
+        self.student.train()
+        try:
+            while self.step < end:
+                images, labels = self._batch(self.step)
+                generator_state = torch.random.get_rng_state()
+                torch.manual_seed(self.seed * 7 + self.step)  # dropout, stochastic depth
+                images, labels = images.to(self.device), labels.to(self.device)
+                with torch.no_grad():
+                    teacher_logits = self.teacher(images.to(teacher_dtype)).float()
+                loss = distillation_loss(
+                    self.student(images.float()),
+                    teacher_logits,
+                    labels,
+                    self.temperature,
+                    self.alpha,
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.schedule.step()
+                torch.random.set_rng_state(generator_state)
+                self.step += 1
+                if advance is not None:
+                    advance()
+        finally:
+            self.student.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.student.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step = int(state["step"])
+
+
+def _checkpoint_path(run: RunDir, number: int) -> Path:
+    return run.cache / "rungs" / f"trial-{number:04d}.pt"
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a checkpoint cut short by a kill: start that candidate again
+        path.unlink(missing_ok=True)
+        return None
+
+
+class Candidate:
+    """One promoted trial's rung-1 distillation, resumable at its milestones."""
+
+    def __init__(self, current: Problem, workload: Workload, row: dict[str, Any]) -> None:
+        from search._winners import build_candidate
+
+        settings = current.settings
+        self.number = int(row["number"])
+        self.run = current.run
+        self.data = _selection(current, workload)
+        model = build_candidate(current, workload, row, settings.compensate)
+        count = current.sizes.rung if current.sizes else settings.rung_images
+        train = limited(self.data.train, count, settings.seed)
+        self.device = current.device
+        self.distillation = Distillation(
+            model, current.teacher, train, settings.rung_epochs, seed=settings.seed,
+            device=self.device,
+        )  # fmt: skip
+        self.curve: list[float] = []
+        self.seconds = 0.0
+        state = _load_checkpoint(_checkpoint_path(self.run, self.number))
+        if state is not None:
+            self.distillation.load_state_dict(state["distillation"])
+            self.curve = [float(x) for x in state["curve"]]
+            self.seconds = float(state["seconds"])
+            self.initial = float(state["initial"])
+        else:
+            self.initial = selection_score(model, self.data, self.device)
+
+    @property
+    def units(self) -> int:
+        return len(self.curve)
+
+    def best(self, unit: int) -> float:
+        """The selection score of the best milestone up to `unit`, the model as built
+        included (a distillation that hurts never ranks a candidate below what it was):
+        the highest accuracy, and of equal ones the latest (the most distilled)."""
+        scores = [self.initial, *self.curve[:unit]]
+        accuracies = [score_accuracy(s, self.data) for s in scores]
+        top = max(accuracies)
+        return scores[max(i for i, a in enumerate(accuracies) if a == top)]
+
+    def run_to(self, unit: int) -> float:
+        """Distil to milestone `unit`, scoring (and saving) at each one on the way; the best
+        selection score so far (`best`)."""
+        while len(self.curve) < unit:
+            began = time.perf_counter()
+            self.distillation.run_to(len(self.curve) + 1)
+            self.curve.append(selection_score(self.distillation.student, self.data, self.device))
+            self.seconds += time.perf_counter() - began
+            state = {
+                "distillation": self.distillation.state_dict(),
+                "curve": self.curve,
+                "initial": self.initial,
+                "seconds": self.seconds,
+            }
+            _save_checkpoint(_checkpoint_path(self.run, self.number), state)
+        return self.best(unit)
+
+    def record(self) -> dict[str, Any]:
+        best = self.best(len(self.curve))
+        return {
+            "score": best,
+            "accuracy": score_accuracy(best, self.data),
+            "initial": self.initial,
+            "units": len(self.curve),
+            "of_units": self.distillation.units,
+            "curve": self.curve,
+            "seconds": round(self.seconds, 3),
+            "steps": self.distillation.step,
+        }
+
+
+def _selection(current: Problem, workload: Workload) -> SelectionData:
+    if current.selection is None:
+        current.selection = selection_data(current, workload)
+    return current.selection
+
+
+# -- the rung ---------------------------------------------------------------------------
+
+
+def _record(study: optuna.Study, storage: Any, number: int, record: dict[str, Any]) -> None:
+    storage.set_study_user_attr(study._study_id, rung_key(RUNG1_ATTR, number), record)
+
+
+def run_rung1(
+    current: Problem,
+    workload: Workload,
+    study: optuna.Study,
+    storage: Any,
+    rows: list[dict[str, Any]],
+    *,
+    ray: bool,
+    log: Any = print,
+) -> None:
+    """Promote the pool, distil it with successive halving, record each result on its trial."""
+    settings = current.settings
+    pool = promotion_pool(rows, settings.promote)
+    todo = [r for r in pool if r.get("rung1_score") is None]
+    if not pool:
+        return
+    done = len(pool) - len(todo)
+    if not todo:
+        return
+    log(
+        f"rung 1: short distillation ({settings.rung_epochs:g} epoch(s)) of {len(pool)} "
+        f"candidates ({done} done), successive halving at milestones {milestones()} of "
+        f"{RUNG_REPORTS} ..."
+    )
+    if ray:
+        _rung1_ray(current, study, storage, todo, rows)
+    else:
+        _rung1_halving(current, workload, study, storage, todo, rows)
+
+
+def _prior_curves(rows: list[dict[str, Any]], data_size: int) -> list[list[float]]:
+    """The curves of candidates done in an earlier session (they count in the halving):
+    entry u - 1 is what `Candidate.best(u)` gave at milestone u."""
+    curves = []
+    for row in rows:
+        curve = row.get("rung1_curve")
+        if curve is None or row.get("rung1_initial") is None:
+            continue
+        scores = [float(row["rung1_initial"]), *map(float, curve)]
+        out, best = [], scores[0]
+        for value in scores[1:]:
+            if math.floor(value * data_size + 1e-9) >= math.floor(best * data_size + 1e-9):
+                best = value
+            out.append(best)
+        curves.append(out)
+    return curves
+
+
+def _survivors(count: int, reached: int) -> int:
+    """How many of `count` candidates go past milestone number `reached` (0-based)."""
+    return max(1, math.ceil(count / REDUCTION ** (reached + 1)))
+
+
+def _rung1_halving(
+    current: Problem,
+    workload: Workload,
+    study: optuna.Study,
+    storage: Any,
+    todo: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> None:
+    """Synchronous successive halving in this process, one candidate at a time."""
+    from vitrank.core.progress import progress
+
+    prior = _prior_curves(rows, len(_selection(current, workload).labels))
+    steps = milestones()
+    alive = list(todo)
+    total = len(prior) + len(todo)
+    with progress("rung 1 candidates", len(todo)) as advance:
+        for position, unit in enumerate(steps):
+            scores: dict[int, float] = {}
+            for row in alive:
+                number = int(row["number"])
+                candidate = _CANDIDATES.pop(number, None) or Candidate(current, workload, row)
+                scores[int(row["number"])] = candidate.run_to(unit)
+                if unit == steps[-1]:
+                    _record(study, storage, candidate.number, candidate.record())
+                    _checkpoint_path(current.run, candidate.number).unlink(missing_ok=True)
+                    advance()
+                else:
+                    _CANDIDATES[candidate.number] = candidate
+            if unit == steps[-1]:
+                break
+            # Rank this milestone's accuracies with the earlier sessions' at the same one.
+            others = [c[unit - 1] for c in prior if len(c) >= unit]
+            keep = _survivors(total, position)
+            # Ties (a selection accuracy saturates on easy data) go to the better proxy.
+            ranked = sorted(
+                alive, key=lambda r: (-scores[int(r["number"])], r["proxy"], r["number"])
+            )
+            bar = sorted([*scores.values(), *others], reverse=True)[keep - 1]
+            survivors = [r for r in ranked if scores[int(r["number"])] >= bar][:keep]
+            for row in alive:
+                if row not in survivors:
+                    candidate = _CANDIDATES.pop(int(row["number"]))
+                    _record(study, storage, candidate.number, candidate.record())
+                    _checkpoint_path(current.run, candidate.number).unlink(missing_ok=True)
+                    advance()
+            alive = survivors
+    _CANDIDATES.clear()
+
+
+_CANDIDATES: dict[int, Candidate] = {}
+
+
+def rung1_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune trainable: one candidate's rung-1 distillation, reported per milestone."""
+    from ray import tune
+
+    from search._problem import problem
+
+    current = problem(config["run_dir"])
+    row = {"number": config["number"], "config": config["config"], "baseline": config["baseline"]}
+    from vitrank.workloads import WorkloadSettings
+
+    workload = _workload(current, WorkloadSettings)
+    candidate = Candidate(current, workload, row)
+    for unit in range(1, RUNG_REPORTS + 1):
+        accuracy = candidate.run_to(unit)
+        tune.report({"unit": unit, "selection_score": accuracy, "record": candidate.record()})
+
+
+def _workload(current: Problem, settings_type: Any) -> Workload:
+    key = str(current.run.root.resolve())
+    if key not in _WORKLOADS:
+        _WORKLOADS[key] = settings_type.of(current.settings).load()
+    return _WORKLOADS[key]
+
+
+_WORKLOADS: dict[str, Workload] = {}
+
+
+def _rung1_ray(
+    current: Problem,
+    study: optuna.Study,
+    storage: Any,
+    todo: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> None:
+    """Asynchronous successive halving: Ray Tune's ASHAScheduler over the candidates."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from search._engines import _environment, check_trial_resources, init_ray
+
+    settings = current.settings
+    init_ray(settings.ray_address)
+    check_trial_resources(settings.cpus_per_trial, settings.trial_gpus(), settings.ray_address)
+    by_number = {int(r["number"]): r for r in todo}
+    space = {
+        "number": tune.grid_search(sorted(by_number)),
+        "run_dir": str(current.run.root.resolve()),
+    }
+    configs = {n: (by_number[n]["config"], by_number[n]["baseline"]) for n in by_number}
+    scheduler = ASHAScheduler(
+        time_attr="unit",
+        max_t=RUNG_REPORTS,
+        grace_period=1,
+        reduction_factor=REDUCTION,
+    )
+    sessions = sorted(current.run.tune.glob("rung1-*")) if current.run.tune.exists() else []
+
+    def trainable(config: dict[str, Any]) -> None:
+        chosen, baseline = configs[config["number"]]
+        rung1_trainable({**config, "config": chosen, "baseline": baseline})
+
+    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+        tuner = tune.Tuner(
+            tune.with_resources(
+                trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
+            ),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="selection_score", mode="max", scheduler=scheduler, reuse_actors=True
+            ),
+            run_config=tune.RunConfig(
+                name=f"rung1-{len(sessions)}",
+                storage_path=str(current.run.tune.resolve()),
+                verbose=0,
+                log_to_file=False,
+            ),
+        )
+        results = tuner.fit()
+    for index in range(len(results)):
+        result = results[index]
+        number = int((result.config or {})["number"])
+        if result.error is not None:
+            raise RuntimeError(f"rung 1 of trial {number} failed: {result.error}")
+        record = (result.metrics or {}).get("record")
+        if record is not None:
+            _record(study, storage, number, dict(record))
+            _checkpoint_path(current.run, number).unlink(missing_ok=True)
+
+
+# -- agreement between rungs -----------------------------------------------------------
+
+
+def rank_agreement(rows: Sequence[dict[str, Any]], final: str = "final_accuracy") -> dict[str, Any]:
+    """Kendall τ of each rung's score against `final` over the rows that have both."""
+    from scipy.stats import kendalltau
+
+    out: dict[str, Any] = {}
+    for rung, key, sign in (("proxy", "proxy", -1.0), ("rung1", "rung1_score", 1.0)):
+        pairs = [
+            (sign * float(r[key]), float(r[final]))
+            for r in rows
+            if r.get(key) is not None and r.get(final) is not None
+            and r[key] == r[key] and r[final] == r[final]
+        ]  # fmt: skip
+        tau = float("nan")
+        if len(pairs) >= 3:
+            tau = float(kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+        out[rung] = {"tau": tau, "count": len(pairs)}
+    return out
+
+
+def write_rungs(run: RunDir, rows: list[dict[str, Any]], seconds: dict[str, float]) -> None:
+    """rungs.json: each promoted candidate's scores at every rung and the rungs' times."""
+    promoted = [r for r in rows if r.get("rung1_score") is not None]
+    atomic_write_json(
+        run.root / "rungs.json",
+        {
+            "candidates": [
+                {
+                    "number": int(r["number"]),
+                    "baseline": r["baseline"],
+                    "params": r["params"],
+                    "cost": r["cost"],
+                    "proxy": r["proxy"],
+                    "rung1_score": r["rung1_score"],
+                    "rung1_accuracy": r["rung1_accuracy"],
+                    "rung1_units": r["rung1_units"],
+                    "rung2_selection_score": r.get("rung2_selection_score"),
+                    "final_accuracy": r.get("final_accuracy"),
+                }
+                for r in promoted
+            ],
+            "agreement": rank_agreement(promoted),
+            "seconds": seconds,
+        },
+    )

@@ -1,0 +1,223 @@
+"""The fidelity ladder: promotion, successive halving, resumable distillation, rung 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from search import (
+    SearchSettings,
+    milestones,
+    promotion_pool,
+    rank_agreement,
+    resolve_run,
+    run_search,
+)
+from search._fidelity import Distillation
+from tests.conftest import make_tiny_vit
+from tests.search.conftest import TINY_ARCH, TINY_ARGS, tiny_settings, tiny_workload
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _row(number: int, proxy: float, cost: float, baseline: str | None = None, config=None):
+    return {
+        "number": number,
+        "proxy": proxy,
+        "cost": cost,
+        "feasible": True,
+        "baseline": baseline,
+        "config": config or f"config-{number}",
+    }
+
+
+def test_milestones_halve_up_to_the_last_report():
+    assert milestones(4, 2) == [1, 2, 4]
+    assert milestones(6, 2) == [1, 2, 4, 6]
+    assert milestones(1, 2) == [1]
+
+
+def test_promotion_pool_takes_the_best_the_front_and_every_feasible_baseline():
+    rows = [_row(i, proxy=1.0 / (i + 1), cost=100.0 + i) for i in range(10)]
+    rows += [_row(10, 5.0, 50.0, baseline="asvd"), _row(11, 9.0, 40.0, baseline="greedy")]
+    rows.append({**_row(12, 0.01, 99.0, baseline="flar"), "feasible": False})
+    rows.append(_row(13, 0.05, 109.0, config="config-9"))  # a repeat of trial 9's config
+    pool = promotion_pool(rows, 4)
+    numbers = [r["number"] for r in pool]
+    assert numbers[:2] == [9, 8]  # half of the four: the best proxies
+    assert {10, 11} <= set(numbers)  # every feasible baseline
+    assert 12 not in numbers and 13 not in numbers  # infeasible; a repeated config
+    assert len(numbers) == len(set(numbers))
+    assert promotion_pool(rows, 0) == []
+
+
+def test_rank_agreement_is_kendall_tau_of_each_rung_against_the_final_accuracy():
+    rows = [
+        {"proxy": 0.1, "rung1_score": 0.9, "final_accuracy": 0.95},
+        {"proxy": 0.2, "rung1_score": 0.8, "final_accuracy": 0.90},
+        {"proxy": 0.3, "rung1_score": 0.85, "final_accuracy": 0.80},
+        {"proxy": 0.4, "rung1_score": 0.7, "final_accuracy": None},
+    ]
+    agreement = rank_agreement(rows)
+    assert agreement["proxy"] == {"tau": pytest.approx(1.0), "count": 3}  # lower proxy: better
+    assert agreement["rung1"]["tau"] == pytest.approx(1 / 3)
+    assert math.isnan(rank_agreement(rows[:2])["proxy"]["tau"])
+
+
+def _distillation(seed: int = 0) -> tuple[Distillation, torch.nn.Module]:
+    teacher = make_tiny_vit(TINY_ARCH, seed=1, **TINY_ARGS).eval()
+    student = make_tiny_vit(TINY_ARCH, seed=2, **TINY_ARGS)
+    size = TINY_ARGS["img_size"]
+    images = torch.randn(40, 3, size, size, generator=torch.Generator().manual_seed(3))
+    train = TensorDataset(images, torch.randint(0, TINY_ARGS["num_classes"], (40,)))
+    return Distillation(student, teacher, train, epochs=1.0, batch_size=8, seed=seed), student
+
+
+def test_a_distillation_stopped_and_resumed_at_a_milestone_is_the_same_run():
+    whole, student = _distillation()
+    whole.run_to(4)
+    first, _ = _distillation()
+    first.run_to(2)
+    state = first.state_dict()
+    resumed, resumed_student = _distillation()
+    resumed.load_state_dict(state)
+    assert resumed.step == first.boundary(2) > 0
+    resumed.run_to(4)
+    assert resumed.step == whole.step == whole.total_steps
+    for (name, a), (_, b) in zip(
+        student.state_dict().items(), resumed_student.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def _ladder_settings(out: Path, **overrides):
+    values = dict(trials=10, baselines=True, promote=3, finetune_top=2, finetune_epochs=1)
+    return tiny_settings(out, **{**values, **overrides})
+
+
+def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
+    run = run_search(_ladder_settings(tmp_path / "run"), tiny_workload())
+    table = pd.read_parquet(run / "trials.parquet")
+    promoted = table[table["rung1_score"].notna()]
+    feasible_baselines = table[table["feasible"] & table["baseline"].notna()]
+    assert set(feasible_baselines["config"]) <= set(promoted["config"])
+    assert len(promoted) >= 3
+    # successive halving: 1 in 2 go past milestone 1, 1 in 4 past milestone 2
+    units = promoted["rung1_units"].astype(int)
+    assert (units == 4).sum() == math.ceil(len(promoted) / 4)
+    assert (units >= 2).sum() == math.ceil(len(promoted) / 2)
+    tuned = table[table["final_accuracy"].notna()]
+    assert len(tuned) == 2 and set(tuned["number"]) <= set(promoted["number"])
+    ranks = {}
+    for metrics_file in (run / "winners").glob("*/metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        ranks[metrics["rank"]] = metrics
+        assert metrics["rung1_accuracy"] == pytest.approx(
+            float(table.loc[table["number"] == metrics["number"], "rung1_accuracy"].iloc[0])
+        )
+        assert metrics["selection_accuracy"] <= metrics["selection_score"]
+    assert sorted(ranks) == [1, 2]
+    assert ranks[1]["selection_score"] >= ranks[2]["selection_score"]
+    rungs = json.loads((run / "rungs.json").read_text())
+    assert {"proxy", "rung1"} == set(rungs["agreement"])
+    seconds = rungs["seconds"]
+    assert seconds["multi_fidelity_selection"] == pytest.approx(
+        seconds["proxy_selection"] + seconds["rung1"] + seconds["rung2"], abs=0.01
+    )
+    assert not list((run / "cache" / "rungs").glob("*.pt"))  # done candidates leave nothing
+    _check_report(run)
+
+
+def _check_report(run: Path) -> None:
+    """The report shows the rungs side by side with τ and times, the accuracy front, and
+    the teacher's measured latency with each winner's measured speed-up, in HTML tables."""
+    import reports
+
+    teacher = json.loads((run / "pareto.json").read_text())["teacher"]
+    assert teacher["measured_latency_ms"] > 0
+    paths = reports.build(run)
+    page = paths.html.read_text()
+    assert "<pre>" not in page and page.count("<table>") >= 2
+    assert "Fidelity ladder" in page and "Kendall τ of the rung 1" in page
+    assert "selection by the proxy alone took" in page
+    assert "Accuracy vs params" in page
+    summary = paths.summary.read_text()
+    winner_line = next(line for line in summary.splitlines() if line.startswith("| W1 "))
+    speedup = winner_line.split("|")[7].strip()  # speed-up (measured)
+    assert speedup.endswith("×"), winner_line
+
+
+SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from tests.search.conftest import tiny_settings, tiny_workload
+from vitrank.api import search
+values = dict(trials=10, baselines=True, promote=3, finetune_top=2, finetune_epochs=1,
+              rung_epochs=float(sys.argv[2]))
+settings = tiny_settings(sys.argv[1], **values)
+values = settings.to_dict(); values.pop("workload")
+search(workload=tiny_workload(), report=False, **values)
+"""
+
+
+def _rung_records(run: Path) -> dict[str, dict]:
+    import optuna
+
+    study = optuna.load_study(study_name="vitrank", storage=f"sqlite:///{run / 'study.db'}")
+    return {k: v for k, v in study.user_attrs.items() if k.startswith("rung1:")}
+
+
+def test_sigkill_during_rung1_then_resume_loses_and_repeats_nothing(tmp_path: Path):
+    """Killed while rung 1 distils, the resumed search scores no new trial, keeps every
+    candidate finished before the kill as it was, resumes the others from their last
+    milestone, and ends with the same rung-1 figures as a search never killed."""
+    epochs = "40"  # long enough to be caught mid-way
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(run), epochs],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    checkpoints = run / "cache" / "rungs"
+    while not (checkpoints.exists() and list(checkpoints.glob("*.pt"))):
+        if proc.poll() is not None:
+            raise AssertionError(f"search exited early: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "rung 1 never started"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _rung_records(run)
+    trials_before = pd.read_parquet(run / "trials.parquet")["number"].tolist()
+    assert before or list(checkpoints.glob("*.pt")), "killed before rung 1 had done anything"
+    torch.set_num_threads(1)
+    settings = resolve_run(SearchSettings(out=str(run), resume=True), {"resume": True})
+    resumed = run_search(settings, tiny_workload())
+    after = _rung_records(resumed)
+    assert pd.read_parquet(resumed / "trials.parquet")["number"].tolist() == trials_before
+    for key, record in before.items():
+        assert after[key] == record  # finished before the kill: not run again
+    reference = run_search(
+        _ladder_settings(tmp_path / "whole", rung_epochs=float(epochs)), tiny_workload()
+    )
+    whole = _rung_records(reference)
+    assert set(after) == set(whole)
+    for key in whole:
+        assert after[key]["curve"] == pytest.approx(whole[key]["curve"], abs=0)
+        assert after[key]["steps"] == whole[key]["steps"]
