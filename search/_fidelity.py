@@ -464,7 +464,7 @@ def run_rung1(
         f"{RUNG_REPORTS} ..."
     )
     if ray:
-        _rung1_ray(current, study, storage, todo, rows)
+        _rung1_ray(current, workload, study, storage, todo, rows)
     else:
         _rung1_halving(current, workload, study, storage, todo, rows)
 
@@ -544,7 +544,7 @@ def _rung1_halving(
 _CANDIDATES: dict[int, Candidate] = {}
 
 
-def rung1_trainable(config: dict[str, Any]) -> None:
+def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:
     """Ray Tune trainable: one candidate's rung-1 distillation, reported per milestone."""
     from ray import tune
 
@@ -552,27 +552,15 @@ def rung1_trainable(config: dict[str, Any]) -> None:
 
     current = problem(config["run_dir"])
     row = {"number": config["number"], "config": config["config"], "baseline": config["baseline"]}
-    from vitrank.workloads import WorkloadSettings
-
-    workload = _workload(current, WorkloadSettings)
     candidate = Candidate(current, workload, row)
     for unit in range(1, RUNG_REPORTS + 1):
-        accuracy = candidate.run_to(unit)
-        tune.report({"unit": unit, "selection_score": accuracy, "record": candidate.record()})
-
-
-def _workload(current: Problem, settings_type: Any) -> Workload:
-    key = str(current.run.root.resolve())
-    if key not in _WORKLOADS:
-        _WORKLOADS[key] = settings_type.of(current.settings).load()
-    return _WORKLOADS[key]
-
-
-_WORKLOADS: dict[str, Workload] = {}
+        score = candidate.run_to(unit)
+        tune.report({"unit": unit, "selection_score": score, "record": candidate.record()})
 
 
 def _rung1_ray(
     current: Problem,
+    workload: Workload,
     study: optuna.Study,
     storage: Any,
     todo: list[dict[str, Any]],
@@ -601,14 +589,16 @@ def _rung1_ray(
     )
     sessions = sorted(current.run.tune.glob("rung1-*")) if current.run.tune.exists() else []
 
-    def trainable(config: dict[str, Any]) -> None:
+    def trainable(config: dict[str, Any], workload: Workload) -> None:
         chosen, baseline = configs[config["number"]]
-        rung1_trainable({**config, "config": chosen, "baseline": baseline})
+        rung1_trainable({**config, "config": chosen, "baseline": baseline}, workload)
 
     with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
         tuner = tune.Tuner(
             tune.with_resources(
-                trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
+                # The workload travels once, through Ray's object store.
+                tune.with_parameters(trainable, workload=workload),
+                {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()},
             ),
             param_space=space,
             tune_config=tune.TuneConfig(

@@ -455,15 +455,15 @@ def run_search(
             f"{int(frame['feasible'].sum())} feasible, {len(front)} on the Pareto front "
             f"({time.monotonic() - started:.0f} s)"
         )
-        # With the ray engine, Ray Tune runs rungs 1 and 2 when workers can rebuild the
-        # workload by name; otherwise they run in this process.
-        ray_rungs = settings.engine == "ray" and by_name
+        # With the ray engine Ray Tune runs rung 1 (the workload travels to its workers)
+        # and rung 2 when its workers can rebuild the workload by name.
         clock = time.perf_counter()
         if front and settings.promote > 0:
             from search._fidelity import run_rung1
 
+            ray_rung1 = settings.engine == "ray"
             run_rung1(
-                current, workload, study, storage(run.storage_url), rows, ray=ray_rungs, log=log
+                current, workload, study, storage(run.storage_url), rows, ray=ray_rung1, log=log
             )
             study = open_study(job)
             write_trials(run, study, cost)
@@ -477,7 +477,7 @@ def run_search(
                 rows,
                 top=settings.finetune_top,
                 epochs=settings.finetune_epochs,
-                ray=ray_rungs,
+                ray=settings.engine == "ray" and by_name,
                 log=log,
             )
             study = open_study(job)

@@ -56,6 +56,21 @@ def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path
     assert any((run / "winners").iterdir())
 
 
+@pytest.mark.slow
+def test_ray_engine_runs_the_fidelity_ladder_with_asha(local_ray: None, tmp_path: Path) -> None:
+    settings = tiny_settings(
+        tmp_path / "run", engine="ray", trials=8, promote=3, finetune_top=2, finetune_epochs=1
+    )
+    run = run_search(settings, tiny_workload())
+    table = pd.read_parquet(run / "trials.parquet")
+    promoted = table[table["rung1_score"].notna()]
+    assert len(promoted) >= 3 and (promoted["rung1_units"] >= 1).all()
+    assert (promoted["rung1_units"] == 4).any()  # ASHA lets the best run to the end
+    assert table["final_accuracy"].notna().sum() == 2
+    assert (run / "tune" / "rung1-0").is_dir()  # rung 1 ran as a Ray Tune experiment
+    assert not list((run / "cache" / "rungs").glob("*.pt"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,7 +154,8 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "vitrank", "search", "--trials", "3", "--finetune-top", "0"]
+    # rungs 1 and 2 run as Ray Tune experiments too
+    command = [sys.executable, "-m", "vitrank", "search", "--trials", "6", "--promote", "2"]
     proc = subprocess.run(
         [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=900
     )
