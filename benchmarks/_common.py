@@ -35,6 +35,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "python": machine["python"],
         "device": machine.get("gpu", "cpu"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # OpenMP's wait policy changes CPU timings several-fold when the cores are shared.
+        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
     }
 
 

@@ -174,8 +174,9 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
     from search._fidelity import rank_agreement
 
     distinct = {c["trial"]: c for c in configs.values() if "accuracy_after" in c}
+    # rung 1's top-1 on the selection images (τ-b counts its ties)
     rows = [
-        {"proxy": c["proxy"], "rung1_accuracy": c["rung1_accuracy"], "final": c["accuracy_after"]}
+        {"proxy": c["proxy"], "rung1_score": c["rung1_accuracy"], "final": c["accuracy_after"]}
         for c in distinct.values()
     ]
     rungs = json.loads((run / "rungs.json").read_text()) if (run / "rungs.json").exists() else {}
@@ -184,6 +185,21 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "selection_seconds": rungs.get("seconds"),
         "winner_beats_every_baseline": _beats(configs),
     }
+
+
+def recompute(path: Path) -> None:
+    """Re-derive every run's `ladder` figures in a result file (its runs must be kept)."""
+    result = json.loads(path.read_text())
+    for entry in result["runs"].values():
+        entry["ladder"] = ladder_figures(Path(entry["run"]), entry["configs"])
+    result["all_met"] = all(
+        e["ladder"]["winner_beats_every_baseline"] for e in result["runs"].values()
+    )
+    result.setdefault("recomputed", []).append(
+        f"python benchmarks/quality.py --recompute {path} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"
+    )
+    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    print(f"rewrote {path}")
 
 
 def _beats(configs: dict[str, Any]) -> bool | None:
@@ -224,7 +240,16 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="distil on this many (seeded) training images per epoch, the same for every pick",
     )
+    parser.add_argument(
+        "--recompute",
+        type=Path,
+        default=None,
+        help="re-derive the ladder figures of an existing result file from its runs, and exit",
+    )
     args = parser.parse_args(argv)
+    if args.recompute is not None:
+        recompute(args.recompute)
+        return
     if args.quick:
         args.seeds, args.trials, args.epochs = "0", 20, 1
     if not 1 <= args.epochs <= 10:

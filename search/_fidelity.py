@@ -13,8 +13,11 @@
 
 Each rung-1 candidate's state (weights, optimizer, schedule, step) is saved at every
 milestone under `cache/rungs/`, and its accuracies are recorded on its Optuna trial (the
-`rung1` user attribute) once it is done, so a killed search resumes each candidate where
-it stopped and never runs a finished one again.
+`rung1` study attribute, one per trial) once it is done, so a killed search resumes each
+candidate where it stopped and never runs a finished one again. The candidates finished
+in an earlier session count in the in-process halving; a resumed ASHA compares the
+remaining ones among themselves. Rung 2 keeps each fine-tuned winner as soon as it is
+done (`search._winners`), so a resumed search fine-tunes only the missing ones.
 """
 
 from __future__ import annotations
@@ -464,7 +467,7 @@ def run_rung1(
         f"{RUNG_REPORTS} ..."
     )
     if ray:
-        _rung1_ray(current, workload, study, storage, todo, rows)
+        _rung1_ray(current, workload, study, storage, todo)
     else:
         _rung1_halving(current, workload, study, storage, todo, rows)
 
@@ -559,12 +562,7 @@ def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:
 
 
 def _rung1_ray(
-    current: Problem,
-    workload: Workload,
-    study: optuna.Study,
-    storage: Any,
-    todo: list[dict[str, Any]],
-    rows: list[dict[str, Any]],
+    current: Problem, workload: Workload, study: optuna.Study, storage: Any, todo: list[Any]
 ) -> None:
     """Asynchronous successive halving: Ray Tune's ASHAScheduler over the candidates."""
     from ray import tune

@@ -251,6 +251,12 @@ def save_winners(
     directories, records = [], []
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
+        previous = _finished(directory, epochs) if row.get("rung2_selection_score") else None
+        if previous is not None:  # rung 2 of an earlier session: not run again
+            log(f"winner {directory.name}: fine-tuned in an earlier session")
+            directories.append(directory)
+            records.append((directory, None, previous))
+            continue
         log(
             f"building winner {directory.name} on {device}"
             + (" with error compensation ..." if settings.compensate else " ...")
@@ -276,7 +282,7 @@ def save_winners(
         directories.append(directory)
         records.append((directory, model, metrics))
     # Fine-tune only the first `top` (the best first); the others are kept as built.
-    tune_these = [d for d, _, _ in records][: top if epochs > 0 else 0]
+    tune_these = [d for d, m, _ in records[: top if epochs > 0 else 0] if m is not None]
     tuned: dict[str, dict[str, Any]] = {}
     if tune_these and ray:
         log(
@@ -291,10 +297,12 @@ def save_winners(
             log(f"rung 2: fine-tuning {directory.name} for {epochs} epoch(s) ...")
             tuned[str(directory.resolve())] = finetune_candidate(problem, workload, model, epochs)
             save(model, directory)
+            metrics = next(m for d, _, m in records if d == directory)
+            _finish(problem, directory, metrics, tuned[str(directory.resolve())], epochs)
     for directory, _, metrics in records:
         extra = tuned.get(str(directory.resolve()))
-        if extra is not None:
-            metrics.update(extra, finetune_epochs=epochs)
+        if extra is not None and "selection_score" not in metrics:  # Ray's, saved here
+            _finish(problem, directory, metrics, extra, epochs)
     # The winner is the best on the selection images after rung 2 (else rung 1's order).
     order = sorted(
         range(len(records)),
@@ -308,6 +316,32 @@ def save_winners(
         )
     _record_rung2(problem, [records[i][2] for i in order])
     return [records[i][0] for i in order]
+
+
+def _finished(directory: Path, epochs: int) -> dict[str, Any] | None:
+    """The metrics of a winner that an earlier session fine-tuned for `epochs` and saved."""
+    path = directory / "metrics.json"
+    if not (directory / "model.safetensors").is_file() or not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError:
+        return None
+    done = "selection_score" in metrics and metrics.get("finetune_epochs") == epochs
+    return metrics if done else None
+
+
+def _finish(
+    problem: Problem,
+    directory: Path,
+    metrics: dict[str, Any],
+    tuned: dict[str, Any],
+    epochs: int,
+) -> None:
+    """A fine-tuned winner's figures, saved at once (a killed rung 2 keeps it)."""
+    metrics.update(tuned, finetune_epochs=epochs)
+    atomic_write_json(directory / "metrics.json", json.loads(json.dumps(metrics, default=float)))
+    _record_rung2(problem, [metrics])
 
 
 def _record_rung2(problem: Problem, winners: list[dict[str, Any]]) -> None:
@@ -331,7 +365,7 @@ def _record_rung2(problem: Problem, winners: list[dict[str, Any]]) -> None:
             "selection_accuracy": metrics["selection_accuracy"],
             "accuracy": metrics["finetuned_accuracy"],
             "epochs": metrics.get("finetune_epochs"),
-            "rank": metrics["rank"],
+            "rank": metrics.get("rank"),
         }
         key = rung_key(RUNG2_ATTR, int(metrics["number"]))
         rdb.set_study_user_attr(study._study_id, key, record)

@@ -137,6 +137,15 @@ def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
     )
     assert not list((run / "cache" / "rungs").glob("*.pt"))  # done candidates leave nothing
     _check_report(run)
+    # Resumed once everything is done, no rung runs again.
+    models = {p: p.stat().st_mtime_ns for p in (run / "winners").glob("*/model.safetensors")}
+    records = json.loads((run / "rungs.json").read_text())["candidates"]
+    lines: list[str] = []
+    settings = resolve_run(SearchSettings(out=str(run), resume=True), {"resume": True})
+    run_search(settings, tiny_workload(), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+    assert json.loads((run / "rungs.json").read_text())["candidates"] == records
+    assert not any(line.startswith("rung") for line in lines), lines
 
 
 def _check_report(run: Path) -> None:
