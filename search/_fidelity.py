@@ -105,12 +105,44 @@ def promotion_pool(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any
 
 
 def rung1_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with a rung-1 result, best first: furthest milestone, then its accuracy."""
+    """Rows with a rung-1 result, best first: furthest milestone, then `by_evidence`."""
     done = [r for r in rows if r.get("rung1_score") is not None]
     done = [r for r in done if r["rung1_score"] == r["rung1_score"]]
-    return sorted(
-        done, key=lambda r: (-r["rung1_units"], -r["rung1_score"], r["proxy"], r["number"])
-    )
+    out: list[dict[str, Any]] = []
+    for units in sorted({int(r["rung1_units"]) for r in done}, reverse=True):
+        group = [r for r in done if int(r["rung1_units"]) == units]
+        images = max(int(r.get("rung1_images") or 0) for r in group)
+        out += by_evidence(group, "rung1_accuracy", "rung1_score", images)
+    return out
+
+
+def noise_margin(accuracy: float, images: int) -> float:
+    """Two standard errors of a top-1 measured on `images` images (at least one image's
+    worth of variance, so a perfect score has a margin too)."""
+    if images <= 0:
+        return 0.0
+    variance = max(accuracy * (1.0 - accuracy), 1.0 / images)
+    return 2.0 * math.sqrt(variance / images)
+
+
+def by_evidence(
+    rows: list[dict[str, Any]], accuracy: str, score: str, images: int
+) -> list[dict[str, Any]]:
+    """Rows best first: the ones whose accuracy is within the noise margin of the best are
+    ranked by the proxy (the lower-variance signal), the others after them by accuracy.
+
+    A short distillation measured on a few thousand images tells candidates apart only when
+    they differ by more than its noise; within it, the proxy's order stands.
+    """
+    if not rows:
+        return []
+    best = max(float(r[accuracy]) for r in rows)
+    margin = noise_margin(best, images)
+    close = [r for r in rows if best - float(r[accuracy]) <= margin]
+    rest = [r for r in rows if best - float(r[accuracy]) > margin]
+    close.sort(key=lambda r: (r["proxy"], r["number"]))
+    rest.sort(key=lambda r: (-float(r[score]), r["proxy"], r["number"]))
+    return close + rest
 
 
 # -- the images ----------------------------------------------------------------------
@@ -421,6 +453,7 @@ class Candidate:
             "score": best,
             "accuracy": score_accuracy(best, self.data),
             "initial": self.initial,
+            "images": len(self.data.labels),
             "units": len(self.curve),
             "of_units": self.distillation.units,
             "curve": self.curve,

@@ -81,6 +81,7 @@ def trial_rows(
         row["rung1_score"] = rung1.get("score")
         row["rung1_accuracy"] = rung1.get("accuracy")
         row["rung1_units"] = rung1.get("units")
+        row["rung1_images"] = rung1.get("images")
         row["rung1_curve"] = rung1.get("curve")
         row["rung1_initial"] = rung1.get("initial")
         row["rung2_selection_score"] = rung2.get("selection_score")

@@ -303,11 +303,9 @@ def save_winners(
         extra = tuned.get(str(directory.resolve()))
         if extra is not None and "selection_score" not in metrics:  # Ray's, saved here
             _finish(problem, directory, metrics, extra, epochs)
-    # The winner is the best on the selection images after rung 2 (else rung 1's order).
-    order = sorted(
-        range(len(records)),
-        key=lambda i: (-records[i][2].get("selection_score", -1.0), i),
-    )
+    # The winner is the best on the selection images after rung 2, where the evidence
+    # tells them apart, else the best proxy (`by_evidence`); unranked ones keep rung 1's order.
+    order = _rung2_order(problem, workload, [m for _, _, m in records])
     for rank, index in enumerate(order, start=1):
         directory, _, metrics = records[index]
         metrics["rank"] = rank
@@ -316,6 +314,25 @@ def save_winners(
         )
     _record_rung2(problem, [records[i][2] for i in order])
     return [records[i][0] for i in order]
+
+
+def _rung2_order(problem: Problem, workload: Workload, metrics: list[dict[str, Any]]) -> list[int]:
+    from search._fidelity import _selection, by_evidence
+
+    tuned = [
+        {**m, "index": i} for i, m in enumerate(metrics) if m.get("selection_accuracy") is not None
+    ]
+    if not tuned:
+        return list(range(len(metrics)))
+    images = len(_selection(problem, workload).labels)
+    ranked = by_evidence(
+        [{**m, "number": m["number"], "proxy": m.get("proxy") or 0.0} for m in tuned],
+        "selection_accuracy",
+        "selection_score",
+        images,
+    )
+    first = [int(m["index"]) for m in ranked]
+    return first + [i for i in range(len(metrics)) if i not in first]
 
 
 def _finished(directory: Path, epochs: int) -> dict[str, Any] | None:
