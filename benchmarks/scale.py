@@ -5,7 +5,8 @@
 
 For each model (random weights, a 5-class head) and a generated ImageFolder of 256-px JPEGs,
 one whole search runs as a user would run `vitrank search --model M --data DIR --trials 50
---finetune-top 0 --engine optuna --device D`, with every other setting at its default. Each
+--promote 0 --finetune-top 0 --engine optuna --device D`, with every other setting at its
+default. Each
 model runs in its own process, so its peak memory is its own. Recorded per model: wall time
 end to end, seconds per phase (the run's timings.json), the images each phase used, median
 seconds per trial, peak RSS (and max CUDA memory allocated), and the run's cache size on
@@ -69,6 +70,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         data=str(args.data),
         trials=args.trials,
         finetune_top=0,
+        promote=0,  # no fine-tuning at all: neither rung 1 nor rung 2
         engine="optuna",
         device=args.device,
         out=str(run),
@@ -143,6 +145,7 @@ def main() -> None:
                 "images": args.images,
                 "engine": "optuna",
                 "finetune_top": 0,
+                "promote": 0,
                 "data": f"generated ImageFolder, {args.images} JPEGs at 256 px, {CLASSES} classes",
                 "weights": "random (timm, pretrained=False)",
             },
