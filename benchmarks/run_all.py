@@ -475,12 +475,6 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
     return "\n".join(out)
 
 
-def points_from_teacher(drop: float) -> str:
-    """`0.28 points below the teacher` / `0.56 points above the teacher`."""
-    side = "below" if drop >= 0 else "above"
-    return f"{abs(drop) * 100:.2f} points {side} the teacher"
-
-
 def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) -> str:
     settings = data.get("settings", {})
     teacher = data.get("teacher_accuracy")
@@ -491,17 +485,17 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     out = [
         provenance(data, "quality", suite),
         f"{teacher_text}. "
-        f"Search: {settings.get('trials', '?')} trials per budget (optuna engine, "
-        f"{settings.get('parametrization', '?')} parametrization, {settings.get('proxy', '?')} "
-        f"proxy); fine-tune: {settings.get('epochs', '?')} epochs of distillation for every "
-        "config alike.",
+        f"Search: {settings.get('trials', '?')} trials per seed and budget ({settings.get('engine', 'optuna')} "
+        f"engine, {settings.get('parametrization', '?')} parametrization, {settings.get('proxy', '?')} "
+        f"proxy, fidelity ladder over {settings.get('promote', '?')} candidates and the baselines); "
+        f"fine-tune: {settings.get('epochs', '?')} epochs of the search's rung 2 for every config alike.",
         "",
     ]
-    rows = []
-    for budget, entry in data.get("budgets", {}).items():
+    rows, verdicts = [], []
+    for key, entry in data.get("runs", {}).items():
         for label, config in entry.get("configs", {}).items():
             if "skipped" in config:
-                rows.append([budget, label, "skipped", "–", "–", "–"])
+                rows.append([key, label, "skipped", "–", "–", "–"])
                 continue
             after = config.get("accuracy_after")
             drop = None if teacher is None or after is None else 100 * (teacher - after)
@@ -511,7 +505,7 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
                 name = f"{label} (= {baseline})"
             rows.append(
                 [
-                    budget,
+                    key,
                     name,
                     fmt(config.get("params_fraction")),
                     pct(config.get("accuracy_before")),
@@ -519,10 +513,14 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
                     "–" if drop is None else f"{drop:.2f}",
                 ]
             )
+        ladder = entry.get("ladder", {})
+        met = ladder.get("winner_beats_every_baseline")
+        if met is not None:
+            verdicts.append(f"{key}: {'yes' if met else 'NO'}")
     out.append(
         table(
             [
-                "budget",
+                "seed/budget",
                 "config",
                 "params",
                 "before fine-tune",
@@ -532,15 +530,8 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
             rows,
         )
     )
-    goals = [
-        f"{budget}: winner {points_from_teacher(entry['goal']['drop_after_finetune'])} "
-        f"(goal: at most {entry['goal']['max_drop'] * 100:.0f} below) — "
-        f"{'met' if entry['goal']['met'] else 'NOT met'}"
-        for budget, entry in data.get("budgets", {}).items()
-        if "goal" in entry
-    ]
-    if goals:
-        out += ["", "Goals (issue 9): " + "; ".join(goals) + "."]
+    if verdicts:
+        out += ["", "Winner at least as accurate as every baseline: " + "; ".join(verdicts) + "."]
     return "\n".join(out)
 
 

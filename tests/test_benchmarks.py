@@ -49,20 +49,26 @@ def quality_sample() -> dict:
         "command": "python benchmarks/quality.py --quick",
         "teacher_accuracy": 0.9610,
         "val_images": 359,
-        "settings": {"trials": 30, "parametrization": "raw", "proxy": "logits", "epochs": 3},
-        "budgets": {
-            "0.5": {
+        "settings": {
+            "trials": 30,
+            "parametrization": "raw",
+            "proxy": "logits",
+            "epochs": 3,
+            "promote": 6,
+        },
+        "runs": {
+            "seed0/0.5": {
                 "configs": {
                     "vitrank winner": config(0.9443, 0.9582, "asvd"),
                     "vitrank best sampled": config(0.9123, 0.9415, float("nan")),
                     "baseline uniform-plain": config(0.8711, 0.9305, "uniform-plain"),
                     "baseline tome": {"skipped": "token merging removes no parameters"},
                 },
-                "goal": {"max_drop": 0.01, "drop_after_finetune": 0.0028, "met": True},
+                "ladder": {"winner_beats_every_baseline": True},
             },
-            "0.35": {
+            "seed0/0.35": {
                 "configs": {"vitrank winner": config(0.80, 0.90)},
-                "goal": {"max_drop": 0.03, "drop_after_finetune": 0.061, "met": False},
+                "ladder": {"winner_beats_every_baseline": False},
             },
         },
     }
@@ -116,16 +122,15 @@ def assert_tables_well_formed(markdown: str) -> int:
     return tables
 
 
-def test_quality_section_shows_every_config_and_the_goals(run_all: ModuleType) -> None:
+def test_quality_section_shows_every_config_and_the_verdicts(run_all: ModuleType) -> None:
     text = run_all.render_quality(quality_sample())
     assert assert_tables_well_formed(text) == 1
     assert "Test CPU 9000" in text and "2026-11-22 03:00 UTC" in text
     assert "`python benchmarks/quality.py --quick`" in text
     assert "96.10 % on 359 validation images (one image = 0.28 points). Search: 30 trials" in text
-    assert "| 0.5 | vitrank winner (= asvd) | 0.499 | 94.43 % | 95.82 % | 0.28 |" in text
-    assert "| 0.5 | baseline tome | skipped |" in text
-    assert "0.35: winner 6.10 points below the teacher (goal: at most 3 below) — NOT met" in text
-    assert "0.5: winner 0.28 points below the teacher (goal: at most 1 below) — met" in text
+    assert "| seed0/0.5 | vitrank winner (= asvd) | 0.499 | 94.43 % | 95.82 % | 0.28 |" in text
+    assert "| seed0/0.5 | baseline tome | skipped |" in text
+    assert "every baseline: seed0/0.5: yes; seed0/0.35: NO." in text
     assert "vitrank best sampled |" in text  # no baseline: no "(= ...)"
 
 
