@@ -28,10 +28,12 @@ def test_a_short_fashion_search_leaves_a_winner_and_a_report(tmp_path: Path) -> 
     out = tmp_path / "fashion"
     options = ["--workload", "fashion-vit", "--trials", "8", "--engine", "optuna"]
     options += ["--finetune-top", "1", "--finetune-epochs", "0", "--baseline-seconds", "0"]
+    options += ["--promote", "2", "--rung-images", "256"]  # a short fidelity ladder
     assert main(["search", *options, "--out", str(out)]) == 0
     table = pd.read_parquet(out / "trials.parquet")
     assert len(table) == 8 and table["feasible"].any()
     assert "flar" in set(table["baseline"].dropna())  # the FLAR-SVD-style baseline ran
+    assert table["rung1_score"].notna().sum() >= 2  # rung 1 distilled the promoted ones
     pareto = json.loads((out / "pareto.json").read_text())
     assert pareto["teacher"]["accuracy"] >= 0.88
     (winner,) = sorted((out / "winners").iterdir())
