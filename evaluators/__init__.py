@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from evaluators.accuracy import correct_predictions, evaluate_accuracy
+from evaluators._data import gather
+from evaluators.accuracy import correct_predictions, evaluate_accuracy, predicted_logits
 from evaluators.comparison import LATENCY_REPEATS, LATENCY_WARMUP, compare_with_teacher
 from evaluators.fidelity import Fidelity, rank_fidelity
 from evaluators.finetune import FinetuneResult, finetune, finetune_trainable
@@ -43,7 +44,9 @@ __all__ = [
     "evaluate_accuracy",
     "finetune",
     "finetune_trainable",
+    "gather",
     "measure_latency",
+    "predicted_logits",
     "rank_fidelity",
     *_LAZY,
 ]

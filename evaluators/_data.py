@@ -52,6 +52,14 @@ def images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(labels)
 
 
+def gather(dataset: Any, indices: Iterable[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of the items of `dataset` at `indices`, stacked into one batch."""
+    items = [dataset[int(i)] for i in indices]
+    images = torch.stack([torch.as_tensor(image) for image, _ in items])
+    labels = torch.as_tensor([int(label) for _, label in items])
+    return images, labels
+
+
 def progress_bar(description: str, total: int | None, enabled: bool) -> Any:
     """`vitrank.core.progress.progress` (a bar on a terminal, lines elsewhere)."""
     from vitrank.core.progress import progress

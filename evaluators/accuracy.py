@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -20,6 +20,37 @@ def input_dtype(model: nn.Module) -> torch.dtype:
     return first.dtype if first is not None and first.is_floating_point() else torch.float32
 
 
+def _forward(
+    model: nn.Module,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int,
+    device: str | torch.device,
+    progress: bool | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) per batch of `data`: the model in eval mode under
+    `torch.inference_mode` on `device`, left in the mode it had afterwards."""
+    loader = as_loader(data, batch_size)
+    total_batches = num_batches(loader)
+    if progress is None:
+        progress = total_batches is not None and total_batches > _AUTO_PROGRESS_BATCHES
+    was_training = model.training
+    model.eval()
+    dtype = input_dtype(model)
+    seen = 0
+    try:
+        with torch.inference_mode(), progress_bar("accuracy", total_batches, progress) as advance:
+            for batch in loader:
+                images, labels = images_and_labels(batch)
+                logits = model(images.to(device=device, dtype=dtype))
+                seen += len(labels.reshape(-1))
+                yield logits, labels.reshape(-1)
+                advance()
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("accuracy needs at least one labelled image, but the data is empty.")
+
+
 def correct_predictions(
     model: nn.Module,
     data: Dataset | DataLoader | Iterable,
@@ -33,26 +64,24 @@ def correct_predictions(
     in eval mode under `torch.inference_mode` on `device` and is left in the mode it had;
     `progress=None` shows a bar only for long splits.
     """
-    loader = as_loader(data, batch_size)
-    total_batches = num_batches(loader)
-    if progress is None:
-        progress = total_batches is not None and total_batches > _AUTO_PROGRESS_BATCHES
-    was_training = model.training
-    model.eval()
-    dtype = input_dtype(model)
-    hits: list[torch.Tensor] = []
-    try:
-        with torch.inference_mode(), progress_bar("accuracy", total_batches, progress) as advance:
-            for batch in loader:
-                images, labels = images_and_labels(batch)
-                logits = model(images.to(device=device, dtype=dtype))
-                hits.append(logits.argmax(-1).cpu() == labels.reshape(-1))
-                advance()
-    finally:
-        model.train(was_training)
-    if not hits or sum(len(h) for h in hits) == 0:
-        raise ValueError("accuracy needs at least one labelled image, but the data is empty.")
+    hits = [
+        logits.argmax(-1).cpu() == labels
+        for logits, labels in _forward(model, data, batch_size, device, progress)
+    ]
     return torch.cat(hits)
+
+
+def predicted_logits(
+    model: nn.Module,
+    data: Dataset | DataLoader | Iterable,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of every image of `data`: fp32 logits on the CPU, as
+    `correct_predictions` runs the model."""
+    pairs = list(_forward(model, data, batch_size, device, progress))
+    return torch.cat([p[0].float().cpu() for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 def evaluate_accuracy(

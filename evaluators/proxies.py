@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evaluators._data import progress_bar
+from evaluators._data import gather, progress_bar
 from vitrank.core.operators import of
 from vitrank.core.registry import Registry
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
@@ -618,10 +618,7 @@ def heldout_batch(
     chosen = np.sort(
         np.random.default_rng(seed).permutation(remaining)[: min(size, len(remaining))]
     )
-    items = [train[int(i)] for i in chosen]
-    images = torch.stack([torch.as_tensor(image) for image, _ in items])
-    labels = torch.as_tensor([int(label) for _, label in items])
-    return images, labels
+    return gather(train, chosen)
 
 
 __all__ = [

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from evaluators import gather
 from search._pareto import pick_winners
 from search._rundir import RunDir, atomic_write_json
 from search._table import RUNG1_ATTR, front_rows, rung_key
@@ -180,29 +181,21 @@ def selection_data(problem: Problem, workload: Workload) -> SelectionData:
     rng = np.random.default_rng(problem.settings.seed + 7919)
     chosen = sorted(int(i) for i in rng.permutation(remaining)[:size])
     picked = set(chosen)
-    items = [train[i] for i in chosen]
-    images = torch.stack([torch.as_tensor(image) for image, _ in items])
-    labels = torch.as_tensor([int(label) for _, label in items])
+    images, labels = gather(train, chosen)
     rest = Subset(train, [i for i in range(total) if i not in picked])
-    logits = _logits(problem.teacher, images, problem.device)
+    logits, _ = _logits(problem.teacher, images, labels, problem.device)
     return SelectionData(rest, images, labels, chosen, logits)
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, images: Tensor, device: torch.device) -> Tensor:
-    from evaluators.accuracy import input_dtype
+def _logits(
+    model: nn.Module, images: Tensor, labels: Tensor, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    from torch.utils.data import TensorDataset
 
-    was_training = model.training
-    model.eval()
-    dtype = input_dtype(model)
-    try:
-        batches = [
-            model(images[i : i + BATCH_SIZE].to(device=device, dtype=dtype)).float().cpu()
-            for i in range(0, len(images), BATCH_SIZE)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(batches)
+    from evaluators import predicted_logits
+
+    data = TensorDataset(images, labels)
+    return predicted_logits(model, data, BATCH_SIZE, device=device, progress=False)
 
 
 def limited(dataset: Dataset, count: int | None, seed: int) -> Dataset:
@@ -226,8 +219,8 @@ def selection_score(model: nn.Module, data: SelectionData, device: torch.device)
     """
     import torch.nn.functional as F
 
-    logits = _logits(model, data.images, device)
-    accuracy = float((logits.argmax(-1) == data.labels).double().mean())
+    logits, labels = _logits(model, data.images, data.labels, device)
+    accuracy = float((logits.argmax(-1) == labels).double().mean())
     kl = float(
         F.kl_div(
             F.log_softmax(logits.double(), -1),
@@ -239,16 +232,15 @@ def selection_score(model: nn.Module, data: SelectionData, device: torch.device)
     return accuracy + 1.0 / (2 * len(data.labels) * (1.0 + max(kl, 0.0)))
 
 
-def score_accuracy(score: float, data: SelectionData) -> float:
-    """The top-1 part of a `selection_score`."""
-    n = len(data.labels)
-    return math.floor(score * n + 1e-9) / n if score == score else score
+def score_accuracy(score: float, images: int) -> float:
+    """The top-1 part of a `selection_score` measured on `images` images."""
+    return math.floor(score * images + 1e-9) / images if score == score else score
 
 
 def selection_accuracy(model: nn.Module, data: SelectionData, device: torch.device) -> float:
     """Top-1 on the selection images (what rung 2 picks its epoch by)."""
-    logits = _logits(model, data.images, device)
-    return float((logits.argmax(-1) == data.labels).double().mean())
+    logits, labels = _logits(model, data.images, data.labels, device)
+    return float((logits.argmax(-1) == labels).double().mean())
 
 
 # -- one distillation, in milestones ---------------------------------------------------
@@ -314,10 +306,7 @@ class Distillation:
             self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)
         )
         chosen = order[position * self.batch_size : (position + 1) * self.batch_size]
-        items = [self.train[int(i)] for i in chosen]
-        images = torch.stack([torch.as_tensor(image) for image, _ in items])
-        labels = torch.as_tensor([int(label) for _, label in items])
-        return images, labels
+        return gather(self.train, chosen.tolist())
 
     def run_to(self, unit: int, advance: Callable[[], None] | None = None) -> None:
         """Train until the end of milestone `unit` (nothing when already past it)."""
@@ -425,10 +414,7 @@ class Candidate:
         """The selection score of the best milestone up to `unit`, the model as built
         included (a distillation that hurts never ranks a candidate below what it was):
         the highest accuracy, and of equal ones the latest (the most distilled)."""
-        scores = [self.initial, *self.curve[:unit]]
-        accuracies = [score_accuracy(s, self.data) for s in scores]
-        top = max(accuracies)
-        return scores[max(i for i, a in enumerate(accuracies) if a == top)]
+        return _running_best([self.initial, *self.curve[:unit]], len(self.data.labels))[-1]
 
     def run_to(self, unit: int) -> float:
         """Distil to milestone `unit`, scoring (and saving) at each one on the way; the best
@@ -451,7 +437,7 @@ class Candidate:
         best = self.best(len(self.curve))
         return {
             "score": best,
-            "accuracy": score_accuracy(best, self.data),
+            "accuracy": score_accuracy(best, len(self.data.labels)),
             "initial": self.initial,
             "images": len(self.data.labels),
             "units": len(self.curve),
@@ -471,8 +457,12 @@ def _selection(current: Problem, workload: Workload) -> SelectionData:
 # -- the rung ---------------------------------------------------------------------------
 
 
-def _record(study: optuna.Study, storage: Any, number: int, record: dict[str, Any]) -> None:
+def _record(
+    run: RunDir, study: optuna.Study, storage: Any, number: int, record: dict[str, Any]
+) -> None:
+    """A finished candidate's rung-1 record in the study; its checkpoint is done with."""
     storage.set_study_user_attr(study._study_id, rung_key(RUNG1_ATTR, number), record)
+    _checkpoint_path(run, number).unlink(missing_ok=True)
 
 
 def run_rung1(
@@ -505,22 +495,25 @@ def run_rung1(
         _rung1_halving(current, workload, study, storage, todo, rows)
 
 
-def _prior_curves(rows: list[dict[str, Any]], data_size: int) -> list[list[float]]:
+def _running_best(scores: list[float], images: int) -> list[float]:
+    """After each entry, the score of the best one so far: the highest accuracy, and of
+    equal ones the latest (the most distilled)."""
+    out, best = [], scores[0]
+    for value in scores:
+        if score_accuracy(value, images) >= score_accuracy(best, images):
+            best = value
+        out.append(best)
+    return out
+
+
+def _prior_curves(rows: list[dict[str, Any]], images: int) -> list[list[float]]:
     """The curves of candidates done in an earlier session (they count in the halving):
     entry u - 1 is what `Candidate.best(u)` gave at milestone u."""
-    curves = []
-    for row in rows:
-        curve = row.get("rung1_curve")
-        if curve is None or row.get("rung1_initial") is None:
-            continue
-        scores = [float(row["rung1_initial"]), *map(float, curve)]
-        out, best = [], scores[0]
-        for value in scores[1:]:
-            if math.floor(value * data_size + 1e-9) >= math.floor(best * data_size + 1e-9):
-                best = value
-            out.append(best)
-        curves.append(out)
-    return curves
+    return [
+        _running_best([float(r["rung1_initial"]), *map(float, r["rung1_curve"])], images)[1:]
+        for r in rows
+        if r.get("rung1_curve") is not None and r.get("rung1_initial") is not None
+    ]
 
 
 def _survivors(count: int, reached: int) -> int:
@@ -542,20 +535,20 @@ def _rung1_halving(
     prior = _prior_curves(rows, len(_selection(current, workload).labels))
     steps = milestones()
     alive = list(todo)
+    running: dict[int, Candidate] = {}  # candidates kept in memory between milestones
     total = len(prior) + len(todo)
     with progress("rung 1 candidates", len(todo)) as advance:
         for position, unit in enumerate(steps):
             scores: dict[int, float] = {}
             for row in alive:
                 number = int(row["number"])
-                candidate = _CANDIDATES.pop(number, None) or Candidate(current, workload, row)
-                scores[int(row["number"])] = candidate.run_to(unit)
+                candidate = running.pop(number, None) or Candidate(current, workload, row)
+                scores[number] = candidate.run_to(unit)
                 if unit == steps[-1]:
-                    _record(study, storage, candidate.number, candidate.record())
-                    _checkpoint_path(current.run, candidate.number).unlink(missing_ok=True)
+                    _record(current.run, study, storage, number, candidate.record())
                     advance()
                 else:
-                    _CANDIDATES[candidate.number] = candidate
+                    running[number] = candidate
             if unit == steps[-1]:
                 break
             # Rank this milestone's accuracies with the earlier sessions' at the same one.
@@ -569,15 +562,10 @@ def _rung1_halving(
             survivors = [r for r in ranked if scores[int(r["number"])] >= bar][:keep]
             for row in alive:
                 if row not in survivors:
-                    candidate = _CANDIDATES.pop(int(row["number"]))
-                    _record(study, storage, candidate.number, candidate.record())
-                    _checkpoint_path(current.run, candidate.number).unlink(missing_ok=True)
+                    candidate = running.pop(int(row["number"]))
+                    _record(current.run, study, storage, candidate.number, candidate.record())
                     advance()
             alive = survivors
-    _CANDIDATES.clear()
-
-
-_CANDIDATES: dict[int, Candidate] = {}
 
 
 def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:
@@ -650,8 +638,7 @@ def _rung1_ray(
             raise RuntimeError(f"rung 1 of trial {number} failed: {result.error}")
         record = (result.metrics or {}).get("record")
         if record is not None:
-            _record(study, storage, number, dict(record))
-            _checkpoint_path(current.run, number).unlink(missing_ok=True)
+            _record(current.run, study, storage, number, dict(record))
 
 
 # -- agreement between rungs -----------------------------------------------------------

@@ -43,7 +43,6 @@ from search._settings import SearchSettings
 from search._table import (
     INTERRUPTED_ATTR,
     progress_summary,
-    trial_rows,
     trials_frame,
     write_pareto,
     write_trials,
@@ -440,8 +439,7 @@ def run_search(
                 raise
         timings["trials"] = time.perf_counter() - clock
         study = open_study(job)
-        frame = write_trials(run, study, cost)
-        rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
+        rows = write_trials(run, study, cost)
         budget = {
             "kind": current.budget.kind,
             "text": str(current.budget),
@@ -451,8 +449,8 @@ def run_search(
             run, rows, settings.objective_names, budget, _teacher_record(current, workload)
         )
         log(
-            f"{int((frame['state'] == 'COMPLETE').sum())} trials scored, "
-            f"{int(frame['feasible'].sum())} feasible, {len(front)} on the Pareto front "
+            f"{sum(r['state'] == 'COMPLETE' for r in rows)} trials scored, "
+            f"{sum(bool(r['feasible']) for r in rows)} feasible, {len(front)} on the Pareto front "
             f"({time.monotonic() - started:.0f} s)"
         )
         # With the ray engine Ray Tune runs rung 1 (the workload travels to its workers)
@@ -466,8 +464,7 @@ def run_search(
                 current, workload, study, storage(run.storage_url), rows, ray=ray_rung1, log=log
             )
             study = open_study(job)
-            write_trials(run, study, cost)
-            rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
+            rows = write_trials(run, study, cost)
         timings["rung1"] = time.perf_counter() - clock
         clock = time.perf_counter()
         if front:
@@ -481,8 +478,7 @@ def run_search(
                 log=log,
             )
             study = open_study(job)
-            write_trials(run, study, cost)
-            rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
+            rows = write_trials(run, study, cost)
         else:
             log("no feasible trial: no winners saved (raise the budget or run more trials).")
         timings["winners"] = time.perf_counter() - clock

@@ -99,13 +99,15 @@ def trials_frame(
     return pd.DataFrame(trial_rows(trials, cost, study_attrs))
 
 
-def write_trials(run: RunDir, study: optuna.Study, cost: str) -> pd.DataFrame:
-    """Rebuild trials.parquet from the study (atomic)."""
-    frame = trials_frame(study.get_trials(deepcopy=False), cost, study.user_attrs)
+def write_trials(run: RunDir, study: optuna.Study, cost: str) -> list[dict[str, Any]]:
+    """Rebuild trials.parquet from the study (atomic); its rows."""
+    import pandas as pd
+
+    rows = trial_rows(study.get_trials(deepcopy=False), cost, study.user_attrs)
     buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
+    pd.DataFrame(rows).to_parquet(buffer, index=False)
     atomic_write_bytes(run.trials, buffer.getvalue())
-    return frame
+    return rows
 
 
 def front_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -248,13 +248,13 @@ def save_winners(
     ladder = rung1_order(rows)
     chosen = ladder[: max(top, 1)] if ladder else choose(rows, max(top, 1))
     run = problem.run
-    directories, records = [], []
+    # (folder, model as built, or None when an earlier session fine-tuned it, metrics)
+    records: list[tuple[Path, nn.Module | None, dict[str, Any]]] = []
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
         previous = _finished(directory, epochs) if row.get("rung2_selection_score") else None
         if previous is not None:  # rung 2 of an earlier session: not run again
             log(f"winner {directory.name}: fine-tuned in an earlier session")
-            directories.append(directory)
             records.append((directory, None, previous))
             continue
         log(
@@ -279,7 +279,6 @@ def save_winners(
         metrics["latency_ms"] = measured_latency(model, workload, settings.batch, device)
         metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
         save(model, directory)
-        directories.append(directory)
         records.append((directory, model, metrics))
     # Fine-tune only the first `top` (the best first); the others are kept as built.
     tune_these = [d for d, m, _ in records[: top if epochs > 0 else 0] if m is not None]
@@ -291,13 +290,12 @@ def save_winners(
         sessions = sorted(run.tune.glob("finetune-*")) if run.tune.exists() else []
         tuned = _finetune_ray(run, tune_these, problem, epochs, f"finetune-{len(sessions)}")
     elif tune_these:
-        for directory, model, _ in records:
-            if directory not in tune_these:
+        for directory, built, metrics in records:
+            if directory not in tune_these or built is None:
                 continue
             log(f"rung 2: fine-tuning {directory.name} for {epochs} epoch(s) ...")
-            tuned[str(directory.resolve())] = finetune_candidate(problem, workload, model, epochs)
-            save(model, directory)
-            metrics = next(m for d, _, m in records if d == directory)
+            tuned[str(directory.resolve())] = finetune_candidate(problem, workload, built, epochs)
+            save(built, directory)
             _finish(problem, directory, metrics, tuned[str(directory.resolve())], epochs)
     for directory, _, metrics in records:
         extra = tuned.get(str(directory.resolve()))
@@ -326,7 +324,7 @@ def _rung2_order(problem: Problem, workload: Workload, metrics: list[dict[str, A
         return list(range(len(metrics)))
     images = len(_selection(problem, workload).labels)
     ranked = by_evidence(
-        [{**m, "number": m["number"], "proxy": m.get("proxy") or 0.0} for m in tuned],
+        [{**m, "proxy": m.get("proxy") or 0.0} for m in tuned],
         "selection_accuracy",
         "selection_score",
         images,

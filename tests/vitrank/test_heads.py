@@ -34,6 +34,17 @@ def _bar(x):
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
+def _tokens(x):
+    """The pooled augmented calibration tokens X (n, D + 1) and C̄ = E[x̄ x̄ᵀ] over them."""
+    X = _bar(x).reshape(-1, D + 1)
+    return X, X.T @ X / len(X)
+
+
+def _augmented(W, b):
+    """[W, b], a zero column for a missing bias (the rows of M_h's factors)."""
+    return torch.cat([W, W.new_zeros(W.shape[0], 1) if b is None else b[:, None]], 1)
+
+
 def _qk_logits(x, W_q, b_q, W_k, b_k):
     q = x @ W_q.T + (0 if b_q is None else b_q)
     k = x @ W_k.T + (0 if b_k is None else b_k)
@@ -51,7 +62,7 @@ def _attention(x, W_qkv, b_qkv):
 def test_full_rank_qk_reproduces_logits_with_biases(bias):
     x, W_qkv, b_qkv, _, _ = _setup(bias=bias)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
-    C_bar = _bar(x).reshape(-1, D + 1).T @ _bar(x).reshape(-1, D + 1) / (6 * 20)
+    _, C_bar = _tokens(x)
     for C in (C_bar, None):
         factors = factorize_qk(W_q, b_q, W_k, b_k, H, C)
         P, Q = factors.at_rank(DH)
@@ -81,8 +92,7 @@ def test_full_rank_vo_reproduces_output_with_folded_bias(bias):
 def test_qk_closed_form_error_equals_measured_mean_over_token_pairs():
     x, W_qkv, b_qkv, _, _ = _setup(seed=1)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
-    X = _bar(x).reshape(-1, D + 1)  # pooled calibration tokens
-    C_bar = X.T @ X / len(X)
+    X, C_bar = _tokens(x)
     for whiten in (True, False):
         factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=whiten)
         q = (X @ torch.cat([W_q, b_q[:, None]], 1).T).reshape(-1, H, DH).transpose(0, 1)
@@ -99,9 +109,8 @@ def test_qk_closed_form_error_equals_measured_mean_over_token_pairs():
 def test_key_maps_read_the_teacher_keys_back(bias):
     x, W_qkv, b_qkv, _, _ = _setup(seed=3, bias=bias)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
-    X = _bar(x).reshape(-1, D + 1)
-    C_bar = X.T @ X / len(X)
-    k_bar = torch.cat([W_k, (b_k if bias else W_k.new_zeros(H * DH))[:, None]], 1)
+    X, C_bar = _tokens(x)
+    k_bar = _augmented(W_k, b_k)
     keys = (X @ k_bar.T).reshape(-1, H, DH).transpose(0, 1)  # (H, n, d_h): the teacher's
     for C, whiten in ((C_bar, True), (C_bar, False), (None, True)):
         factors = factorize_qk(W_q, b_q, W_k, b_k, H, C, whiten=whiten)
@@ -145,8 +154,7 @@ def test_vo_closed_form_error_equals_measured_per_head_output_error():
 def test_whitened_qk_never_worse_than_plain():
     x, W_qkv, b_qkv, _, _ = _setup(seed=4)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
-    X = _bar(x).reshape(-1, D + 1)
-    C_bar = X.T @ X / len(X)
+    X, C_bar = _tokens(x)
     whitened = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar)
     plain = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=False)
     for rank in range(1, DH):
@@ -209,11 +217,9 @@ def test_whitened_qk_matches_the_svd_of_each_whitened_head_product(bias):
 
     x, W_qkv, b_qkv, _, _ = _setup(seed=6, bias=bias)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
-    X = _bar(x).reshape(-1, D + 1)
-    C_bar = X.T @ X / len(X)
+    X, C_bar = _tokens(x)
     factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar)
-    q_bar = torch.cat([W_q, b_q[:, None] if bias else W_q.new_zeros(H * DH, 1)], 1)
-    k_bar = torch.cat([W_k, b_k[:, None] if bias else W_k.new_zeros(H * DH, 1)], 1)
+    q_bar, k_bar = _augmented(W_q, b_q), _augmented(W_k, b_k)
     M = q_bar.reshape(H, DH, D + 1).transpose(-1, -2) @ k_bar.reshape(H, DH, D + 1)
     S = whitening(C_bar)
     U, sigma, Vh = torch.linalg.svd(S.T @ M @ S)
