@@ -106,15 +106,17 @@ def open_study(job: EngineJob) -> optuna.Study:
 
 
 def _objective(trial: optuna.Trial, job: EngineJob) -> list[float]:
+    # Everything the trial does is inside the try, the write of its metrics too: a Ctrl-C
+    # landing there would otherwise leave a failed trial that is not flagged.
     try:
         constants = job.define(trial)
         metrics = job.evaluate({**trial.params, **constants})
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        return [metrics[name] for name in job.metrics]
     except KeyboardInterrupt:
         # Optuna marks it failed; the flag says it did not fail by itself.
         trial.set_user_attr(INTERRUPTED_ATTR, True)
         raise
-    trial.set_user_attr(METRICS_ATTR, metrics)
-    return [metrics[name] for name in job.metrics]
 
 
 class _QuietInterrupt(logging.Filter):
