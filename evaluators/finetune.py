@@ -24,10 +24,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
-from evaluators.accuracy import evaluate_accuracy, input_dtype
+from evaluators.accuracy import correct_predictions, input_dtype
+from evaluators.significance import mcnemar
 from vitrank.core.files import atomic_write_text
 
-KEEP = ("best", "latest-best", "last")  # which epoch's weights `finetune` leaves
+KEEP = ("best", "latest-best", "last", "last-unless-worse")  # which epoch's weights stay
+# "last-unless-worse" goes back to an earlier epoch only when McNemar's test on the scoring
+# images says it is more accurate than the last one at this level.
+WORSE_P_VALUE = 0.05
 
 
 @dataclass
@@ -96,15 +100,21 @@ def finetune(
     progress: bool = True,
     report: Callable[[dict[str, float]], None] | None = None,
     keep: str = "best",
-    score: Callable[[nn.Module], float] | None = None,
+    score: Callable[[nn.Module], float | Tensor] | None = None,
 ) -> FinetuneResult:
     """Distil `teacher` into `student` in place; the best epoch's weights are left in it.
 
     `alpha` weighs the soft (distillation) term, `warmup` is the fraction of all steps
     spent warming the learning rate up. `keep="latest-best"` breaks ties between epochs
     (an accuracy that saturates) in favour of the later one; `keep="last"` leaves the last
-    epoch's weights (the end of the cosine schedule; `best_accuracy` is then theirs). `report(metrics)` is called after every epoch
-    (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call gives the same
+    epoch's weights (the end of the cosine schedule; `best_accuracy` is then theirs);
+    `keep="last-unless-worse"` leaves them too unless the most accurate earlier epoch (the
+    model as it came in included) beats them by McNemar's exact test at p < 0.05 on the
+    scoring images: picking the top of a noisy accuracy curve favours chance, and on images
+    the teacher knows by heart (a saturated score) it favours the untrained start.
+    `score(student)` replaces `val`: a top-1 in [0, 1], or the per-image correctness (a
+    bool tensor, which "last-unless-worse" needs). `report(metrics)` is called after
+    every epoch (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call gives the same
     weights. The global random state is left as it was.
     """
     if epochs < 1:
@@ -144,14 +154,25 @@ def finetune(
             optimizer, warmup_cosine(total_steps, max(1, round(warmup * total_steps)))
         )
 
-        def evaluate() -> float:
+        def evaluate() -> tuple[float, Tensor | None]:
+            """(top-1, per-image correctness when known) of the student now."""
             if score is not None:
-                return float(score(student))
+                judged = score(student)
+                if isinstance(judged, Tensor):
+                    return float(judged.double().mean()), judged.bool().cpu()
+                if keep == "last-unless-worse":
+                    raise ValueError(
+                        'keep="last-unless-worse" compares epochs image by image: `score` '
+                        "must return the per-image correctness (a bool tensor), not a number."
+                    )
+                return float(judged), None
             assert val_loader is not None
-            return evaluate_accuracy(student, val_loader, batch_size, device, progress=False)
+            correct = correct_predictions(student, val_loader, batch_size, device, progress=False)
+            return float(correct.double().mean()), correct
 
-        initial = evaluate()
+        initial, initial_correct = evaluate()
         best_accuracy, best_epoch, best_state = initial, 0, _cpu_state(student)
+        best_correct = initial_correct
         history = [dict(epoch=0, train_loss=math.nan, val_accuracy=initial, lr=0.0, seconds=0.0)]
         try:
             with progress_bar("fine-tune", total_steps, progress) as advance:
@@ -175,13 +196,18 @@ def finetune(
                         loss_sum += value * labels.numel()
                         seen += labels.numel()
                         advance(description=f"fine-tune epoch {epoch}/{epochs} loss {value:.4f}")
-                    accuracy = evaluate()
+                    accuracy, correct = evaluate()
                     better = accuracy > best_accuracy or (
-                        keep == "latest-best" and accuracy == best_accuracy
+                        keep in ("latest-best", "last-unless-worse") and accuracy == best_accuracy
                     )
-                    if better or (keep == "last" and epoch == epochs):
+                    last = epoch == epochs
+                    if keep == "last-unless-worse" and last and not better:
+                        assert correct is not None and best_correct is not None
+                        test = mcnemar(best_correct, correct)
+                        better = not (test.a_only > test.b_only and test.p_value < WORSE_P_VALUE)
+                    if better or (keep == "last" and last):
                         best_accuracy, best_epoch = accuracy, epoch
-                        best_state = _cpu_state(student)
+                        best_state, best_correct = _cpu_state(student), correct
                     metrics = dict(
                         epoch=epoch,
                         train_loss=loss_sum / max(seen, 1),

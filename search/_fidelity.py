@@ -8,8 +8,8 @@
   engine. Its objective is one number, the top-1 on the selection images: training images
   that neither the calibration nor any distillation uses, never the validation split.
 - Rung 2: the full fine-tune of the K best of rung 1 (`search._winners`), on the same
-  distillation images, the best epoch chosen on the same selection images; the winners are
-  ranked by it.
+  distillation images, each keeping its last epoch unless an earlier one is more accurate
+  on the same selection images beyond chance; the winners are ranked by it.
 
 Each rung-1 candidate's state (weights, optimizer, schedule, step) is saved at every
 milestone under `cache/rungs/`, and its accuracies are recorded on its Optuna trial (the
@@ -237,10 +237,10 @@ def score_accuracy(score: float, images: int) -> float:
     return math.floor(score * images + 1e-9) / images if score == score else score
 
 
-def selection_accuracy(model: nn.Module, data: SelectionData, device: torch.device) -> float:
-    """Top-1 on the selection images (what rung 2 picks its epoch by)."""
+def selection_correct(model: nn.Module, data: SelectionData, device: torch.device) -> Tensor:
+    """Whether `model` gets each selection image right (what rung 2 picks its epoch by)."""
     logits, labels = _logits(model, data.images, data.labels, device)
-    return float((logits.argmax(-1) == labels).double().mean())
+    return logits.argmax(-1) == labels
 
 
 # -- one distillation, in milestones ---------------------------------------------------

@@ -128,9 +128,9 @@ def finetune_candidate(
     train_images: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Rung 2: distil `model` in place for `epochs` on the distillation images, keep the
-    epoch most accurate on the selection images (the model as built included, so
-    fine-tuning never makes it worse there; ties go to the later epoch), then score it
+    """Rung 2: distil `model` in place for `epochs` on the distillation images and keep
+    the last epoch, unless an earlier one (the model as built included) is more accurate on
+    the selection images beyond chance (finetune's keep="last-unless-worse"); then score it
     there (`selection_score`, what ranks the winners) and measure it on the validation
     split.
 
@@ -139,7 +139,7 @@ def finetune_candidate(
     subset of that many distillation images instead (default: the run's `finetune_images`).
     """
     from evaluators import finetune
-    from search._fidelity import _selection, limited, selection_accuracy, selection_score
+    from search._fidelity import _selection, limited, selection_correct, selection_score
 
     settings = problem.settings
     data = _selection(problem, workload)
@@ -153,8 +153,8 @@ def finetune_candidate(
         seed=settings.seed,
         device=str(problem.device),
         progress=progress,
-        keep="latest-best",
-        score=lambda student: selection_accuracy(student, data, problem.device),
+        keep="last-unless-worse",
+        score=lambda student: selection_correct(student, data, problem.device),
     )
     return {
         "selection_score": selection_score(model, data, problem.device),

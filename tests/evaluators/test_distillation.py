@@ -91,3 +91,58 @@ def test_finetune_validates_arguments(tiny_vit):
         finetune(copy.deepcopy(teacher), teacher, data, data, alpha=1.5, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         finetune(copy.deepcopy(teacher), teacher, data, data, epochs=0, progress=False)
+
+
+def _scripted_score(correct_counts: list[int], images: int = 40):
+    """A `score` that returns, call after call, correctness vectors with these counts (the
+    first `count` images right), and remembers the student's weights at each call."""
+    calls: list[dict[str, torch.Tensor]] = []
+
+    def score(student):
+        calls.append({k: v.clone() for k, v in student.state_dict().items()})
+        correct = torch.zeros(images, dtype=torch.bool)
+        correct[: correct_counts[len(calls) - 1]] = True
+        return correct
+
+    return score, calls
+
+
+@pytest.mark.parametrize(
+    ("counts", "kept"),
+    [
+        ([40, 38, 37], 2),  # the last is 3 images below the start: chance, the last stays
+        ([40, 25, 20], 0),  # 20 images below: the start is kept
+        ([30, 39, 38], 2),  # the best epoch is 1 image above the last: the last stays
+        ([30, 31, 36], 2),  # the last is the best anyway
+    ],
+)
+def test_last_unless_worse_goes_back_only_on_significant_evidence(tiny_vit, counts, kept):
+    teacher = tiny_vit()
+    train = _teacher_labelled_data(teacher, 32, seed=0)
+    student = _damaged_copy(teacher)
+    score, calls = _scripted_score(counts)
+    result = finetune(
+        student, teacher, train, None, epochs=2, lr=2e-3, batch_size=16, progress=False,
+        keep="last-unless-worse", score=score,
+    )  # fmt: skip
+    assert result.best_epoch == kept
+    assert result.best_accuracy == counts[kept] / 40
+    assert [h["val_accuracy"] for h in result.history] == [c / 40 for c in counts]
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, calls[kept][name]), name
+
+
+def test_last_unless_worse_needs_per_image_correctness(tiny_vit):
+    teacher = tiny_vit()
+    data = _teacher_labelled_data(teacher, 8, seed=0)
+    with pytest.raises(ValueError, match="per-image correctness"):
+        finetune(
+            copy.deepcopy(teacher), teacher, data, None, epochs=1, progress=False,
+            keep="last-unless-worse", score=lambda student: 0.5,
+        )  # fmt: skip
+    # with validation images the correctness comes from them
+    result = finetune(
+        copy.deepcopy(teacher), teacher, data, data, epochs=1, progress=False,
+        keep="last-unless-worse",
+    )  # fmt: skip
+    assert result.best_epoch in (0, 1)

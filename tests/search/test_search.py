@@ -83,7 +83,7 @@ def test_winner_loads_and_matches_its_metrics(finished: Path) -> None:
     assert sum(p.numel() for p in model.parameters()) == metrics["params"]
     assert metrics["params"] <= pareto["budget"]["limit"]
     assert 0.0 <= metrics["finetuned_accuracy"] <= 1.0
-    assert metrics["finetuned_accuracy"] >= metrics["initial_accuracy"]  # best epoch is kept
+    assert metrics["finetuned_accuracy"] >= metrics["initial_accuracy"]  # distillation helps here
     assert metrics["latency_ms"] > 0
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 5)
 
