@@ -24,6 +24,7 @@ and of the whole ladder (the run's rungs.json).
     python benchmarks/quality.py --quick            # one seed, fewer trials (run_all --quick)
     python benchmarks/quality.py --workload fashion-vit --epochs 1 --train-images 2000 \
         --rung-images 1024                          # results/quality_fashion-vit.json
+    python benchmarks/quality.py ... --lr 6.25e-5   # results/quality[_WORKLOAD]_lr6.25e-05.json
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, 
         finetune_top=args.finetune_top,
         finetune_epochs=args.epochs,
         finetune_images=args.train_images,
+        finetune_lr=args.lr,
         compensate=args.compensate,
         report=True,
     )
@@ -241,6 +243,13 @@ def main(argv: list[str] | None = None) -> None:
         help="distil on this many (seeded) training images per epoch, the same for every pick",
     )
     parser.add_argument(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="peak learning rate of every distillation (the search's --finetune-lr); a "
+        "value other than 5e-4 names the result file after it",
+    )
+    parser.add_argument(
         "--recompute",
         type=Path,
         default=None,
@@ -303,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     name = "quality" if args.workload == "digits-vit" else f"quality_{args.workload}"
+    if args.lr != 5e-4:
+        name += f"_lr{args.lr:g}"
     print(f"wrote {write_result(name, result, args.out_dir)}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -85,6 +86,8 @@ class SearchSettings:
     finetune_top: int = 1
     finetune_epochs: int = 1
     finetune_images: int | None = None
+    # AdamW's peak learning rate of every distillation (rungs 1 and 2), warm-up then cosine.
+    finetune_lr: float = 5e-4
     compensate: bool = True  # error compensation of winners before fine-tuning
     # Where the run lives: `out` itself when given, else `runs/<name>/`.
     out: str | None = None
@@ -154,6 +157,10 @@ class SearchSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name} >= 1` must hold, but got {name}={value!r}.")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ValueError(
+                f"`finetune_lr > 0` must hold (a finite number), but got {self.finetune_lr=}."
+            )
         if self.finetune_top < 0 or self.finetune_epochs < 0:
             raise ValueError(
                 "`finetune_top >= 0` and `finetune_epochs >= 0` must hold, but got "

@@ -150,6 +150,7 @@ def finetune_candidate(
         train,
         None,
         epochs=epochs,
+        lr=settings.finetune_lr,
         seed=settings.seed,
         device=str(problem.device),
         progress=progress,

@@ -118,6 +118,22 @@ def _ladder_settings(out: Path, **overrides):
     return tiny_settings(out, **{**values, **overrides})
 
 
+def test_every_distillation_of_the_ladder_uses_the_runs_learning_rate(tmp_path, monkeypatch):
+    rates: list[float] = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, lr, **kwargs):
+            rates.append(lr)
+            super().__init__(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    settings = _ladder_settings(
+        tmp_path / "run", trials=6, promote=1, finetune_top=1, finetune_lr=1e-3
+    )
+    run_search(settings, tiny_workload())
+    assert len(rates) >= 2 and set(rates) == {1e-3}  # rung 1's candidates and rung 2's winner
+
+
 def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
     run = run_search(_ladder_settings(tmp_path / "run"), tiny_workload())
     table = pd.read_parquet(run / "trials.parquet")

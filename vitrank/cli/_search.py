@@ -141,6 +141,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="rung 2: distil on a seeded subset of N training images per epoch (default: all)",
     )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="peak AdamW learning rate of rungs 1 and 2 (default 5e-4; warm-up, then cosine)",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
     p.add_argument(
         "--resume",
