@@ -114,8 +114,8 @@ def finetune(
     the teacher knows by heart (a saturated score) it favours the untrained start.
     `score(student)` replaces `val`: a top-1 in [0, 1], or the per-image correctness (a
     bool tensor, which "last-unless-worse" needs). `report(metrics)` is called after
-    every epoch (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call gives the same
-    weights. The global random state is left as it was.
+    every epoch (e.g. `ray.tune.report`). The run is seeded: on the CPU the same call
+    gives the same weights. The global random state is left as it was.
     """
     if epochs < 1:
         raise ValueError(f"`epochs >= 1` must hold, but got {epochs=}.")
