@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,18 +107,69 @@ def open_study(job: EngineJob) -> optuna.Study:
     )
 
 
-def _objective(trial: optuna.Trial, job: EngineJob) -> list[float]:
+class _DeferredInterrupt:
+    """Ctrl-C during `study.optimize`: raised at once inside a trial's objective (which
+    flags the trial), otherwise held until Optuna has recorded the trial it is telling and
+    raised when `optimize` returns. Optuna's trial runner loses a KeyboardInterrupt that
+    lands in its tell step (an UnboundLocalError from its `finally` replaces it)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.inside = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.inside:
+            raise KeyboardInterrupt
+        self.pending = True
+        with contextlib.suppress(RuntimeError):  # outside the optimize loop: nothing to stop
+            self.study.stop()  # no trial after the current one
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The handler for SIGINT while the block runs (main thread only: signals arrive
+        there; elsewhere Ctrl-C keeps Python's default)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[None]:
+        if self.pending:
+            raise KeyboardInterrupt  # pressed while the trial was being sampled
+        inside, self.inside = self.inside, True
+        try:
+            yield
+        finally:
+            self.inside = inside
+
+
+def _objective(
+    trial: optuna.Trial, job: EngineJob, interrupts: _DeferredInterrupt | None = None
+) -> list[float]:
     # Everything the trial does is inside the try, the write of its metrics too: a Ctrl-C
     # landing there would otherwise leave a failed trial that is not flagged.
     try:
-        constants = job.define(trial)
-        metrics = job.evaluate({**trial.params, **constants})
-        trial.set_user_attr(METRICS_ATTR, metrics)
-        return [metrics[name] for name in job.metrics]
+        with interrupts.trial() if interrupts is not None else contextlib.nullcontext():
+            return _evaluate_trial(trial, job)
     except KeyboardInterrupt:
         # Optuna marks it failed; the flag says it did not fail by itself.
         trial.set_user_attr(INTERRUPTED_ATTR, True)
         raise
+
+
+def _evaluate_trial(trial: optuna.Trial, job: EngineJob) -> list[float]:
+    constants = job.define(trial)
+    metrics = job.evaluate({**trial.params, **constants})
+    trial.set_user_attr(METRICS_ATTR, metrics)
+    return [metrics[name] for name in job.metrics]
 
 
 class _QuietInterrupt(logging.Filter):
@@ -145,14 +198,16 @@ def run_optuna(job: EngineJob) -> None:
     # Optuna's trial runner logs through its module's logger before it re-raises.
     logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietInterrupt()
     logger.addFilter(quiet)
+    interrupts = _DeferredInterrupt(study)
     try:
-        study.optimize(
-            functools.partial(_objective, job=job),
-            n_trials=job.n_trials,
-            callbacks=callbacks,
-            gc_after_trial=False,
-            show_progress_bar=False,
-        )
+        with interrupts.installed():
+            study.optimize(
+                functools.partial(_objective, job=job, interrupts=interrupts),
+                n_trials=job.n_trials,
+                callbacks=callbacks,
+                gc_after_trial=False,
+                show_progress_bar=False,
+            )
     finally:
         logger.removeFilter(quiet)
 

@@ -209,3 +209,40 @@ def test_ctrl_c_of_the_digits_default_then_resume_scores_60_trials(tmp_path: Pat
     resumed = subprocess.run([vitrank, *options, "--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _states(run / "study.db")["COMPLETE"] == 60
+
+
+def test_ctrl_c_while_optuna_records_a_trial_keeps_it_and_stops_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C landing in Optuna's tell step (outside any objective) is held until that
+    trial is recorded, then stops the study as an interrupt, not as Optuna's
+    UnboundLocalError."""
+    import optuna
+    from optuna.study import _optimize
+
+    from search._engines import EngineJob, open_study, run_optuna
+
+    tell = _optimize._tell_with_warning
+    calls: list[int] = []
+
+    def interrupted_tell(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the tell below
+        return tell(**kwargs)
+
+    monkeypatch.setattr(_optimize, "_tell_with_warning", interrupted_tell)
+    job = EngineJob(
+        storage_url=f"sqlite:///{tmp_path / 'study.db'}",
+        study_name="s",
+        metrics=("loss",),
+        define=lambda trial: {"x": trial.suggest_float("x", 0.0, 1.0)},
+        evaluate=lambda params: {"loss": float(params["x"])},
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        n_trials=10,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_optuna(job)
+    states = [t.state for t in open_study(job).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2  # the second one recorded, no third
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
