@@ -41,6 +41,10 @@ from typing import Any
 import torch
 from _common import RESULTS, machine_info, write_result
 
+from search import SearchSettings
+
+DEFAULT_LR = SearchSettings.__dataclass_fields__["finetune_lr"].default  # the search's
+
 
 def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, seed: int) -> Path:
     """One whole search with its fidelity ladder: rung 1 over `--promote` candidates and
@@ -245,9 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lr",
         type=float,
-        default=5e-4,
+        default=DEFAULT_LR,
         help="peak learning rate of every distillation (the search's --finetune-lr); a "
-        "value other than 5e-4 names the result file after it",
+        f"value other than its default {DEFAULT_LR:g} names the result file after it",
     )
     parser.add_argument(
         "--recompute",
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
     name = "quality" if args.workload == "digits-vit" else f"quality_{args.workload}"
-    if args.lr != 5e-4:
+    if args.lr != DEFAULT_LR:
         name += f"_lr{args.lr:g}"
     print(f"wrote {write_result(name, result, args.out_dir)}")
 
