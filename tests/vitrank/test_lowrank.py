@@ -162,8 +162,9 @@ def test_rank_deficient_weights_stay_finite_and_exact(shape, whiten):
     factors = factorize_linear(W, b, X.T @ X / len(X), whiten=whiten)
     assert all(bool(torch.isfinite(t).all()) for t in (factors.down, factors.up, factors.errors))
     torch.testing.assert_close(factors.up @ factors.down, W, rtol=0, atol=1e-12)
-    # Beyond the weight's rank the components carry nothing.
-    assert float(factors.sigma2[3:].max()) <= 1e-20 * float(factors.sigma2[0])
+    # Beyond the weight's rank the components carry nothing but the eigensolver's fp64
+    # rounding, ~1e-16·σ²max (how much exactly depends on the BLAS and the CPU).
+    assert float(factors.sigma2[3:].max()) <= 1e-14 * float(factors.sigma2[0])
     assert factors.error(3) <= 1e-12 * factors.energy
 
 
