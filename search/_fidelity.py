@@ -393,7 +393,7 @@ class Candidate:
         self.device = current.device
         self.distillation = Distillation(
             model, current.teacher, train, settings.rung_epochs, seed=settings.seed,
-            lr=settings.finetune_lr, device=self.device,
+            lr=settings.finetune_lr, alpha=settings.finetune_alpha, device=self.device,
         )  # fmt: skip
         self.curve: list[float] = []
         self.seconds = 0.0

@@ -88,6 +88,9 @@ class SearchSettings:
     finetune_images: int | None = None
     # AdamW's peak learning rate of every distillation (rungs 1 and 2), warm-up then cosine.
     finetune_lr: float = 5e-4
+    # The weight of the teacher's soft targets in that loss; the rest is cross-entropy with
+    # the labels (1: the teacher's outputs only).
+    finetune_alpha: float = 0.7
     compensate: bool = True  # error compensation of winners before fine-tuning
     # Where the run lives: `out` itself when given, else `runs/<name>/`.
     out: str | None = None
@@ -160,6 +163,10 @@ class SearchSettings:
         if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ValueError(
                 f"`finetune_lr > 0` must hold (a finite number), but got {self.finetune_lr=}."
+            )
+        if not 0.0 <= self.finetune_alpha <= 1.0:  # NaN fails too
+            raise ValueError(
+                f"`0 <= finetune_alpha <= 1` must hold, but got {self.finetune_alpha=}."
             )
         if self.finetune_top < 0 or self.finetune_epochs < 0:
             raise ValueError(

@@ -151,6 +151,7 @@ def finetune_candidate(
         None,
         epochs=epochs,
         lr=settings.finetune_lr,
+        alpha=settings.finetune_alpha,
         seed=settings.seed,
         device=str(problem.device),
         progress=progress,

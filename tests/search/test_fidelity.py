@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -118,20 +119,33 @@ def _ladder_settings(out: Path, **overrides):
     return tiny_settings(out, **{**values, **overrides})
 
 
-def test_every_distillation_of_the_ladder_uses_the_runs_learning_rate(tmp_path, monkeypatch):
+def test_every_distillation_of_the_ladder_uses_the_runs_learning_rate_and_alpha(
+    tmp_path, monkeypatch
+):
+    distillation = importlib.import_module("evaluators.finetune")  # the function shadows it
     rates: list[float] = []
+    alphas: list[float] = []
 
     class Recording(torch.optim.AdamW):
         def __init__(self, params, lr, **kwargs):
             rates.append(lr)
             super().__init__(params, lr=lr, **kwargs)
 
+    loss = distillation.distillation_loss
+
+    def recording_loss(student, teacher, labels, temperature, alpha):
+        alphas.append(alpha)
+        return loss(student, teacher, labels, temperature, alpha)
+
     monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    monkeypatch.setattr(distillation, "distillation_loss", recording_loss)
     settings = _ladder_settings(
-        tmp_path / "run", trials=6, promote=1, finetune_top=1, finetune_lr=1e-3
-    )
+        tmp_path / "run", trials=6, promote=1, finetune_top=1, finetune_lr=1e-3,
+        finetune_alpha=0.9,
+    )  # fmt: skip
     run_search(settings, tiny_workload())
     assert len(rates) >= 2 and set(rates) == {1e-3}  # rung 1's candidates and rung 2's winner
+    assert len(alphas) >= 2 and set(alphas) == {0.9}  # every step of both rungs
 
 
 def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):

@@ -42,6 +42,8 @@ def test_unknown_setting_is_refused_with_the_known_ones(tmp_path: Path) -> None:
         ("objectives", "proxy,accuracy", "objectives"),
         ("finetune_lr", 0.0, "finetune_lr > 0"),
         ("finetune_lr", float("nan"), "finetune_lr > 0"),
+        ("finetune_alpha", 1.5, "finetune_alpha <= 1"),
+        ("finetune_alpha", float("nan"), "finetune_alpha <= 1"),
     ],
 )
 def test_bad_values_name_the_rule_and_value(field: str, value: object, rule: str) -> None:

@@ -148,6 +148,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="LR",
         help="peak AdamW learning rate of rungs 1 and 2 (default 5e-4; warm-up, then cosine)",
     )
+    p.add_argument(
+        "--finetune-alpha",
+        type=float,
+        default=None,
+        metavar="A",
+        help="weight of the teacher's soft targets in rungs 1 and 2; the rest is "
+        "cross-entropy with the labels (default 0.7; 1: the teacher only)",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
     p.add_argument(
         "--resume",
