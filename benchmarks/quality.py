@@ -22,7 +22,7 @@ and of the whole ladder (the run's rungs.json).
 
     python benchmarks/quality.py                    # results/quality.json (3 seeds, 0.5 / 0.35)
     python benchmarks/quality.py --quick            # one seed, fewer trials (run_all --quick)
-    python benchmarks/quality.py --workload fashion-vit --epochs 1 --train-images 2000 \
+    python benchmarks/quality.py --workload fashion-vit --epochs 1 --train-images 8000 \
         --rung-images 1024                          # results/quality_fashion-vit.json
     python benchmarks/quality.py ... --lr 6.25e-5   # results/quality[_WORKLOAD]_lr6.25e-05.json
 """
