@@ -6,12 +6,20 @@ import datetime as _dt
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+T = TypeVar("T")
+
+
+def comma_list(text: str, convert: Callable[[str], T]) -> list[T]:
+    """The stripped, non-empty parts of a comma-separated option, each converted."""
+    return [convert(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def _timm_version() -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, machine_info, write_result
+from _common import RESULTS, comma_list, machine_info, write_result
 
 from search import SearchSettings
 
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     root = args.keep or Path(tempfile.mkdtemp(prefix="vitrank-quality-"))
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    seeds = comma_list(args.seeds, int)
+    budgets = comma_list(args.budgets, str)
     result: dict[str, Any] = {
         "machine": {**machine_info(args.threads), "load_average_at_start": os.getloadavg()},
         "command": command.strip(),

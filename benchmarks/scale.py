@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import machine_info, write_result
+from _common import comma_list, machine_info, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
@@ -119,7 +119,7 @@ def main() -> None:
     root = Path(args.keep or tempfile.mkdtemp(prefix="vitrank-scale-"))
     data = make_images(root / "images", args.images)
     rows = []
-    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for model in comma_list(args.models, str):
         run = root / f"run-{model}-{args.device.replace(':', '')}"
         command = [
             sys.executable, __file__, "--one", model, "--data", str(data), "--run", str(run),

@@ -1,7 +1,7 @@
 """Self-distillation: how far the fine-tuning recipe moves the teacher itself.
 
 A copy of the workload's teacher is distilled from the teacher with `evaluators.finetune`
-(the loss, optimizer and schedule of rungs 1 and 2) for one epoch on a seeded subset of
+(the loss, optimizer and schedule of rungs 1 and 2) for `--epochs` on a seeded subset of
 the training images, for each learning rate, soft-target weight `alpha` and number of
 images of the grid, and measured on the validation split. The student starts at the
 teacher's optimum of that very loss (alpha = 1) or near it, so whatever it loses is the
@@ -23,15 +23,15 @@ import time
 from typing import Any
 
 import torch
-from _common import machine_info, write_result
+from _common import comma_list, machine_info, write_result
 
 
 def _floats(text: str) -> list[float]:
-    return [float(part) for part in text.split(",") if part]
+    return comma_list(text, float)
 
 
 def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part]
+    return comma_list(text, int)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> None:
             score=lambda model: torch.zeros(1, dtype=torch.bool),  # the last epoch stays
         )  # fmt: skip
         hits = correct_predictions(student, workload.val, progress=False)
+        accuracy = float(hits.double().mean())
         test = mcnemar(teacher_hits, hits)
         row = {
             "lr": lr,
             "alpha": alpha,
             "images": images,
             "steps": args.epochs * math.ceil(images / args.batch_size),
-            "accuracy": float(hits.double().mean()),
-            "change_points": round(100 * (float(hits.double().mean()) - teacher_accuracy), 2),
+            "accuracy": accuracy,
+            "change_points": round(100 * (accuracy - teacher_accuracy), 2),
             "teacher_only_right": test.a_only,
             "student_only_right": test.b_only,
             "mcnemar_p": test.p_value,

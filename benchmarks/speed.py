@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 import timm
 import torch
-from _common import RESULTS, machine_info, write_result
+from _common import RESULTS, comma_list, machine_info, write_result
 from torch import nn
 
 from evaluators import measure_latency
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         args.calib_images, args.samples = 8, 6
         args.budgets = "params=0.5,flops=0.5"
         args.repeats_batch1, args.repeats_batch32 = 10, 2
-    args.budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    args.budgets = comma_list(args.budgets, str)
+    names = comma_list(args.models, str)
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise SystemExit(f"unknown --models {unknown}; known: {list(MODELS)}")
