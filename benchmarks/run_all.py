@@ -491,7 +491,10 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
         f"fine-tune: {settings.get('epochs', '?')} epochs of the search's rung 2 for every config alike.",
         "",
     ]
-    rows, verdicts = [], []
+    rows: list[list[str]] = []
+    verdicts: list[str] = []
+    floor: list[str] = []  # the dense teacher, fine-tuned alike, against the same bar
+    wide: list[str] = []  # every pick fully fine-tuned, the best on the selection images
     for key, entry in data.get("runs", {}).items():
         for label, config in entry.get("configs", {}).items():
             if "skipped" in config:
@@ -513,10 +516,28 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
                     "–" if drop is None else f"{drop:.2f}",
                 ]
             )
+        reference = entry.get("teacher_finetuned")
+        if reference:
+            after = reference.get("accuracy_after")
+            drop = None if teacher is None or after is None else 100 * (teacher - after)
+            rows.append(
+                [
+                    key,
+                    "teacher (dense), same fine-tuning",
+                    fmt(1.0),
+                    pct(reference.get("accuracy_before")),
+                    pct(after),
+                    "–" if drop is None else f"{drop:.2f}",
+                ]
+            )
+            floor.append(f"{key}: {'yes' if reference.get('meets_bar') else 'no'}")
         ladder = entry.get("ladder", {})
         met = ladder.get("winner_beats_every_baseline")
         if met is not None:
             verdicts.append(f"{key}: {'yes' if met else 'NO'}")
+        widest = ladder.get("full_rung2")
+        if widest:
+            wide.append(f"{key}: {'yes' if widest.get('meets_bar') else 'no'}")
     out.append(
         table(
             [
@@ -532,6 +553,18 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     )
     if verdicts:
         out += ["", "Winner at least as accurate as every baseline: " + "; ".join(verdicts) + "."]
+    if floor:
+        out += [
+            "",
+            "The noise floor: the dense teacher, fine-tuned the same way, at least as accurate "
+            "as every baseline: " + "; ".join(floor) + ".",
+        ]
+    if wide:
+        out += [
+            "",
+            "Every pick fully fine-tuned and the best on the selection images handed out, at "
+            "least as accurate as every baseline: " + "; ".join(wide) + ".",
+        ]
     return "\n".join(out)
 
 

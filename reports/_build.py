@@ -541,17 +541,19 @@ def compare(run_dirs: Sequence[str | Path], out: str | Path) -> ReportPaths:
                 _number(trace.hypervolume[-1] if len(trace.hypervolume) else math.nan, "float"),
             ]
         )
-    table = _markdown_table(["run", "trials", "feasible", "front", "hypervolume"], rows)
-    summary = (
-        f"# vitrank comparison\n\nObjectives {score} and {cost}; hypervolume against the shared "
-        f"reference ({reference[0]:.4g}, {reference[1]:.4g}).\n\n{table}\n"
+    header = ["run", "trials", "feasible", "front", "hypervolume"]
+    intro = (
+        f"Objectives {score} and {cost}; hypervolume against the shared "
+        f"reference ({reference[0]:.4g}, {reference[1]:.4g})."
     )
+    summary = f"# vitrank comparison\n\n{intro}\n\n{_markdown_table(header, rows)}\n"
     figures = [("Pareto fronts", _figures.compare_figure(fronts, f"{score} vs {cost}"))]
     paths = ReportPaths(
         out / "report.html", out / "summary.md", out / "trials.parquet", out / "trials.csv"
     )
     title = "vitrank comparison: " + ", ".join(names)
-    _atomic_write_text(paths.html, _page(title, "", figures, f"<pre>{html.escape(summary)}</pre>"))
+    tables = f"<section><p>{_inline(intro)}</p>{_html_table(header, rows)}</section>"
+    _atomic_write_text(paths.html, _page(title, "", figures, tables))
     _atomic_write_text(paths.summary, summary)
     write_trials(everything, paths.parquet, paths.csv)
     return paths

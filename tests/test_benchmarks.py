@@ -64,7 +64,15 @@ def quality_sample() -> dict:
                     "baseline uniform-plain": config(0.8711, 0.9305, "uniform-plain"),
                     "baseline tome": {"skipped": "token merging removes no parameters"},
                 },
-                "ladder": {"winner_beats_every_baseline": True},
+                "ladder": {
+                    "winner_beats_every_baseline": True,
+                    "full_rung2": {"trial": 0, "meets_bar": False},
+                },
+                "teacher_finetuned": {
+                    "accuracy_before": 0.9610,
+                    "accuracy_after": 0.9638,
+                    "meets_bar": True,
+                },
             },
             "seed0/0.35": {
                 "configs": {"vitrank winner": config(0.80, 0.90)},
@@ -132,6 +140,11 @@ def test_quality_section_shows_every_config_and_the_verdicts(run_all: ModuleType
     assert "| seed0/0.5 | baseline tome | skipped |" in text
     assert "every baseline: seed0/0.5: yes; seed0/0.35: NO." in text
     assert "vitrank best sampled |" in text  # no baseline: no "(= ...)"
+    # The noise floor: the dense teacher after the same fine-tuning, against the same bar.
+    assert "| seed0/0.5 | teacher (dense), same fine-tuning | 1 | 96.10 % | 96.38 % | -0.28 |" in text
+    assert "fine-tuned the same way, at least as accurate as every baseline: seed0/0.5: yes." in text
+    assert "the best on the selection images handed out, at least as accurate as every " in text
+    assert "baseline: seed0/0.5: no." in text
 
 
 def test_speed_section_puts_speedups_next_to_the_flops_ratio(run_all: ModuleType) -> None:

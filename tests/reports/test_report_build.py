@@ -90,6 +90,8 @@ def test_compare_puts_runs_on_one_front(synthetic_run, make_run, tmp_path):
     paths = reports.compare([synthetic_run, other], tmp_path / "cmp")
     text = paths.html.read_text()
     assert "run-a: front" in text and "run-b: front" in text
+    # The runs' table is an HTML table, not markdown in a <pre>.
+    assert "<pre>" not in text and "<td>run-a</td>" in text and "<td>run-b</td>" in text
     summary = paths.summary.read_text()
     assert "| run-a |" in summary and "| run-b |" in summary
     assert set(pd.read_parquet(paths.parquet)["run"]) == {"run-a", "run-b"}
