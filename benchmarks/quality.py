@@ -30,6 +30,7 @@ and of the whole ladder (the run's rungs.json).
     python benchmarks/quality.py --workload fashion-vit --epochs 1 --train-images 8000 \
         --rung-images 1024                          # results/quality_fashion-vit.json
     python benchmarks/quality.py ... --lr 6.25e-5   # results/quality[_WORKLOAD]_lr6.25e-05.json
+    python benchmarks/quality.py --budgets 0.25,0.2 # results/quality_budgets0.25-0.2.json
     python benchmarks/quality.py --merge A/quality.json B/quality.json
                                                     # one file from runs split over processes
 """
@@ -51,6 +52,7 @@ from _common import RESULTS, comma_list, machine_info, write_result
 from search import SearchSettings
 
 DEFAULT_LR = SearchSettings.__dataclass_fields__["finetune_lr"].default  # the search's
+DEFAULT_BUDGETS = "0.5,0.35"
 
 
 def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -339,11 +341,20 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
     }
     result["all_met"] = all(e["ladder"]["winner_beats_every_baseline"] for e in runs.values())
     result["noise_floor"] = noise_floor(runs)
-    name = "quality" if first["workload"] == "digits-vit" else f"quality_{first['workload']}"
+    budgets = {str(e["budget"]) for e in runs.values()}
     lr = float(first["settings"].get("lr", DEFAULT_LR))
+    return write_result(result_name(first["workload"], lr, budgets), result, out_dir)
+
+
+def result_name(workload: str, lr: float, budgets: set[str]) -> str:
+    """results/quality[_WORKLOAD][_lrLR][_budgetsB1-B2].json: the default settings keep
+    the plain name; another learning rate or other budgets are named in it."""
+    name = "quality" if workload == "digits-vit" else f"quality_{workload}"
     if lr != DEFAULT_LR:
         name += f"_lr{lr:g}"
-    return write_result(name, result, out_dir)
+    if budgets != set(DEFAULT_BUDGETS.split(",")):
+        name += "_budgets" + "-".join(sorted(budgets, key=float, reverse=True))
+    return name
 
 
 def baseline_accuracies(configs: dict[str, Any]) -> list[float]:
@@ -366,7 +377,7 @@ def _beats(configs: dict[str, Any]) -> bool | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="0.5,0.35", help="fractions of the params")
+    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="fractions of the params")
     parser.add_argument("--seeds", default="0,1,2", help="one search per seed and budget")
     parser.add_argument("--trials", type=int, default=40, help="search trials per budget")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (<= 10)")
@@ -471,9 +482,7 @@ def main(argv: list[str] | None = None) -> None:
     result["noise_floor"] = noise_floor(result["runs"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
-    name = "quality" if args.workload == "digits-vit" else f"quality_{args.workload}"
-    if args.lr != DEFAULT_LR:
-        name += f"_lr{args.lr:g}"
+    name = result_name(args.workload, args.lr, set(budgets))
     print(f"wrote {write_result(name, result, args.out_dir)}")
 
 

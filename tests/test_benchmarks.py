@@ -256,3 +256,94 @@ def test_render_writes_results_md_from_a_directory(run_all: ModuleType, tmp_path
 )
 def test_numbers_are_compact(run_all: ModuleType, value: float, expected: str) -> None:
     assert run_all.fmt(value) == expected
+
+
+QUALITY = RUN_ALL.parent / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    sys.path.insert(0, str(QUALITY.parent))  # quality.py imports its sibling _common
+    spec = importlib.util.spec_from_file_location("vitrank_bench_quality", QUALITY)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def quality_part(seed: int, budget: str, winner: float, teacher: float, **settings) -> dict:
+    """A result file of quality.py with one run: the winner and one baseline at 0.89."""
+    baseline = {"trial": 0, "baseline": "asvd", "accuracy_after": 0.89}
+    return {
+        "workload": "fashion-vit",
+        "command": f"python benchmarks/quality.py --seeds {seed} --budgets {budget}",
+        "machine": MACHINE,
+        "wall_s": 100.0 + seed,
+        "teacher_accuracy": 0.8882,
+        "val_images": 10000,
+        "settings": {"seeds": str(seed), "budgets": budget, "lr": 5e-4, "epochs": 1, **settings},
+        "runs": {
+            f"seed{seed}/{budget}": {
+                "seed": seed,
+                "budget": budget,
+                "ladder": {
+                    "winner_beats_every_baseline": winner >= 0.89,
+                    "full_rung2": {"meets_bar": False},
+                },
+                "teacher_finetuned": {
+                    "accuracy_after": teacher,
+                    "meets_bar": teacher >= 0.89,
+                    "best_baseline_after": 0.89,
+                },
+                "configs": {
+                    "vitrank winner": {"trial": 5, "accuracy_after": winner},
+                    "baseline asvd": baseline,
+                },
+            }
+        },
+    }
+
+
+def test_quality_merges_runs_split_over_processes(quality: ModuleType, tmp_path: Path) -> None:
+    parts = []
+    for seed, budget, winner, teacher in ((0, "0.5", 0.891, 0.8899), (1, "0.35", 0.889, 0.8905)):
+        path = tmp_path / f"part{seed}.json"
+        path.write_text(json.dumps(quality_part(seed, budget, winner, teacher)))
+        parts.append(path)
+    written = quality.merge(parts, tmp_path / "out")
+    assert written.name == "quality_fashion-vit.json"  # the default budgets: the plain name
+    merged = json.loads(written.read_text())
+    assert list(merged["runs"]) == ["seed0/0.5", "seed1/0.35"]
+    assert merged["all_met"] is False and merged["wall_s"] == 101.0
+    assert [p["command"] for p in merged["parts"]] == [
+        "python benchmarks/quality.py --seeds 0 --budgets 0.5",
+        "python benchmarks/quality.py --seeds 1 --budgets 0.35",
+    ]
+    floor = merged["noise_floor"]
+    assert floor["runs"] == 2 and floor["winner_meets_bar"] == 1
+    assert floor["teacher_meets_bar"] == 1 and floor["full_rung2_meets_bar"] == 0
+    assert floor["best_baseline_minus_teacher_points"] == [0.01, -0.05]
+
+
+def test_quality_refuses_to_merge_other_settings_or_the_same_run_twice(
+    quality: ModuleType, tmp_path: Path
+) -> None:
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(quality_part(0, "0.5", 0.89, 0.89)))
+    b.write_text(json.dumps(quality_part(1, "0.5", 0.89, 0.89, epochs=3)))
+    c.write_text(json.dumps(quality_part(0, "0.5", 0.88, 0.89)))
+    with pytest.raises(SystemExit, match="ran other settings"):
+        quality.merge([a, b], tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"repeat the runs \['seed0/0.5'\]"):
+        quality.merge([a, c], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_quality_result_names_say_what_differs_from_the_defaults(quality: ModuleType) -> None:
+    lr = quality.DEFAULT_LR
+    assert quality.result_name("digits-vit", lr, {"0.35", "0.5"}) == "quality"
+    assert quality.result_name("fashion-vit", 6.25e-5, {"0.5", "0.35"}) == (
+        "quality_fashion-vit_lr6.25e-05"
+    )
+    assert quality.result_name("digits-vit", lr, {"0.2", "0.25"}) == "quality_budgets0.25-0.2"
