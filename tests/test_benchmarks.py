@@ -141,8 +141,12 @@ def test_quality_section_shows_every_config_and_the_verdicts(run_all: ModuleType
     assert "every baseline: seed0/0.5: yes; seed0/0.35: NO." in text
     assert "vitrank best sampled |" in text  # no baseline: no "(= ...)"
     # The noise floor: the dense teacher after the same fine-tuning, against the same bar.
-    assert "| seed0/0.5 | teacher (dense), same fine-tuning | 1 | 96.10 % | 96.38 % | -0.28 |" in text
-    assert "fine-tuned the same way, at least as accurate as every baseline: seed0/0.5: yes." in text
+    assert (
+        "| seed0/0.5 | teacher (dense), same fine-tuning | 1 | 96.10 % | 96.38 % | -0.28 |" in text
+    )
+    assert (
+        "fine-tuned the same way, at least as accurate as every baseline: seed0/0.5: yes." in text
+    )
     assert "the best on the selection images handed out, at least as accurate as every " in text
     assert "baseline: seed0/0.5: no." in text
 
