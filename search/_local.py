@@ -6,7 +6,7 @@ baseline (ASVD's list, say) already sits. `LocalSearchSampler` wraps any Optuna 
 its first trials are the wrapped sampler's (and the enqueued ones); once `start_after`
 trials are complete it proposes, for each new trial, a neighbour of an incumbent (the best
 feasible trial by the first objective, baselines included, now and then one of the next
-best):
+best; while no trial meets the budget, the ones that exceed it least):
 
 1. one or two moves: a knob one step up or down its grid, an operator switched (the new
    operator's knobs chosen to cost about what the part cost before), or a merge ratio
@@ -292,10 +292,15 @@ class LocalSearchSampler(optuna.samplers.BaseSampler):
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(done) < self.start_after:
             return None
-        ranked = sorted(
-            (t for t in done if _feasible(t) and CONFIG_ATTR in t.user_attrs),
-            key=lambda t: t.values[0],
-        )
+        scored = [t for t in done if CONFIG_ATTR in t.user_attrs and t.values is not None]
+        ranked = sorted((t for t in scored if _feasible(t)), key=lambda t: t.values[0])
+        if not ranked:
+            # Nothing meets the budget yet (a tight one that every baseline missed): start
+            # from the trials closest to it; the neighbour's repair brings them within.
+            ranked = sorted(
+                (t for t in scored if t.user_attrs.get(VIOLATION_ATTR) is not None),
+                key=lambda t: float(t.user_attrs[VIOLATION_ATTR]),
+            )
         if not ranked:
             return None
         seen = {t.user_attrs[CONFIG_ATTR] for t in trials if CONFIG_ATTR in t.user_attrs}

@@ -120,3 +120,26 @@ def test_a_search_refines_its_second_half(tmp_path: Path, workload: Any) -> None
     second_half = table[table["number"] >= 6]
     assert len(second_half) == 6 and second_half["feasible"].all()
     assert table["config"].is_unique
+
+
+def test_with_no_feasible_trial_yet_it_repairs_the_closest_ones(tiny_problem: Any) -> None:
+    """A tight budget that no explored trial (and no baseline) met: refinement starts from
+    the trials closest to the budget and repairs them into it, instead of leaving the
+    search to end with nothing feasible."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space, budget = tiny_problem.space, tiny_problem.budget
+    limit = budget.limit(space)
+    rng = random.Random(3)
+    over: list[CompressionConfig] = []
+    while len(over) < 4:
+        config = space.random_config(rng)
+        if budget.cost(config) > limit and raw_expressible(config, space):
+            over.append(config)
+    study, _ = _study(tiny_problem, start_after=4)
+    for config in over:
+        study.enqueue_trial(raw_params(config, space))
+    study.optimize(_objective(tiny_problem), n_trials=10)
+    trials = study.trials
+    assert all(t.user_attrs["violation"] > 0 for t in trials[:4])
+    assert all(t.user_attrs["violation"] <= 0 for t in trials[4:])
+    assert len({t.user_attrs[CONFIG_ATTR] for t in trials}) == len(trials)
