@@ -250,8 +250,25 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "kendall_tau_vs_finetuned": rank_agreement(rows, final="final"),
         "selection_seconds": rungs.get("seconds"),
         "winner_beats_every_baseline": _beats(configs),
+        "baselines_significantly_better": significantly_better(configs),
         "full_rung2": full_rung2(configs),
     }
+
+
+def significantly_better(configs: dict[str, Any], alpha: float = 0.05) -> list[str] | None:
+    """The baselines more accurate than the winner after fine-tuning by McNemar's exact
+    test at `alpha` (a figure beside the strict bar, which it does not replace)."""
+    if configs.get("vitrank winner") is None:
+        return None
+    return [
+        label
+        for label, c in configs.items()
+        if label.startswith("baseline ")
+        and "vs_winner" in c
+        and c["vs_winner"]["after"]["pick_only_right"]
+        > c["vs_winner"]["after"]["winner_only_right"]
+        and c["vs_winner"]["after"]["mcnemar_p"] < alpha
+    ]
 
 
 def full_rung2(configs: dict[str, Any]) -> dict[str, Any] | None:
@@ -305,6 +322,9 @@ def noise_floor(runs: dict[str, Any]) -> dict[str, Any]:
         "teacher_meets_bar": sum(bool(t["meets_bar"]) for t in teachers),
         "winner_meets_bar": sum(bool(e["ladder"]["winner_beats_every_baseline"]) for e in entries),
         "full_rung2_meets_bar": sum(bool(m) for m in widest),
+        "no_baseline_significantly_better": sum(
+            e["ladder"].get("baselines_significantly_better") == [] for e in entries
+        ),
         "best_baseline_minus_teacher_points": [round(g, 2) for g in gaps],
     }
 

@@ -495,6 +495,7 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     verdicts: list[str] = []
     floor: list[str] = []  # the dense teacher, fine-tuned alike, against the same bar
     wide: list[str] = []  # every pick fully fine-tuned, the best on the selection images
+    significant: list[str] = []  # baselines ahead of the winner by McNemar's test
     for key, entry in data.get("runs", {}).items():
         for label, config in entry.get("configs", {}).items():
             if "skipped" in config:
@@ -535,6 +536,9 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
         met = ladder.get("winner_beats_every_baseline")
         if met is not None:
             verdicts.append(f"{key}: {'yes' if met else 'NO'}")
+        better = ladder.get("baselines_significantly_better")
+        if better is not None:
+            significant.append(f"{key}: {', '.join(better) if better else 'none'}")
         widest = ladder.get("full_rung2")
         if widest:
             wide.append(f"{key}: {'yes' if widest.get('meets_bar') else 'no'}")
@@ -553,6 +557,12 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     )
     if verdicts:
         out += ["", "Winner at least as accurate as every baseline: " + "; ".join(verdicts) + "."]
+    if significant:
+        out += [
+            "",
+            "Baselines more accurate than the winner after fine-tuning by McNemar's exact test "
+            "at 5 %: " + "; ".join(significant) + ".",
+        ]
     if floor:
         out += [
             "",

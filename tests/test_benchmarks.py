@@ -66,6 +66,7 @@ def quality_sample() -> dict:
                 },
                 "ladder": {
                     "winner_beats_every_baseline": True,
+                    "baselines_significantly_better": [],
                     "full_rung2": {"trial": 0, "meets_bar": False},
                 },
                 "teacher_finetuned": {
@@ -76,7 +77,10 @@ def quality_sample() -> dict:
             },
             "seed0/0.35": {
                 "configs": {"vitrank winner": config(0.80, 0.90)},
-                "ladder": {"winner_beats_every_baseline": False},
+                "ladder": {
+                    "winner_beats_every_baseline": False,
+                    "baselines_significantly_better": ["baseline asvd"],
+                },
             },
         },
     }
@@ -149,6 +153,7 @@ def test_quality_section_shows_every_config_and_the_verdicts(run_all: ModuleType
     )
     assert "the best on the selection images handed out, at least as accurate as every " in text
     assert "baseline: seed0/0.5: no." in text
+    assert "by McNemar's exact test at 5 %: seed0/0.5: none; seed0/0.35: baseline asvd." in text
 
 
 def test_speed_section_puts_speedups_next_to_the_flops_ratio(run_all: ModuleType) -> None:
@@ -351,3 +356,21 @@ def test_quality_result_names_say_what_differs_from_the_defaults(quality: Module
         "quality_fashion-vit_lr6.25e-05"
     )
     assert quality.result_name("digits-vit", lr, {"0.2", "0.25"}) == "quality_budgets0.25-0.2"
+
+
+def test_quality_names_only_baselines_significantly_ahead_of_the_winner(
+    quality: ModuleType,
+) -> None:
+    def pick(winner_only: int, pick_only: int, p: float) -> dict:
+        after = {"winner_only_right": winner_only, "pick_only_right": pick_only, "mcnemar_p": p}
+        return {"accuracy_after": 0.9, "vs_winner": {"after": after}}
+
+    configs = {
+        "vitrank winner": {"trial": 1, "accuracy_after": 0.9},
+        "baseline asvd": pick(10, 30, 0.002),  # ahead, significantly
+        "baseline flar": pick(10, 14, 0.54),  # ahead, within chance
+        "baseline greedy": pick(30, 10, 0.002),  # behind, significantly
+        "proxy selection": pick(0, 40, 0.0001),  # not a baseline
+    }
+    assert quality.significantly_better(configs) == ["baseline asvd"]
+    assert quality.significantly_better({"baseline asvd": pick(1, 9, 0.02)}) is None
