@@ -321,6 +321,27 @@ def _recorder(job: EngineJob) -> Any:
     return StudyRecorder(job.storage_url, job.on_trial_done)
 
 
+def trials_done_callback(advance: Callable[[], None]) -> Any:
+    """A Ray Tune callback that calls `advance` in the driver as each trial ends: finished,
+    stopped early by a scheduler, or failed (a live count for the rungs' Tuners)."""
+    from ray.tune import Callback
+
+    class TrialsDone(Callback):
+        def __init__(self, hook: Callable[[], None] | None) -> None:
+            self.hook = hook
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"hook": None}  # the driver's progress bar does not pickle
+
+        def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[override]
+            if self.hook is not None:
+                self.hook()
+
+        on_trial_error = on_trial_complete
+
+    return TrialsDone(advance)
+
+
 def run_ray(job: EngineJob) -> None:
     """Ray Tune's Tuner with OptunaSearch on the same study; actors are reused."""
     # Tune's per-trial CSV/JSON/TensorBoard loggers cost more than our trials do. Set for

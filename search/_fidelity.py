@@ -589,7 +589,13 @@ def _rung1_ray(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from search._engines import _environment, check_trial_resources, init_ray
+    from search._engines import (
+        _environment,
+        check_trial_resources,
+        init_ray,
+        trials_done_callback,
+    )
+    from vitrank.core.progress import progress
 
     settings = current.settings
     init_ray(settings.ray_address)
@@ -612,7 +618,10 @@ def _rung1_ray(
         chosen, baseline = configs[config["number"]]
         rung1_trainable({**config, "config": chosen, "baseline": baseline}, workload)
 
-    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+    with (
+        _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"),
+        progress("rung 1 candidates", len(by_number)) as advance,
+    ):
         tuner = tune.Tuner(
             tune.with_resources(
                 # The workload travels once, through Ray's object store.
@@ -628,6 +637,7 @@ def _rung1_ray(
                 storage_path=str(current.run.tune.resolve()),
                 verbose=0,
                 log_to_file=False,
+                callbacks=[trials_done_callback(lambda: advance())],
             ),
         )
         results = tuner.fit()

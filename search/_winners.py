@@ -191,7 +191,8 @@ def _finetune_ray(
 ) -> dict[str, dict[str, Any]]:
     from ray import tune
 
-    from search._engines import init_ray
+    from search._engines import _environment, init_ray, trials_done_callback
+    from vitrank.core.progress import progress
 
     settings = problem.settings
     init_ray(settings.ray_address)
@@ -200,20 +201,26 @@ def _finetune_ray(
         "run_dir": str(run.root.resolve()),
         "epochs": epochs,
     }
-    from search._engines import _environment
-
-    tuner = tune.Tuner(
-        tune.with_resources(
-            finetune_winner, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
-        ),
-        param_space=space,
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=session, storage_path=str(run.tune.resolve()), verbose=0, log_to_file=False
-        ),
-    )
-    # Tune's experiment banner and TensorBoard hint stay out of the user's terminal.
-    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+    # Tune's experiment banner and TensorBoard hint stay out of the user's terminal; a
+    # count of the winners done takes their place.
+    with (
+        _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"),
+        progress("rung 2 winners", len(directories)) as advance,
+    ):
+        tuner = tune.Tuner(
+            tune.with_resources(
+                finetune_winner, {"cpu": settings.cpus_per_trial, "gpu": settings.trial_gpus()}
+            ),
+            param_space=space,
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=session,
+                storage_path=str(run.tune.resolve()),
+                verbose=0,
+                log_to_file=False,
+                callbacks=[trials_done_callback(lambda: advance())],
+            ),
+        )
         results = tuner.fit()
     out: dict[str, dict[str, Any]] = {}
     for index in range(len(results)):

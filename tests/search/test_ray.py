@@ -57,7 +57,9 @@ def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_ray_engine_runs_the_fidelity_ladder_with_asha(local_ray: None, tmp_path: Path) -> None:
+def test_ray_engine_runs_the_fidelity_ladder_with_asha(
+    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = tiny_settings(
         tmp_path / "run", engine="ray", trials=8, promote=3, finetune_top=2, finetune_epochs=1
     )
@@ -69,6 +71,9 @@ def test_ray_engine_runs_the_fidelity_ladder_with_asha(local_ray: None, tmp_path
     assert table["final_accuracy"].notna().sum() == 2
     assert (run / "tune" / "rung1-0").is_dir()  # rung 1 ran as a Ray Tune experiment
     assert not list((run / "cache" / "rungs").glob("*.pt"))
+    # Rung 1's Tuner shows a live count of the candidates done, as every phase does.
+    err = capsys.readouterr().err
+    assert f"rung 1 candidates: {len(promoted)}/{len(promoted)} (" in err, err[-2000:]
 
 
 def _free_port() -> int:
@@ -169,6 +174,9 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
     ):
         assert banner not in output, banner
     assert "report: " in proc.stdout
+    # Both rungs' Tuners show a live count of the trials done (rung 2 runs on Ray here: the
+    # workers load the workload by its name).
+    assert "rung 1 candidates: " in proc.stderr and "rung 2 winners: 1/1 (" in proc.stderr
 
 
 DRIVER = """
@@ -234,3 +242,19 @@ def test_trials_bigger_than_any_node_of_the_session_are_refused(local_ray: None)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     with pytest.raises(ValueError, match=f"{gpus + 1} GPU"):
         check_trial_resources(1, gpus + 1)
+
+
+def test_the_rungs_progress_callback_counts_ended_trials_and_pickles_without_its_hook() -> None:
+    from ray import cloudpickle
+
+    from search._engines import trials_done_callback
+
+    ended: list[int] = []
+    callback = trials_done_callback(lambda: ended.append(1))
+    callback.on_trial_complete(0, [], None)
+    callback.on_trial_error(1, [], None)  # a failed trial ends too
+    assert len(ended) == 2
+    # Tune saves its callbacks (cloudpickled) with the experiment's state.
+    copy = cloudpickle.loads(cloudpickle.dumps(callback))
+    copy.on_trial_complete(2, [], None)
+    assert len(ended) == 2
