@@ -329,10 +329,23 @@ def noise_floor(runs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _result_file(path: Path) -> dict[str, Any]:
+    """A result file of this script, or a clear exit naming what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as error:
+        raise SystemExit(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise SystemExit(f"{path} is not JSON ({error}); give quality.py's result files") from None
+    if not isinstance(data, dict) or not {"runs", "settings", "workload"} <= set(data):
+        raise SystemExit(f"{path} is not a result file of benchmarks/quality.py")
+    return data
+
+
 def merge(parts: list[Path], out_dir: Path) -> Path:
     """One result file from several that ran the same settings on other seeds or budgets
     (say, one process per core), each part's command, machine and times kept."""
-    loaded = [json.loads(p.read_text()) for p in parts]
+    loaded = [_result_file(p) for p in parts]
     first = loaded[0]
     ignored = {"seeds", "budgets", "out_dir", "threads", "keep"}
     for other, path in zip(loaded[1:], parts[1:], strict=True):

@@ -346,6 +346,14 @@ def test_quality_refuses_to_merge_other_settings_or_the_same_run_twice(
         quality.merge([a, b], tmp_path / "out")
     with pytest.raises(SystemExit, match=r"repeat the runs \['seed0/0.5'\]"):
         quality.merge([a, c], tmp_path / "out")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="is not JSON"):
+        quality.merge([a, tmp_path / "bad.json"], tmp_path / "out")
+    with pytest.raises(SystemExit, match="cannot read"):
+        quality.merge([a, tmp_path / "missing.json"], tmp_path / "out")
+    (tmp_path / "other.json").write_text('{"runs": {}}')
+    with pytest.raises(SystemExit, match="not a result file of benchmarks/quality.py"):
+        quality.merge([a, tmp_path / "other.json"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
