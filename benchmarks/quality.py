@@ -81,8 +81,9 @@ def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, 
     )
 
 
-def picks(run: Path) -> dict[str, dict[str, Any]]:
-    """Trial rows of the winner, the best sampled config and each baseline of a run."""
+def picks(run: Path, every: bool = False) -> dict[str, dict[str, Any]]:
+    """Trial rows of the winner, the best sampled config and each baseline of a run (and,
+    with `every`, of every other feasible config it scored, as `trial N`)."""
     import pandas as pd
 
     table = pd.read_parquet(run / "trials.parquet")
@@ -103,6 +104,12 @@ def picks(run: Path) -> dict[str, dict[str, Any]]:
         chosen["vitrank best sampled"] = sampled.iloc[0].to_dict()
     for row in feasible.dropna(subset=["baseline"]).to_dict("records"):
         chosen[f"baseline {row['baseline']}"] = row
+    if every:
+        seen = {row["config"] for row in chosen.values()}
+        for row in feasible.to_dict("records"):
+            if row["config"] not in seen:
+                seen.add(row["config"])
+                chosen[f"trial {int(row['number'])}"] = row
     return chosen
 
 
@@ -125,7 +132,7 @@ def evaluate_picks(
     done: dict[int, dict[str, Any]] = {}
     out: dict[str, Any] = {}
     hits: dict[int, dict[str, torch.Tensor]] = {}
-    for label, row in picks(run).items():
+    for label, row in picks(run, args.every_config).items():
         number = int(row["number"])
         if number not in done:
             config = CompressionConfig.from_json(row["config"])
@@ -246,8 +253,16 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         for c in distinct.values()
     ]
     rungs = json.loads((run / "rungs.json").read_text()) if (run / "rungs.json").exists() else {}
+    finals = sorted((c["accuracy_after"] for c in distinct.values()), reverse=True)
+    winner = configs.get("vitrank winner")
     return {
         "kendall_tau_vs_finetuned": rank_agreement(rows, final="final"),
+        "configs_finetuned": len(distinct),
+        "finetuned_range_points": round(100 * (finals[0] - finals[-1]), 2) if finals else None,
+        # 1 + how many distinct configs ended more accurate than the winner
+        "winner_place_after": None
+        if winner is None
+        else 1 + sum(a > winner["accuracy_after"] for a in finals),
         "selection_seconds": rungs.get("seconds"),
         "winner_beats_every_baseline": _beats(configs),
         "baselines_significantly_better": significantly_better(configs),
@@ -376,18 +391,19 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
     result["noise_floor"] = noise_floor(runs)
     budgets = {str(e["budget"]) for e in runs.values()}
     lr = float(first["settings"].get("lr", DEFAULT_LR))
-    return write_result(result_name(first["workload"], lr, budgets), result, out_dir)
+    every = bool(first["settings"].get("every_config"))
+    return write_result(result_name(first["workload"], lr, budgets, every), result, out_dir)
 
 
-def result_name(workload: str, lr: float, budgets: set[str]) -> str:
-    """results/quality[_WORKLOAD][_lrLR][_budgetsB1-B2].json: the default settings keep
-    the plain name; another learning rate or other budgets are named in it."""
+def result_name(workload: str, lr: float, budgets: set[str], every: bool = False) -> str:
+    """results/quality[_WORKLOAD][_lrLR][_budgetsB1-B2][_every].json: the default settings
+    keep the plain name; another learning rate, other budgets or every config are named."""
     name = "quality" if workload == "digits-vit" else f"quality_{workload}"
     if lr != DEFAULT_LR:
         name += f"_lr{lr:g}"
     if budgets != set(DEFAULT_BUDGETS.split(",")):
         name += "_budgets" + "-".join(sorted(budgets, key=float, reverse=True))
-    return name
+    return name + ("_every" if every else "")
 
 
 def baseline_accuracies(configs: dict[str, Any]) -> list[float]:
@@ -425,6 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs here")
     parser.add_argument("--quick", action="store_true", help="one seed, 20 trials, 1 epoch")
+    parser.add_argument(
+        "--every-config",
+        action="store_true",
+        help="fine-tune every feasible config a search scored, not only the picks: how well "
+        "each rung predicts the fine-tuned order, over the whole run (result file *_every)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where quality.json goes")
     parser.add_argument("--workload", default="digits-vit", choices=("digits-vit", "fashion-vit"))
     parser.add_argument(
@@ -515,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     result["noise_floor"] = noise_floor(result["runs"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
-    name = result_name(args.workload, args.lr, set(budgets))
+    name = result_name(args.workload, args.lr, set(budgets), args.every_config)
     print(f"wrote {write_result(name, result, args.out_dir)}")
 
 

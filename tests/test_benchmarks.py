@@ -364,6 +364,9 @@ def test_quality_result_names_say_what_differs_from_the_defaults(quality: Module
         "quality_fashion-vit_lr6.25e-05"
     )
     assert quality.result_name("digits-vit", lr, {"0.2", "0.25"}) == "quality_budgets0.25-0.2"
+    assert quality.result_name("fashion-vit", lr, {"0.5"}, every=True) == (
+        "quality_fashion-vit_budgets0.5_every"
+    )
 
 
 def test_quality_names_only_baselines_significantly_ahead_of_the_winner(
@@ -382,3 +385,24 @@ def test_quality_names_only_baselines_significantly_ahead_of_the_winner(
     }
     assert quality.significantly_better(configs) == ["baseline asvd"]
     assert quality.significantly_better({"baseline asvd": pick(1, 9, 0.02)}) is None
+
+
+def test_quality_picks_every_feasible_config_once_when_asked(
+    quality: ModuleType, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from tests.reports.conftest import write_run
+
+    run = write_run(tmp_path / "run", trials=24)
+    table = pd.read_parquet(run / "trials.parquet")
+    feasible = table[table["feasible"]]
+    usual = quality.picks(run)
+    assert {"vitrank winner", "proxy selection", "vitrank best sampled"} <= set(usual)
+    assert not any(label.startswith("trial ") for label in usual)
+    every = quality.picks(run, every=True)
+    assert set(usual) <= set(every)
+    configs = [row["config"] for label, row in every.items() if label not in usual]
+    assert len(configs) == len(set(configs))  # each config once, under one label
+    chosen = {row["config"] for row in every.values()}
+    assert chosen == set(feasible["config"]) | {r["config"] for r in usual.values()}
