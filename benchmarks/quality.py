@@ -257,6 +257,15 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
     winner = configs.get("vitrank winner")
     return {
         "kendall_tau_vs_finetuned": rank_agreement(rows, final="final"),
+        # What else might predict the fine-tuned order: the accuracy as built (validation)
+        # and the selection images' accuracy after the same fine-tuning (rung 2's signal).
+        "kendall_tau_other_signals": {
+            key: _tau(
+                [c[key] for c in distinct.values()],
+                [c["accuracy_after"] for c in distinct.values()],
+            )
+            for key in ("accuracy_before", "selection_accuracy_after")
+        },
         "configs_finetuned": len(distinct),
         "finetuned_range_points": round(100 * (finals[0] - finals[-1]), 2) if finals else None,
         # 1 + how many distinct configs ended more accurate than the winner
@@ -268,6 +277,16 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "baselines_significantly_better": significantly_better(configs),
         "full_rung2": full_rung2(configs),
     }
+
+
+def _tau(xs: list[float], ys: list[float]) -> dict[str, Any]:
+    """Kendall's τ-b of two paired lists, with its p-value (NaN under 3 pairs)."""
+    from scipy.stats import kendalltau
+
+    if len(xs) < 3:
+        return {"tau": float("nan"), "p": float("nan"), "count": len(xs)}
+    test = kendalltau(xs, ys)
+    return {"tau": float(test.statistic), "p": float(test.pvalue), "count": len(xs)}
 
 
 def significantly_better(configs: dict[str, Any], alpha: float = 0.05) -> list[str] | None:
