@@ -14,14 +14,21 @@ import pytest
 RUN_ALL = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
 
 
-@pytest.fixture(scope="module")
-def run_all() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("vitrank_bench_run_all", RUN_ALL)
+def _load_script(name: str, path: Path) -> ModuleType:
+    """A benchmark script as a module (its folder on sys.path: the scripts import _common)."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def run_all() -> ModuleType:
+    return _load_script("vitrank_bench_run_all", RUN_ALL)
 
 
 MACHINE = {
@@ -272,13 +279,7 @@ QUALITY = RUN_ALL.parent / "quality.py"
 
 @pytest.fixture(scope="module")
 def quality() -> ModuleType:
-    sys.path.insert(0, str(QUALITY.parent))  # quality.py imports its sibling _common
-    spec = importlib.util.spec_from_file_location("vitrank_bench_quality", QUALITY)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load_script("vitrank_bench_quality", QUALITY)
 
 
 def quality_part(seed: int, budget: str, winner: float, teacher: float, **settings) -> dict:
