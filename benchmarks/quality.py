@@ -53,6 +53,7 @@ from search import SearchSettings
 
 DEFAULT_LR = SearchSettings.__dataclass_fields__["finetune_lr"].default  # the search's
 DEFAULT_BUDGETS = "0.5,0.35"
+SELECTED = "selection_accuracy_after"  # a pick's top-1 on the selection images, fine-tuned
 
 
 def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, seed: int) -> Path:
@@ -159,6 +160,7 @@ def evaluate_picks(
                 "accuracy_before": float(before_hits.double().mean()),
                 "accuracy_after": float(hits[number]["after"].double().mean()),
                 "selection_accuracy_after": result["selection_accuracy"],
+                "selection_score_after": result["selection_score"],
                 "finetune_s": round(time.perf_counter() - started, 1),
             }
         out[label] = done[number]
@@ -259,13 +261,14 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "kendall_tau_vs_finetuned": rank_agreement(rows, final="final"),
         # What else might predict the fine-tuned order: the accuracy as built (validation)
         # and the selection images' accuracy after the same fine-tuning (rung 2's signal).
-        "kendall_tau_other_signals": {
-            key: _tau(
-                [c[key] for c in distinct.values()],
-                [c["accuracy_after"] for c in distinct.values()],
-            )
-            for key in ("accuracy_before", "selection_accuracy_after")
-        },
+        "kendall_tau_other_signals": rank_agreement(
+            list(distinct.values()),
+            final="accuracy_after",
+            signals=[
+                ("accuracy_before", "accuracy_before", 1.0),
+                ("selection_accuracy_after", "selection_accuracy_after", 1.0),
+            ],
+        ),
         "configs_finetuned": len(distinct),
         "finetuned_range_points": round(100 * (finals[0] - finals[-1]), 2) if finals else None,
         # 1 + how many distinct configs ended more accurate than the winner
@@ -275,18 +278,8 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         "selection_seconds": rungs.get("seconds"),
         "winner_beats_every_baseline": _beats(configs),
         "baselines_significantly_better": significantly_better(configs),
-        "full_rung2": full_rung2(configs),
+        "full_rung2": full_rung2(configs, selection_images(run)),
     }
-
-
-def _tau(xs: list[float], ys: list[float]) -> dict[str, Any]:
-    """Kendall's τ-b of two paired lists, with its p-value (NaN under 3 pairs)."""
-    from scipy.stats import kendalltau
-
-    if len(xs) < 3:
-        return {"tau": float("nan"), "p": float("nan"), "count": len(xs)}
-    test = kendalltau(xs, ys)
-    return {"tau": float(test.statistic), "p": float(test.pvalue), "count": len(xs)}
 
 
 def significantly_better(configs: dict[str, Any], alpha: float = 0.05) -> list[str] | None:
@@ -305,23 +298,39 @@ def significantly_better(configs: dict[str, Any], alpha: float = 0.05) -> list[s
     ]
 
 
-def full_rung2(configs: dict[str, Any]) -> dict[str, Any] | None:
+def full_rung2(configs: dict[str, Any], images: int) -> dict[str, Any] | None:
     """What the widest rung 2 would hand out: every pick (baselines included) fully
-    fine-tuned, the best on the selection images taken (ties to the better proxy), and
-    whether that meets the bar on the validation split. The ladder cannot do better than
-    its selection images let it: where this fails, no choice of rung-2 candidates helps."""
-    picks = [c for c in configs.values() if "selection_accuracy_after" in c]
-    if not picks:
+    fine-tuned and ranked as rung 2 ranks its winners (`by_evidence` on the `images`
+    selection images: within their noise, the better proxy), and whether that meets the
+    bar on the validation split."""
+    from search._fidelity import by_evidence
+
+    tuned = [
+        {**c, "number": c["trial"], "score": c.get("selection_score_after", c[SELECTED])}
+        for c in {c["trial"]: c for c in configs.values() if SELECTED in c}.values()
+    ]
+    if not tuned:
         return None
-    best = max(picks, key=lambda c: (c["selection_accuracy_after"], -c["proxy"], -c["trial"]))
+    best = by_evidence(tuned, SELECTED, "score", images)[0]
     others = baseline_accuracies(configs)
     return {
         "trial": best["trial"],
         "baseline": best["baseline"],
-        "selection_accuracy_after": best["selection_accuracy_after"],
+        "selection_accuracy_after": best[SELECTED],
+        "selection_images": images,
         "accuracy_after": best["accuracy_after"],
-        "meets_bar": all(best["accuracy_after"] >= a for a in others),
+        "meets_bar": all(best["accuracy_after"] >= a for a in others) if others else None,
     }
+
+
+def selection_images(run: Path) -> int:
+    """How many selection images a run's rungs scored on (its trials table records it)."""
+    import pandas as pd
+
+    table = pd.read_parquet(run / "trials.parquet")
+    if "rung1_images" not in table or table["rung1_images"].isna().all():
+        return 0
+    return int(table["rung1_images"].max())
 
 
 def recompute(path: Path) -> None:
@@ -329,9 +338,7 @@ def recompute(path: Path) -> None:
     result = json.loads(path.read_text())
     for entry in result["runs"].values():
         entry["ladder"] = ladder_figures(Path(entry["run"]), entry["configs"])
-    result["all_met"] = all(
-        e["ladder"]["winner_beats_every_baseline"] for e in result["runs"].values()
-    )
+    result["all_met"] = all_met(result["runs"])
     result["noise_floor"] = noise_floor(result["runs"])
     result.setdefault("recomputed", []).append(
         f"python benchmarks/quality.py --recompute {path} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"
@@ -341,26 +348,40 @@ def recompute(path: Path) -> None:
 
 
 def noise_floor(runs: dict[str, Any]) -> dict[str, Any]:
-    """How often the dense teacher, fine-tuned like every pick, meets the bar the winner
-    is held to, and the spread of the fine-tuned baselines around it (in points)."""
-    entries = [e for e in runs.values() if e.get("teacher_finetuned")]
-    teachers = [e["teacher_finetuned"] for e in entries]
-    gaps = [
-        100 * (t["best_baseline_after"] - t["accuracy_after"])
-        for t in teachers
-        if t.get("best_baseline_after") is not None
+    """Over the runs with a bar (at least one baseline) and the teacher's reference: how
+    often the winner, the dense teacher fine-tuned like every pick and the widest rung 2
+    meet it, how often no baseline is significantly ahead of the winner, and the best
+    baseline's lead over the fine-tuned teacher (in points)."""
+    entries = [
+        e
+        for e in runs.values()
+        if e.get("teacher_finetuned") and e["ladder"].get("winner_beats_every_baseline") is not None
     ]
-    widest = [(e["ladder"].get("full_rung2") or {}).get("meets_bar") for e in runs.values()]
+    teachers = [e["teacher_finetuned"] for e in entries]
     return {
         "runs": len(entries),
-        "teacher_meets_bar": sum(bool(t["meets_bar"]) for t in teachers),
-        "winner_meets_bar": sum(bool(e["ladder"]["winner_beats_every_baseline"]) for e in entries),
-        "full_rung2_meets_bar": sum(bool(m) for m in widest),
+        "winner_meets_bar": sum(
+            e["ladder"]["winner_beats_every_baseline"] is True for e in entries
+        ),
+        "teacher_meets_bar": sum(t["meets_bar"] is True for t in teachers),
+        "full_rung2_meets_bar": sum(
+            (e["ladder"].get("full_rung2") or {}).get("meets_bar") is True for e in entries
+        ),
         "no_baseline_significantly_better": sum(
             e["ladder"].get("baselines_significantly_better") == [] for e in entries
         ),
-        "best_baseline_minus_teacher_points": [round(g, 2) for g in gaps],
+        "best_baseline_minus_teacher_points": [
+            round(100 * (t["best_baseline_after"] - t["accuracy_after"]), 2) for t in teachers
+        ],
     }
+
+
+def all_met(runs: dict[str, Any]) -> bool:
+    """Whether the winner met the bar in every run (a run without a baseline has no bar:
+    it does not count as met)."""
+    return bool(runs) and all(
+        e["ladder"]["winner_beats_every_baseline"] is True for e in runs.values()
+    )
 
 
 def _result_file(path: Path) -> dict[str, Any]:
@@ -371,8 +392,16 @@ def _result_file(path: Path) -> dict[str, Any]:
         raise SystemExit(f"cannot read {path}: {error.strerror or error}") from None
     except ValueError as error:
         raise SystemExit(f"{path} is not JSON ({error}); give quality.py's result files") from None
-    if not isinstance(data, dict) or not {"runs", "settings", "workload"} <= set(data):
+    needed = {"runs", "settings", "workload", "command", "machine", "wall_s"}
+    needed |= {"teacher_accuracy", "val_images"}
+    if not isinstance(data, dict) or not needed <= set(data):
         raise SystemExit(f"{path} is not a result file of benchmarks/quality.py")
+    if not all(
+        isinstance(e, dict) and {"budget", "seed", "ladder"} <= set(e)
+        for e in data["runs"].values()
+    ):
+        raise SystemExit(f"{path} holds a run without its budget, seed or figures; rerun it")
+    data["settings"].setdefault("every_config", False)  # files from before --every-config
     return data
 
 
@@ -393,8 +422,16 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
         if overlap:
             raise SystemExit(f"the parts repeat the runs {sorted(overlap)}; cannot merge them")
         runs.update(part["runs"])
+    seeds = sorted({int(e["seed"]) for e in runs.values()})
+    budgets = {str(e["budget"]) for e in runs.values()}
+    settings = {
+        **first["settings"],  # the same in every part but for these:
+        "seeds": ",".join(map(str, seeds)),
+        "budgets": ",".join(sorted(budgets, key=float, reverse=True)),
+    }
     result = {
-        **{k: first[k] for k in ("workload", "teacher_accuracy", "val_images", "settings")},
+        **{k: first[k] for k in ("workload", "teacher_accuracy", "val_images")},
+        "settings": settings,
         "command": " && ".join(part["command"] for part in loaded)
         + " && python benchmarks/quality.py --merge "
         + " ".join(str(p) for p in parts),
@@ -406,9 +443,8 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
         "wall_s": max(part["wall_s"] for part in loaded),
         "runs": dict(sorted(runs.items())),
     }
-    result["all_met"] = all(e["ladder"]["winner_beats_every_baseline"] for e in runs.values())
+    result["all_met"] = all_met(runs)
     result["noise_floor"] = noise_floor(runs)
-    budgets = {str(e["budget"]) for e in runs.values()}
     lr = float(first["settings"].get("lr", DEFAULT_LR))
     every = bool(first["settings"].get("every_config"))
     return write_result(result_name(first["workload"], lr, budgets, every), result, out_dir)
@@ -440,7 +476,7 @@ def _beats(configs: dict[str, Any]) -> bool | None:
     if winner is None:
         return None
     others = baseline_accuracies(configs)
-    return all(winner["accuracy_after"] >= a for a in others)
+    return all(winner["accuracy_after"] >= a for a in others) if others else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -550,9 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             }
             result["runs"][f"seed{seed}/{budget}"] = entry
             print(f"  winner >= every baseline: {entry['ladder']['winner_beats_every_baseline']}")
-    result["all_met"] = all(
-        e["ladder"]["winner_beats_every_baseline"] for e in result["runs"].values()
-    )
+    result["all_met"] = all_met(result["runs"])
     result["noise_floor"] = noise_floor(result["runs"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()

@@ -475,6 +475,11 @@ def render_speed(data: dict[str, Any], suite: dict[str, Any] | None = None) -> s
     return "\n".join(out)
 
 
+def _verdict(met: bool | None) -> str:
+    """yes / no, or – where there was no bar (no baseline to compare with)."""
+    return "–" if met is None else "yes" if met else "no"
+
+
 def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) -> str:
     settings = data.get("settings", {})
     teacher = data.get("teacher_accuracy")
@@ -531,7 +536,7 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
                     "–" if drop is None else f"{drop:.2f}",
                 ]
             )
-            floor.append(f"{key}: {'yes' if reference.get('meets_bar') else 'no'}")
+            floor.append(f"{key}: {_verdict(reference.get('meets_bar'))}")
         ladder = entry.get("ladder", {})
         met = ladder.get("winner_beats_every_baseline")
         if met is not None:
@@ -541,7 +546,7 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
             significant.append(f"{key}: {', '.join(better) if better else 'none'}")
         widest = ladder.get("full_rung2")
         if widest:
-            wide.append(f"{key}: {'yes' if widest.get('meets_bar') else 'no'}")
+            wide.append(f"{key}: {_verdict(widest.get('meets_bar'))}")
     out.append(
         table(
             [
@@ -572,8 +577,8 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     if wide:
         out += [
             "",
-            "Every pick fully fine-tuned and the best on the selection images handed out, at "
-            "least as accurate as every baseline: " + "; ".join(wide) + ".",
+            "Every pick fully fine-tuned and ranked as rung 2 ranks (by the selection images' "
+            "evidence), the first at least as accurate as every baseline: " + "; ".join(wide) + ".",
         ]
     return "\n".join(out)
 

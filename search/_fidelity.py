@@ -654,22 +654,31 @@ def _rung1_ray(
 # -- agreement between rungs -----------------------------------------------------------
 
 
-def rank_agreement(rows: Sequence[dict[str, Any]], final: str = "final_accuracy") -> dict[str, Any]:
-    """Kendall τ of each rung's score against `final` over the rows that have both."""
+RUNG_SIGNALS = (("proxy", "proxy", -1.0), ("rung1", "rung1_score", 1.0))  # (name, key, sign)
+
+
+def rank_agreement(
+    rows: Sequence[dict[str, Any]],
+    final: str = "final_accuracy",
+    signals: Sequence[tuple[str, str, float]] = RUNG_SIGNALS,
+) -> dict[str, Any]:
+    """Kendall τ-b (and its p-value) of each signal against `final` over the rows that have
+    both; a signal's sign is -1 where lower is better (the proxy)."""
     from scipy.stats import kendalltau
 
     out: dict[str, Any] = {}
-    for rung, key, sign in (("proxy", "proxy", -1.0), ("rung1", "rung1_score", 1.0)):
+    for name, key, sign in signals:
         pairs = [
             (sign * float(r[key]), float(r[final]))
             for r in rows
             if r.get(key) is not None and r.get(final) is not None
             and r[key] == r[key] and r[final] == r[final]
         ]  # fmt: skip
-        tau = float("nan")
+        tau = p_value = float("nan")
         if len(pairs) >= 3:
-            tau = float(kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-        out[rung] = {"tau": tau, "count": len(pairs)}
+            test = kendalltau([p[0] for p in pairs], [p[1] for p in pairs])
+            tau, p_value = float(test.statistic), float(test.pvalue)
+        out[name] = {"tau": tau, "p": p_value, "count": len(pairs)}
     return out
 
 

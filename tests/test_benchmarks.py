@@ -158,8 +158,8 @@ def test_quality_section_shows_every_config_and_the_verdicts(run_all: ModuleType
     assert (
         "fine-tuned the same way, at least as accurate as every baseline: seed0/0.5: yes." in text
     )
-    assert "the best on the selection images handed out, at least as accurate as every " in text
-    assert "baseline: seed0/0.5: no." in text
+    assert "ranked as rung 2 ranks (by the selection images' evidence), the first" in text
+    assert "at least as accurate as every baseline: seed0/0.5: no." in text
     assert "by McNemar's exact test at 5 %: seed0/0.5: none; seed0/0.35: baseline asvd." in text
 
 
@@ -407,3 +407,58 @@ def test_quality_picks_every_feasible_config_once_when_asked(
     assert len(configs) == len(set(configs))  # each config once, under one label
     chosen = {row["config"] for row in every.values()}
     assert chosen == set(feasible["config"]) | {r["config"] for r in usual.values()}
+
+
+def test_quality_widest_rung2_ranks_as_the_search_does(quality: ModuleType) -> None:
+    """Every pick fine-tuned, ranked by `by_evidence`: within the selection images' noise the
+    better proxy comes first, beyond it the more accurate."""
+
+    def pick(trial: int, proxy: float, selected: float, after: float, baseline=None) -> dict:
+        return {
+            "trial": trial,
+            "baseline": baseline,
+            "proxy": proxy,
+            "selection_accuracy_after": selected,
+            "accuracy_after": after,
+        }
+
+    configs = {
+        "vitrank winner": pick(7, 0.001, 0.900, 0.889),
+        "baseline asvd": pick(3, 0.002, 0.905, 0.890, "asvd"),  # within the noise of 2,000
+    }
+    widest = quality.full_rung2(configs, images=2000)
+    assert widest["trial"] == 7 and widest["meets_bar"] is False  # the better proxy first
+    configs["baseline asvd"]["selection_accuracy_after"] = 0.95  # far beyond the noise
+    assert quality.full_rung2(configs, images=2000)["trial"] == 3
+    assert (
+        quality.full_rung2({"vitrank winner": configs["vitrank winner"]}, 2000)["meets_bar"] is None
+    )
+
+
+def test_quality_noise_floor_counts_only_runs_with_a_bar(quality: ModuleType) -> None:
+    def run(winner: bool | None, teacher: bool | None, lead: float | None) -> dict:
+        return {
+            "ladder": {
+                "winner_beats_every_baseline": winner,
+                "baselines_significantly_better": None if winner is None else [],
+                "full_rung2": {"meets_bar": winner},
+            },
+            "teacher_finetuned": {
+                "meets_bar": teacher,
+                "accuracy_after": 0.9,
+                "best_baseline_after": None if lead is None else 0.9 + lead,
+            },
+        }
+
+    runs = {"a": run(True, True, -0.001), "b": run(False, False, 0.002), "c": run(None, None, None)}
+    floor = quality.noise_floor(runs)
+    assert floor == {
+        "runs": 2,
+        "winner_meets_bar": 1,
+        "teacher_meets_bar": 1,
+        "full_rung2_meets_bar": 1,
+        "no_baseline_significantly_better": 2,
+        "best_baseline_minus_teacher_points": [-0.1, 0.2],
+    }
+    assert quality.all_met({"a": runs["a"]}) and not quality.all_met(runs)
+    assert not quality.all_met({"c": runs["c"]}) and not quality.all_met({})

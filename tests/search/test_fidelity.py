@@ -71,9 +71,15 @@ def test_rank_agreement_is_kendall_tau_of_each_rung_against_the_final_accuracy()
         {"proxy": 0.4, "rung1_score": 0.7, "final_accuracy": None},
     ]
     agreement = rank_agreement(rows)
-    assert agreement["proxy"] == {"tau": pytest.approx(1.0), "count": 3}  # lower proxy: better
+    assert agreement["proxy"]["tau"] == pytest.approx(1.0)  # lower proxy: better
+    assert agreement["proxy"]["count"] == 3 and 0 < agreement["proxy"]["p"] <= 1
     assert agreement["rung1"]["tau"] == pytest.approx(1 / 3)
     assert math.isnan(rank_agreement(rows[:2])["proxy"]["tau"])
+    # Any other signal, e.g. the accuracy as built (higher is better).
+    built = rank_agreement(
+        [{**r, "built": r["rung1_score"]} for r in rows], signals=[("built", "built", 1.0)]
+    )
+    assert set(built) == {"built"} and built["built"]["tau"] == pytest.approx(1 / 3)
 
 
 def test_accuracies_within_their_noise_are_ranked_by_the_proxy():
