@@ -225,7 +225,7 @@ def teacher_reference(
         "accuracy_before": float(before.double().mean()),
         "accuracy_after": accuracy,
         "finetune_s": round(time.perf_counter() - started, 1),
-        "meets_bar": all(accuracy >= a for a in baselines) if baselines else None,
+        "meets_bar": meets_bar(accuracy, configs),
         "best_baseline_after": max(baselines) if baselines else None,
     }
     if winner_hits is not None:
@@ -312,14 +312,13 @@ def full_rung2(configs: dict[str, Any], images: int) -> dict[str, Any] | None:
     if not tuned:
         return None
     best = by_evidence(tuned, SELECTED, "score", images)[0]
-    others = baseline_accuracies(configs)
     return {
         "trial": best["trial"],
         "baseline": best["baseline"],
         "selection_accuracy_after": best[SELECTED],
         "selection_images": images,
         "accuracy_after": best["accuracy_after"],
-        "meets_bar": all(best["accuracy_after"] >= a for a in others) if others else None,
+        "meets_bar": meets_bar(best["accuracy_after"], configs),
     }
 
 
@@ -422,6 +421,7 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
         if overlap:
             raise SystemExit(f"the parts repeat the runs {sorted(overlap)}; cannot merge them")
         runs.update(part["runs"])
+    runs = dict(sorted(runs.items()))  # the file's order, which noise_floor's list follows
     seeds = sorted({int(e["seed"]) for e in runs.values()})
     budgets = {str(e["budget"]) for e in runs.values()}
     settings = {
@@ -441,7 +441,7 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
         ],
         "machine": first["machine"],
         "wall_s": max(part["wall_s"] for part in loaded),
-        "runs": dict(sorted(runs.items())),
+        "runs": runs,
     }
     result["all_met"] = all_met(runs)
     result["noise_floor"] = noise_floor(runs)
@@ -470,13 +470,19 @@ def baseline_accuracies(configs: dict[str, Any]) -> list[float]:
     ]
 
 
+def meets_bar(accuracy: float, configs: dict[str, Any]) -> bool | None:
+    """Whether a fine-tuned `accuracy` is at least every baseline's of the run (the bar);
+    None where the run has no baseline to compare with."""
+    baselines = baseline_accuracies(configs)
+    return all(accuracy >= a for a in baselines) if baselines else None
+
+
 def _beats(configs: dict[str, Any]) -> bool | None:
     """Whether the winner's fine-tuned accuracy is at least every baseline's."""
     winner = configs.get("vitrank winner")
     if winner is None:
         return None
-    others = baseline_accuracies(configs)
-    return all(winner["accuracy_after"] >= a for a in others) if others else None
+    return meets_bar(winner["accuracy_after"], configs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -499,7 +499,7 @@ def render_quality(data: dict[str, Any], suite: dict[str, Any] | None = None) ->
     rows: list[list[str]] = []
     verdicts: list[str] = []
     floor: list[str] = []  # the dense teacher, fine-tuned alike, against the same bar
-    wide: list[str] = []  # every pick fully fine-tuned, the best on the selection images
+    wide: list[str] = []  # every pick fully fine-tuned, ranked as rung 2 ranks
     significant: list[str] = []  # baselines ahead of the winner by McNemar's test
     for key, entry in data.get("runs", {}).items():
         for label, config in entry.get("configs", {}).items():
