@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from _common import machine_info, write_result
 from speed import INPUT, MODELS, random_teacher, timed
-
-from evaluators.calibration import calibrate
 from vitrank.core.factorize import FactorCache
+from vitrank.evaluators.calibration import calibrate
 
 KINDS = {"whitened": True, "plain": False}
 

@@ -30,8 +30,7 @@ import optuna
 import timm
 import torch
 from _common import command_line
-
-from spaces import (
+from vitrank.spaces import (
     CompressionConfig,
     SpaceFunction,
     build_space,
@@ -40,7 +39,7 @@ from spaces import (
     measure_latency_table,
     predict_latency,
 )
-from spaces._latency import machine_info, random_weight_model, time_ms
+from vitrank.spaces._latency import machine_info, random_weight_model, time_ms
 
 RESULTS = Path(__file__).parent / "results" / "latency_table.json"
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from _common import command_line, machine_info
 from torch import nn
-
-import vitrank
-from evaluators.calibration import calibrate
 from vitrank.core.apply import apply_specs
 from vitrank.core.compensate import compensate
 from vitrank.core.factorize import FactorCache
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import BlockShape, inspect_vit
+from vitrank.evaluators.calibration import calibrate
+
+import vitrank
 
 RESULTS = Path(__file__).parent / "results" / "operators.json"
 SVD_LEVELS = (0.4, 0.6, 0.8)  # fraction of every block Linear's weights removed

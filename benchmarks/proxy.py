@@ -22,13 +22,17 @@ from typing import Any
 import optuna
 import torch
 from _common import machine_info, write_result
-
-from evaluators import evaluate_accuracy, finetune, rank_fidelity
-from evaluators.calibration import calibrate
-from evaluators.proxies import LogitsProxy, SpectralProxy, heldout_batch, measure_sensitivity
-from spaces import allocate, build_space, count_params, parse_budget, suggest_raw
 from vitrank.core.apply import apply_specs
 from vitrank.core.factorize import FactorCache
+from vitrank.evaluators import evaluate_accuracy, finetune, rank_fidelity
+from vitrank.evaluators.calibration import calibrate
+from vitrank.evaluators.proxies import (
+    LogitsProxy,
+    SpectralProxy,
+    heldout_batch,
+    measure_sensitivity,
+)
+from vitrank.spaces import allocate, build_space, count_params, parse_budget, suggest_raw
 
 
 def random_configs(space: Any, count: int, seed: int) -> list:

@@ -48,8 +48,7 @@ from typing import Any
 
 import torch
 from _common import RESULTS, comma_list, machine_info, write_result
-
-from search import SearchSettings
+from vitrank.search import SearchSettings
 
 DEFAULT_LR = SearchSettings.__dataclass_fields__["finetune_lr"].default  # the search's
 DEFAULT_BUDGETS = "0.5,0.35"
@@ -123,11 +122,11 @@ def evaluate_picks(
     distillation images, seed and epochs, the last epoch kept); the accuracy is top-1 on
     the validation split.
     """
-    from evaluators import correct_predictions, mcnemar
-    from search import finetune_candidate
-    from search._problem import problem
-    from search._winners import build_candidate
-    from spaces import CompressionConfig
+    from vitrank.evaluators import correct_predictions, mcnemar
+    from vitrank.search import finetune_candidate
+    from vitrank.search._build import build_candidate
+    from vitrank.search._problem import problem
+    from vitrank.spaces import CompressionConfig
 
     current = problem(run)
     done: dict[int, dict[str, Any]] = {}
@@ -209,9 +208,9 @@ def teacher_reference(
     """
     import copy
 
-    from evaluators import correct_predictions, mcnemar
-    from search import finetune_candidate
-    from search._problem import problem
+    from vitrank.evaluators import correct_predictions, mcnemar
+    from vitrank.search import finetune_candidate
+    from vitrank.search._problem import problem
 
     current = problem(run)
     model = copy.deepcopy(current.teacher)
@@ -246,7 +245,7 @@ def teacher_reference(
 def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
     """The rungs' Kendall τ against the fine-tuned accuracy over the distinct picks, and the
     selection times (rungs.json) of the ladder beside the proxy alone."""
-    from search._fidelity import rank_agreement
+    from vitrank.search._fidelity import rank_agreement
 
     distinct = {c["trial"]: c for c in configs.values() if "accuracy_after" in c}
     # rung 1's top-1 on the selection images (τ-b counts its ties)
@@ -303,7 +302,7 @@ def full_rung2(configs: dict[str, Any], images: int) -> dict[str, Any] | None:
     fine-tuned and ranked as rung 2 ranks its winners (`by_evidence` on the `images`
     selection images: within their noise, the better proxy), and whether that meets the
     bar on the validation split."""
-    from search._fidelity import by_evidence
+    from vitrank.search._fidelity import by_evidence
 
     tuned = [
         {**c, "number": c["trial"], "score": c.get("selection_score_after", c[SELECTED])}
@@ -550,8 +549,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+    from vitrank.evaluators import evaluate_accuracy
+
     import vitrank
-    from evaluators import evaluate_accuracy
 
     started = time.perf_counter()
     root = args.keep or Path(tempfile.mkdtemp(prefix="vitrank-quality-"))

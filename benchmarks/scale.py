@@ -60,8 +60,7 @@ def _folder_bytes(path: Path) -> int:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """One search in this process; its figures as a dict (printed as JSON by --one)."""
     import torch
-
-    from search import SearchSettings, run_search
+    from vitrank.search import SearchSettings, run_search
 
     run = Path(args.run)
     settings = SearchSettings(

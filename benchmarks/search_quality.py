@@ -42,7 +42,7 @@ def results_path(workload: str) -> Path:
 
 
 def _settings(out: Path, budget: str, engine: str, seed: int, args: argparse.Namespace) -> Any:
-    from search import SearchSettings
+    from vitrank.search import SearchSettings
 
     optional = {"parametrization": args.parametrization, "refine": args.refine}
     return SearchSettings(
@@ -62,11 +62,11 @@ def _settings(out: Path, budget: str, engine: str, seed: int, args: argparse.Nam
 def _accuracies(run: Path, workload: Any) -> dict[str, Any]:
     """Validation accuracy of every baseline and of the best searched config of a run."""
     import pandas as pd
+    from vitrank.evaluators import correct_predictions, mcnemar
+    from vitrank.search._problem import problem
+    from vitrank.spaces import CompressionConfig
 
     import vitrank
-    from evaluators import correct_predictions, mcnemar
-    from search._problem import problem
-    from spaces import CompressionConfig
 
     current = problem(run)
     table = pd.read_parquet(run / "trials.parquet")
@@ -141,10 +141,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from evaluators import evaluate_accuracy
-    from search import run_search
-    from search._problem import prepare
-    from search._rundir import RunDir, atomic_write_json, atomic_write_text
+    from vitrank.evaluators import evaluate_accuracy
+    from vitrank.search import run_search
+    from vitrank.search._problem import prepare
+    from vitrank.search._rundir import RunDir, atomic_write_json, atomic_write_text
+
     from vitrank import load_workload
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="vitrank-bench-"))

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from evaluators import correct_predictions, finetune, mcnemar
-    from search._fidelity import limited
+    from vitrank.evaluators import correct_predictions, finetune, mcnemar
+    from vitrank.search._fidelity import limited
     from vitrank.workloads import load_workload
 
     workload = load_workload(args.workload)

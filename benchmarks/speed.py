@@ -34,12 +34,11 @@ import timm
 import torch
 from _common import RESULTS, comma_list, machine_info, write_result
 from torch import nn
-
-from evaluators import measure_latency
-from evaluators.calibration import calibrate
-from evaluators.proxies import SpectralProxy
-from spaces import SpaceFunction, build_space, count_flops, count_params, parse_budget
 from vitrank.core.factorize import FactorCache
+from vitrank.evaluators import measure_latency
+from vitrank.evaluators.calibration import calibrate
+from vitrank.evaluators.proxies import SpectralProxy
+from vitrank.spaces import SpaceFunction, build_space, count_flops, count_params, parse_budget
 
 MODELS = {"deit_small": "deit_small_patch16_224", "deit_base": "deit_base_patch16_224"}
 INPUT = (3, 224, 224)

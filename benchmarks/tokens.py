@@ -26,7 +26,6 @@ from _common import command_line, machine_info
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
 from vitrank.core.apply import apply_specs
 from vitrank.core.spec import BlockSpec, token_schedule
 from vitrank.core.structure import inspect_vit
@@ -118,7 +117,7 @@ def run_model(
     repeats: dict[int, int],
     val=None,
 ) -> dict:
-    from evaluators.accuracy import evaluate_accuracy
+    from vitrank.evaluators.accuracy import evaluate_accuracy
 
     fingerprint = inspect_vit(teacher)
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Train the embedded digits teacher and write it to vitrank/assets/digits_vit.
+"""Train the embedded digits teacher and write it to workloads/assets/digits_vit.
 
     python benchmarks/train_digits_teacher.py [--epochs 200] [--out DIR]
 
@@ -20,7 +20,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import save_for_hf
-
 from vitrank.workloads import (
     DIGITS_DIR,
     DIGITS_MODEL_ARGS,

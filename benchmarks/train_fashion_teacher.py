@@ -1,4 +1,4 @@
-"""Train the fashion-vit teacher and write it to vitrank/assets/fashion_vit.
+"""Train the fashion-vit teacher and write it to workloads/assets/fashion_vit.
 
     python benchmarks/train_fashion_teacher.py [--epochs 15] [--out DIR] [--device auto]
 
@@ -24,8 +24,7 @@ from _common import machine_info, write_result
 from timm.models import save_for_hf
 from torch.utils.data import TensorDataset
 from train_digits_teacher import shift
-
-from evaluators import evaluate_accuracy
+from vitrank.evaluators import evaluate_accuracy
 from vitrank.workloads import FASHION_DIR, FASHION_MODEL_ARGS, FASHION_MODEL_NAME, fashion_arrays
 
 

@@ -9,26 +9,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from evaluators._data import gather
-from evaluators.accuracy import correct_predictions, evaluate_accuracy, predicted_logits
-from evaluators.comparison import LATENCY_REPEATS, LATENCY_WARMUP, compare_with_teacher
-from evaluators.fidelity import Fidelity, rank_fidelity
-from evaluators.finetune import FinetuneResult, finetune, finetune_trainable
-from evaluators.latency import LatencyResult, measure_latency
-from evaluators.significance import McNemar, mcnemar
+from vitrank.evaluators._data import gather
+from vitrank.evaluators.accuracy import correct_predictions, evaluate_accuracy, predicted_logits
+from vitrank.evaluators.comparison import LATENCY_REPEATS, LATENCY_WARMUP, compare_with_teacher
+from vitrank.evaluators.fidelity import Fidelity, rank_fidelity
+from vitrank.evaluators.finetune import FinetuneResult, finetune, finetune_trainable
+from vitrank.evaluators.latency import LatencyResult, measure_latency
+from vitrank.evaluators.significance import McNemar, mcnemar
 
 # Names whose modules import the compression code (and calibration); loaded on first use.
 _LAZY = {
-    "calibrate": "evaluators.calibration",
-    "Proxy": "evaluators.proxies",
-    "ProxyInputs": "evaluators.proxies",
-    "SpectralProxy": "evaluators.proxies",
-    "LogitsProxy": "evaluators.proxies",
-    "create_proxy": "evaluators.proxies",
-    "get_proxy": "evaluators.proxies",
-    "heldout_batch": "evaluators.proxies",
-    "proxy_names": "evaluators.proxies",
-    "measure_sensitivity": "evaluators.proxies",
+    "calibrate": "vitrank.evaluators.calibration",
+    "Proxy": "vitrank.evaluators.proxies",
+    "ProxyInputs": "vitrank.evaluators.proxies",
+    "SpectralProxy": "vitrank.evaluators.proxies",
+    "LogitsProxy": "vitrank.evaluators.proxies",
+    "create_proxy": "vitrank.evaluators.proxies",
+    "get_proxy": "vitrank.evaluators.proxies",
+    "heldout_batch": "vitrank.evaluators.proxies",
+    "proxy_names": "vitrank.evaluators.proxies",
+    "measure_sensitivity": "vitrank.evaluators.proxies",
 }
 
 __all__ = [
@@ -55,4 +55,4 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'evaluators' has no attribute {name!r}")
+    raise AttributeError(f"module 'vitrank.evaluators' has no attribute {name!r}")

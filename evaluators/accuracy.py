@@ -7,8 +7,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
+from vitrank.evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
 
 # Show a progress bar on its own only when the split is long enough to wait for.
 _AUTO_PROGRESS_BATCHES = 50

@@ -19,10 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
-
-from evaluators._data import progress_bar
 from vitrank.core.factorize import weights_digest
 from vitrank.core.stats import CalibrationStats
+from vitrank.evaluators._data import progress_bar
 
 
 class _Accumulator:

@@ -6,9 +6,8 @@ from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
-
-from evaluators.accuracy import evaluate_accuracy
-from evaluators.latency import measure_latency
+from vitrank.evaluators.accuracy import evaluate_accuracy
+from vitrank.evaluators.latency import measure_latency
 
 # How winners and `vitrank eval` time a model, so their numbers compare.
 LATENCY_WARMUP, LATENCY_REPEATS = 5, 30
@@ -29,8 +28,8 @@ def compare_with_teacher(
     ``config`` (the model's CompressionConfig) gives the exact FLOP counts of both; the
     teacher must be of the architecture it was made for, or no number would compare.
     """
-    from spaces import count_flops, dense_flops
     from vitrank.core.structure import inspect_vit
+    from vitrank.spaces import count_flops, dense_flops
 
     if batch is not None and batch < 1:
         raise ValueError(f"`batch >= 1` must hold, but got {batch=}.")

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-
-from evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
-from evaluators.accuracy import correct_predictions, input_dtype
-from evaluators.significance import mcnemar
 from vitrank.core.files import atomic_write_text
+from vitrank.evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
+from vitrank.evaluators.accuracy import correct_predictions, input_dtype
+from vitrank.evaluators.significance import mcnemar
 
 KEEP = ("best", "latest-best", "last", "last-unless-worse")  # which epoch's weights stay
 # "last-unless-worse" goes back to an earlier epoch only when McNemar's test on the scoring

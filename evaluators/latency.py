@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-
 from vitrank.core.timing import time_runs
 
 

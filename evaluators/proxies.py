@@ -33,17 +33,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from evaluators._data import gather, progress_bar
 from vitrank.core.operators import of
 from vitrank.core.registry import Registry
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
 from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
+from vitrank.evaluators._data import gather, progress_bar
 
 if TYPE_CHECKING:
-    from spaces import CompressionConfig
     from vitrank.core.factorize import FactorCache
     from vitrank.core.stats import CalibrationStats
+    from vitrank.spaces import CompressionConfig
 
 
 @dataclass

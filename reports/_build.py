@@ -64,7 +64,7 @@ def _fingerprint(run: RunData) -> Any:
         if winner.config is not None:
             return winner.config.fingerprint
     if "config" in run.trials.columns and len(run.trials):
-        from spaces import CompressionConfig
+        from vitrank.spaces import CompressionConfig
 
         return CompressionConfig.from_json(str(run.trials["config"].iloc[0])).fingerprint
     return None
@@ -72,7 +72,7 @@ def _fingerprint(run: RunData) -> Any:
 
 def teacher_costs(run: RunData) -> dict[str, float]:
     """The teacher's params and FLOPs (from the fingerprint), plus what pareto.json records."""
-    from spaces import dense_flops, dense_params
+    from vitrank.spaces import dense_flops, dense_params
 
     costs: dict[str, float] = {}
     fingerprint = _fingerprint(run)
@@ -98,7 +98,7 @@ def budget_limit(run: RunData, cost: str) -> float | None:
         return None
     if cost == "params" and settings.get("budget_flops") is not None:
         return None
-    from spaces import parse_budget
+    from vitrank.spaces import parse_budget
 
     budget = parse_budget(str(settings[fraction_key]), kind=cost)
     if budget.absolute:

@@ -13,8 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-
-from search import pareto_front as _front_indices
+from vitrank.search import pareto_front as _front_indices
 
 
 def pareto_front(
@@ -132,7 +131,7 @@ def kendall_tau(
     proxy: Sequence[float] | np.ndarray, accuracy: Sequence[float] | np.ndarray
 ) -> float:
     """Kendall tau-b between a loss-like proxy and accuracy: +1 when the proxy orders perfectly."""
-    from evaluators.fidelity import rank_fidelity
+    from vitrank.evaluators.fidelity import rank_fidelity
 
     return rank_fidelity(proxy, accuracy, lower_is_better=True).kendall_tau
 
@@ -141,7 +140,7 @@ def proxy_fidelity(
     winners: pd.DataFrame, proxy: str = "proxy", accuracy: str = "finetuned_accuracy"
 ) -> FidelityData:
     """Proxy scores against fine-tuned accuracies of the winners, with Kendall's tau."""
-    from evaluators.fidelity import rank_fidelity
+    from vitrank.evaluators.fidelity import rank_fidelity
 
     if winners.empty or proxy not in winners.columns or accuracy not in winners.columns:
         return FidelityData([], np.empty(0), np.empty(0), math.nan, math.nan, 0)
@@ -212,9 +211,9 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
     relative to its dense form (attention, MLP) or the fraction of tokens that leave the
     block (tokens), so one colour scale reads for every part: 1 = untouched.
     """
-    from spaces import attention_linears, mlp_linears
     from vitrank.core.operators import of
     from vitrank.core.spec import AttentionSpec, MlpSpec, merge_count
+    from vitrank.spaces import attention_linears, mlp_linears
 
     rows = []
     for label, config in winners.items():

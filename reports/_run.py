@@ -62,7 +62,7 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_run(root: str | Path) -> RunData:
     """Every file of a run directory a report reads; missing optional files read as empty."""
-    from spaces import CompressionConfig
+    from vitrank.spaces import CompressionConfig
 
     root = Path(root)
     trials_path = root / "trials.parquet"
@@ -106,7 +106,7 @@ def load_run(root: str | Path) -> RunData:
 def _trials(root: Path, parquet: Path) -> pd.DataFrame:
     """The study's trials, else trials.parquet: a search killed or interrupted between two
     writes of the table leaves it behind the study, which records every trial."""
-    from search import read_trials
+    from vitrank.search import read_trials
 
     frame = read_trials(root)
     if frame is None:
@@ -167,8 +167,8 @@ def _present(value: Any) -> bool:
 
 def config_summary(config: Any, width: int = 4) -> str:
     """Per-block choices in a few short lines: 'b0 heads 4/4 | mlp prune 96 | merge .25'."""
-    from spaces import CompressionConfig
     from vitrank.core.operators import of
+    from vitrank.spaces import CompressionConfig
 
     if isinstance(config, str):
         try:

@@ -7,16 +7,18 @@ samplers and baselines are looked up by name in `ENGINES`, `SAMPLERS` and `BASEL
 
 from __future__ import annotations
 
-from search._engines import ENGINES, EngineJob, run_engine
-from search._fidelity import milestones, promotion_pool, rank_agreement
-from search._finish import finetune_winners
-from search._pareto import pareto_front, pick_winners
-from search._run import RESUMABLE, read_trials, resolve_run, run_search
-from search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
-from search._samplers import SAMPLERS, make_sampler
-from search._settings import SearchSettings, resolve_settings
-from search._winners import build_candidate, finetune_candidate
-from search.baselines import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
+from vitrank.search._build import build_candidate
+from vitrank.search._engines import ENGINES, EngineJob, run_engine
+from vitrank.search._fidelity import milestones, promotion_pool, rank_agreement
+from vitrank.search._finish import finetune_winners
+from vitrank.search._pareto import pareto_front, pick_winners
+from vitrank.search._run import RESUMABLE, read_trials, resolve_run, run_search
+from vitrank.search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
+from vitrank.search._samplers import SAMPLERS, make_sampler
+from vitrank.search._settings import SearchSettings, resolve_settings
+from vitrank.search._stop import Stopped, stop_rule
+from vitrank.search._winners import finetune_candidate
+from vitrank.search.baselines import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
 
 __all__ = [
     "BASELINES",
@@ -29,6 +31,7 @@ __all__ = [
     "RunDir",
     "RunLockedError",
     "SearchSettings",
+    "Stopped",
     "atomic_write_bytes",
     "atomic_write_json",
     "build_candidate",
@@ -46,4 +49,5 @@ __all__ = [
     "run_baselines",
     "run_engine",
     "run_search",
+    "stop_rule",
 ]

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitrank.core.registry import Registry
+from vitrank.search._stop import TUNE_ENVIRONMENT, deferred, immediate, reinstall, stop_rule
 
 if TYPE_CHECKING:
     import optuna
@@ -107,57 +106,11 @@ def open_study(job: EngineJob) -> optuna.Study:
     )
 
 
-class _DeferredInterrupt:
-    """Ctrl-C during `study.optimize`: raised at once inside a trial's objective (which
-    flags the trial), otherwise held until Optuna has recorded the trial it is telling and
-    raised when `optimize` returns. Optuna's trial runner loses a KeyboardInterrupt that
-    lands in its tell step (an UnboundLocalError from its `finally` replaces it)."""
-
-    def __init__(self, study: optuna.Study) -> None:
-        self.study = study
-        self.inside = False
-        self.pending = False
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.inside:
-            raise KeyboardInterrupt
-        self.pending = True
-        with contextlib.suppress(RuntimeError):  # outside the optimize loop: nothing to stop
-            self.study.stop()  # no trial after the current one
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """The handler for SIGINT while the block runs (main thread only: signals arrive
-        there; elsewhere Ctrl-C keeps Python's default)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if self.pending:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def trial(self) -> Iterator[None]:
-        if self.pending:
-            raise KeyboardInterrupt  # pressed while the trial was being sampled
-        inside, self.inside = self.inside, True
-        try:
-            yield
-        finally:
-            self.inside = inside
-
-
-def _objective(
-    trial: optuna.Trial, job: EngineJob, interrupts: _DeferredInterrupt | None = None
-) -> list[float]:
-    # Everything the trial does is inside the try, the write of its metrics too: a Ctrl-C
+def _objective(trial: optuna.Trial, job: EngineJob) -> list[float]:
+    # Everything the trial does is inside the try, the write of its metrics too: a stop
     # landing there would otherwise leave a failed trial that is not flagged.
     try:
-        with interrupts.trial() if interrupts is not None else contextlib.nullcontext():
+        with immediate():
             return _evaluate_trial(trial, job)
     except KeyboardInterrupt:
         # Optuna marks it failed; the flag says it did not fail by itself.
@@ -198,11 +151,18 @@ def run_optuna(job: EngineJob) -> None:
     # Optuna's trial runner logs through its module's logger before it re-raises.
     logger, quiet = logging.getLogger("optuna.study._optimize"), _QuietInterrupt()
     logger.addFilter(quiet)
-    interrupts = _DeferredInterrupt(study)
+
+    # A signal outside a trial's objective (while Optuna samples or tells) is held until
+    # Optuna has recorded the trial: its trial runner loses a KeyboardInterrupt that lands
+    # in its tell step (an UnboundLocalError from its `finally` replaces it).
+    def no_more_trials() -> None:
+        with contextlib.suppress(RuntimeError):  # outside the optimize loop: nothing to stop
+            study.stop()
+
     try:
-        with interrupts.installed():
+        with stop_rule(), deferred(on_signal=no_more_trials):
             study.optimize(
-                functools.partial(_objective, job=job, interrupts=interrupts),
+                functools.partial(_objective, job=job),
                 n_trials=job.n_trials,
                 callbacks=callbacks,
                 gc_after_trial=False,
@@ -237,7 +197,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     if address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     else:
-        from search._ray_session import mark_session, reap_orphans
+        from vitrank.search._ray_session import mark_session, reap_orphans
 
         reap_orphans()  # agents of a local Ray whose vitrank driver was killed
         context = ray.init(
@@ -249,6 +209,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
         session = getattr(context, "address_info", {}).get("session_dir")
         if session:
             mark_session(session)
+    reinstall()  # ray.init installs a SIGTERM handler of its own (exit 1, no resume line)
 
 
 def _local_gpus() -> int:
@@ -344,18 +305,18 @@ def trials_done_callback(advance: Callable[[], None]) -> Any:
 
 def run_ray(job: EngineJob) -> None:
     """Ray Tune's Tuner with OptunaSearch on the same study; actors are reused."""
-    # Tune's per-trial CSV/JSON/TensorBoard loggers cost more than our trials do. Set for
-    # this search only: the caller's own Tune runs keep their loggers.
-    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+    with stop_rule(), tune_environment():
         _run_tuner(job)
 
 
 @contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    """Environment variables set (where not already) inside the block, restored after it."""
-    added = [key for key in values if key not in os.environ]
+def tune_environment() -> Iterator[None]:
+    """The environment of every Tune run vitrank starts (`TUNE_ENVIRONMENT`: vitrank's stop
+    rule, no per-trial loggers), set where not already and restored after the block: the
+    caller's own Tune runs keep Tune's defaults."""
+    added = [key for key in TUNE_ENVIRONMENT if key not in os.environ]
     for key in added:
-        os.environ[key] = values[key]
+        os.environ[key] = TUNE_ENVIRONMENT[key]
     try:
         yield
     finally:

@@ -32,18 +32,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from evaluators import gather
-from search._pareto import pick_winners
-from search._rundir import RunDir, atomic_write_json
-from search._table import RUNG1_ATTR, front_rows, rung_key
 from vitrank.core.files import atomic_write
+from vitrank.evaluators import gather
+from vitrank.search._pareto import pick_winners
+from vitrank.search._rundir import RunDir, atomic_write_json
+from vitrank.search._table import RUNG1_ATTR, front_rows, rung_key
 
 if TYPE_CHECKING:
     import optuna
     from torch.utils.data import Dataset
-
-    from search._problem import Problem
+    from vitrank.search._problem import Problem
     from vitrank.workloads import Workload
 
 # RUNG1_ATTR: {"score", "accuracy", "units", "curve", "seconds", ...} once it is done;
@@ -164,7 +162,6 @@ def selection_data(problem: Problem, workload: Workload) -> SelectionData:
     """A seeded choice of training images for selection, disjoint from the calibration
     images; the distillation trains on every other training image (calibration included)."""
     from torch.utils.data import Subset
-
     from vitrank.workloads import calibration_indices
 
     train = workload.train
@@ -191,8 +188,7 @@ def _logits(
     model: nn.Module, images: Tensor, labels: Tensor, device: torch.device
 ) -> tuple[Tensor, Tensor]:
     from torch.utils.data import TensorDataset
-
-    from evaluators import predicted_logits
+    from vitrank.evaluators import predicted_logits
 
     data = TensorDataset(images, labels)
     return predicted_logits(model, data, BATCH_SIZE, device=device, progress=False)
@@ -272,7 +268,7 @@ class Distillation:
         warmup: float = 0.1,
         device: torch.device | str = "cpu",
     ) -> None:
-        from evaluators.finetune import warmup_cosine
+        from vitrank.evaluators.finetune import warmup_cosine
 
         if epochs <= 0:
             raise ValueError(f"`rung_epochs > 0` must hold, but got {epochs}.")
@@ -310,8 +306,8 @@ class Distillation:
 
     def run_to(self, unit: int, advance: Callable[[], None] | None = None) -> None:
         """Train until the end of milestone `unit` (nothing when already past it)."""
-        from evaluators.accuracy import input_dtype
-        from evaluators.finetune import distillation_loss
+        from vitrank.evaluators.accuracy import input_dtype
+        from vitrank.evaluators.finetune import distillation_loss
 
         teacher_dtype = input_dtype(self.teacher)
         end = self.boundary(unit)
@@ -381,7 +377,7 @@ class Candidate:
     """One promoted trial's rung-1 distillation, resumable at its milestones."""
 
     def __init__(self, current: Problem, workload: Workload, row: dict[str, Any]) -> None:
-        from search._winners import build_candidate
+        from vitrank.search._build import build_candidate
 
         settings = current.settings
         self.number = int(row["number"])
@@ -571,8 +567,7 @@ def _rung1_halving(
 def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:
     """Ray Tune trainable: one candidate's rung-1 distillation, reported per milestone."""
     from ray import tune
-
-    from search._problem import problem
+    from vitrank.search._problem import problem
 
     current = problem(config["run_dir"])
     row = {"number": config["number"], "config": config["config"], "baseline": config["baseline"]}
@@ -588,14 +583,13 @@ def _rung1_ray(
     """Asynchronous successive halving: Ray Tune's ASHAScheduler over the candidates."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from search._engines import (
-        _environment,
+    from vitrank.core.progress import progress
+    from vitrank.search._engines import (
         check_trial_resources,
         init_ray,
         trials_done_callback,
+        tune_environment,
     )
-    from vitrank.core.progress import progress
 
     settings = current.settings
     init_ray(settings.ray_address)
@@ -619,7 +613,7 @@ def _rung1_ray(
         rung1_trainable({**config, "config": chosen, "baseline": baseline}, workload)
 
     with (
-        _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"),
+        tune_environment(),
         progress("rung 1 candidates", len(by_number)) as advance,
     ):
         tuner = tune.Tuner(

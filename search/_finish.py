@@ -6,10 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from search._problem import forget, problem
-from search._rundir import RunDir
-from search._settings import SearchSettings
-from search._winners import save_winners
+from vitrank.search._problem import forget, problem
+from vitrank.search._rundir import RunDir
+from vitrank.search._settings import SearchSettings
+from vitrank.search._winners import save_winners
 
 
 def finetune_winners(
@@ -27,7 +27,6 @@ def finetune_winners(
     so it never runs while a search writes the directory. Returns the winners' folders.
     """
     import pandas as pd
-
     from vitrank.workloads import WorkloadSettings
 
     run = RunDir(run_dir)

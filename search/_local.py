@@ -28,19 +28,17 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import optuna
-
-from search._engines import VIOLATION_ATTR
-from spaces import CONFIG_ATTR, CompressionConfig, ladder, raw_params
 from vitrank.core.operators import operator
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.search._engines import VIOLATION_ATTR
+from vitrank.spaces import CONFIG_ATTR, CompressionConfig, ladder, raw_params
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from optuna.distributions import BaseDistribution
     from optuna.trial import FrozenTrial
-
-    from spaces import BlockChoices, SpaceFunction
+    from vitrank.spaces import BlockChoices, SpaceFunction
 
 _FIXED_PARAMS = "fixed_params"  # Optuna's system attr of enqueued trials
 
@@ -338,7 +336,7 @@ def _into_space(config: CompressionConfig, space: Any) -> CompressionConfig | No
     None when a knob is off the space's grids (a baseline of another factorization keeps
     its ranks, only its SVD kind changes).
     """
-    from search.baselines import raw_expressible
+    from vitrank.search.baselines import raw_expressible
 
     config = space.config(list(config.blocks))
     return config if raw_expressible(config, space) else None

@@ -24,18 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
-
-from search._engines import TRIAL_ID_KEY, VIOLATION_ATTR
-from search._rundir import RunDir, atomic_write_json
-from search._settings import SearchSettings
+from vitrank.search._engines import TRIAL_ID_KEY, VIOLATION_ATTR
+from vitrank.search._rundir import RunDir, atomic_write_json
+from vitrank.search._settings import SearchSettings
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
-
-    from evaluators.proxies import Proxy
-    from spaces import Budget, CompressionConfig, LatencyTable, SearchSpace, SpaceFunction
     from vitrank.core.factorize import FactorCache
     from vitrank.core.stats import CalibrationStats
+    from vitrank.evaluators.proxies import Proxy
+    from vitrank.spaces import Budget, CompressionConfig, LatencyTable, SearchSpace, SpaceFunction
     from vitrank.workloads import Workload
 
 BASELINE_KEY = "__baseline__"  # constant naming the baseline a trial replays ("" for none)
@@ -86,8 +84,8 @@ class DataSizes:
 
 def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device) -> DataSizes:
     """Image counts that keep each phase's cost bounded for this model on this device."""
-    from spaces import dense_flops
     from vitrank.core.compensate import COMPENSATION_STEPS
+    from vitrank.spaces import dense_flops
 
     calib, heldout = settings.calib_size, settings.heldout_size
     per_image = max(dense_flops(fingerprint), 1)
@@ -143,7 +141,6 @@ class Problem:
         """The calibration images error compensation refines on: the first of the run's
         calibration images, as many as its sensitivity phase used (bounded like it)."""
         from torch.utils.data import Subset
-
         from vitrank.workloads import calibration_indices
 
         calib = self.sizes.calib if self.sizes else len(workload.calib)  # type: ignore[arg-type]
@@ -177,7 +174,7 @@ class Problem:
 
     def proxy(self, svd: str | None = None, name: str | None = None) -> Proxy:
         """The run's proxy (or `name`) over factors of kind `svd` (default: the run's)."""
-        from evaluators.proxies import ProxyInputs, create_proxy
+        from vitrank.evaluators.proxies import ProxyInputs, create_proxy
 
         svd = svd or self.settings.svd
         name = name or self.settings.proxy
@@ -195,7 +192,7 @@ class Problem:
         return self._proxies[key]
 
     def _quick(self) -> Any:
-        from evaluators.proxies import LogitsProxy
+        from vitrank.evaluators.proxies import LogitsProxy
 
         key = "quick"
         if key not in self._proxies:
@@ -217,14 +214,14 @@ class Problem:
 
     def baseline(self, name: str) -> CompressionConfig:
         if name not in self._baselines:
-            from spaces import CompressionConfig
+            from vitrank.spaces import CompressionConfig
 
             self._baselines[name] = CompressionConfig.load(self.run.baselines / f"{name}.json")
         return self._baselines[name]
 
     def costs(self, config: CompressionConfig) -> dict[str, float]:
         """Exact params and FLOPs; predicted latency when the run has a latency table."""
-        from spaces import count_flops, count_params, predict_latency
+        from vitrank.spaces import count_flops, count_params, predict_latency
 
         costs = {"params": float(count_params(config)), "flops": float(count_flops(config))}
         if self.latency_table is not None:
@@ -252,7 +249,7 @@ class Problem:
             config = self.space_fn.suggest(trial)
         violation = self.violation(config)
         trial.set_constraint("budget", violation)
-        from spaces import CONFIG_ATTR
+        from vitrank.spaces import CONFIG_ATTR
 
         trial.set_user_attr(CONFIG_ATTR, config.to_json(indent=None))
         trial.set_user_attr(VIOLATION_ATTR, violation)
@@ -321,7 +318,7 @@ def needs_latency_table(settings: SearchSettings) -> bool:
 
 
 def make_budget(settings: SearchSettings) -> Budget:
-    from spaces import parse_budget
+    from vitrank.spaces import parse_budget
 
     if settings.budget_latency is not None:
         return parse_budget(
@@ -336,7 +333,7 @@ def make_budget(settings: SearchSettings) -> Budget:
 
 
 def make_space(settings: SearchSettings, teacher: nn.Module, meta: dict[str, Any]) -> SearchSpace:
-    from spaces import build_space
+    from vitrank.spaces import build_space
 
     return build_space(
         teacher,
@@ -386,14 +383,13 @@ def prepare(
 
     from safetensors.torch import save_file
     from torch.utils.data import Subset
-
-    from evaluators.calibration import calibrate
-    from evaluators.proxies import heldout_batch, measure_sensitivity
-    from spaces import check_feasible
     from vitrank.core.factorize import FactorCache
     from vitrank.core.files import atomic_write
     from vitrank.core.stats import CalibrationStats
     from vitrank.core.structure import check_teacher, inspect_vit
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.evaluators.proxies import heldout_batch, measure_sensitivity
+    from vitrank.spaces import check_feasible
     from vitrank.workloads import calibration_indices
 
     paths = _paths(run)
@@ -464,7 +460,7 @@ def prepare(
 def _latency_table(
     run: RunDir, settings: SearchSettings, teacher: nn.Module, space: SearchSpace, log: Any
 ) -> LatencyTable:
-    from spaces import LatencyTable, measure_latency_table
+    from vitrank.spaces import LatencyTable, measure_latency_table
 
     path = _paths(run)["latency"]
     if path.exists():
@@ -546,7 +542,6 @@ def _same_teacher(run: RunDir, teacher: nn.Module, name: str) -> dict[str, Any]:
 
 def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
     import timm
-
     from vitrank.core.io import check_architecture
     from vitrank.core.structure import first_non_finite
 
@@ -563,9 +558,9 @@ def load_teacher(run: RunDir) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_problem(run: RunDir) -> Problem:
-    from spaces import SpaceFunction
     from vitrank.core.device import resolve_dtype
     from vitrank.core.stats import CalibrationStats
+    from vitrank.spaces import SpaceFunction
 
     settings = SearchSettings.load(run.settings)
     paths = _paths(run)
@@ -575,7 +570,7 @@ def load_problem(run: RunDir) -> Problem:
     budget = make_budget(settings)
     table = None
     if needs_latency_table(settings):
-        from spaces import LatencyTable
+        from vitrank.spaces import LatencyTable
 
         table = LatencyTable.load(paths["latency"])
     heldout = _load_tensors(paths["heldout"])

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-
-from search._engines import (
+from vitrank.core.progress import progress
+from vitrank.search._engines import (
     EngineJob,
     check_trial_resources,
     damaged_study,
@@ -25,7 +25,7 @@ from search._engines import (
     run_engine,
     storage,
 )
-from search._problem import (
+from vitrank.search._problem import (
     BASELINE_ATTR,
     BASELINE_PARAMS_ATTR,
     check_cache,
@@ -36,25 +36,24 @@ from search._problem import (
     prepare,
     problem,
 )
-from search._progress import SearchProgress
-from search._rundir import RunDir, atomic_write_json, atomic_write_text
-from search._samplers import baseline_of, make_sampler
-from search._settings import SearchSettings
-from search._table import (
+from vitrank.search._progress import SearchProgress
+from vitrank.search._rundir import RunDir, atomic_write_json, atomic_write_text
+from vitrank.search._samplers import baseline_of, make_sampler
+from vitrank.search._settings import SearchSettings
+from vitrank.search._stop import Stopped, stop_rule, stopped
+from vitrank.search._table import (
     INTERRUPTED_ATTR,
     progress_summary,
     trials_frame,
     write_pareto,
     write_trials,
 )
-from search._winners import save_winners
-from search.baselines import BASELINES, forward_evaluations
-from vitrank.core.progress import progress
+from vitrank.search._winners import save_winners
+from vitrank.search.baselines import BASELINES, forward_evaluations
 
 if TYPE_CHECKING:
     import optuna
-
-    from search._problem import Problem
+    from vitrank.search._problem import Problem
     from vitrank.workloads import Workload
 
 STUDY_NAME = "vitrank"
@@ -143,7 +142,7 @@ def _check_startable(run: RunDir) -> None:
 def _check_machine(settings: SearchSettings) -> None:
     """What the settings ask of this machine, refused before any work: a device that is not
     there, or Ray trials bigger than any node (Tune would wait for them forever)."""
-    from search._problem import run_device
+    from vitrank.search._problem import run_device
 
     run_device(settings)
     if settings.engine == "ray":
@@ -191,7 +190,7 @@ def _load_workload(settings: SearchSettings) -> Workload:
 
 def _baselines(current: Problem, names: list[str], log: Any) -> dict[str, Any]:
     """Compute (once) and save the baselines' configs; return them by name."""
-    from search.baselines import BaselineInputs, run_baselines
+    from vitrank.search.baselines import BaselineInputs, run_baselines
 
     run = current.run
     done = {p.stem for p in run.baselines.glob("*.json")} if run.baselines.exists() else set()
@@ -244,7 +243,7 @@ def _seconds_per_evaluation(current: Problem, inputs: Any) -> float:
     """The best of two timed proxy evaluations of a candidate compressed from block 0 on."""
     from dataclasses import replace
 
-    from spaces import ladder
+    from vitrank.spaces import ladder
 
     space = current.space
     choice = space.blocks[0]
@@ -296,9 +295,8 @@ def _repair_study(study: optuna.Study, storage_url: str) -> int:
 def _enqueue_baselines(study: optuna.Study, current: Problem, configs: dict[str, Any]) -> None:
     """Enqueue each baseline not yet scored and not already waiting (warm start)."""
     from optuna.trial import TrialState
-
-    from search.baselines import raw_expressible
-    from spaces import raw_params
+    from vitrank.search.baselines import raw_expressible
+    from vitrank.spaces import raw_params
 
     present = {
         t.user_attrs.get(BASELINE_ATTR)
@@ -323,14 +321,14 @@ def _sampler(settings: SearchSettings, current: Problem) -> optuna.samplers.Base
     refining = settings.refine > 0 and baseline_of(settings.sampler) is None
     if not refining or settings.parametrization != "raw":
         return sampler
-    from search._local import LocalSearchSampler
+    from vitrank.search._local import LocalSearchSampler
 
     start_after = max(1, round(settings.trials * (1 - settings.refine)))
     return LocalSearchSampler(sampler, current.space_fn, start_after, seed=settings.seed)
 
 
 def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
-    from evaluators import evaluate_accuracy
+    from vitrank.evaluators import evaluate_accuracy
 
     record: dict[str, Any] = {
         "params": float(current.space.dense_params),
@@ -344,7 +342,7 @@ def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
     }
     if current.latency_table is not None:
         record["latency_ms"] = float(current.latency_table.dense_ms)
-    from search._winners import measured_latency
+    from vitrank.search._build import measured_latency
 
     # Timed as the winners are (batch, device), so that their speed-up is measured too.
     record["measured_latency_ms"] = measured_latency(
@@ -372,122 +370,141 @@ def run_search(
     log = log or console.print
     _check_machine(settings)
     run = RunDir(settings.run_dir())
-    with run:
-        if settings.resume and run.study_db.exists():
-            _check_study(run)
-        if not settings.resume and not run.study_db.exists() and run.cache.exists():
-            shutil.rmtree(run.cache)  # left by a start that failed; made for other settings
-        atomic_write_text(run.settings, settings.to_yaml())
-        started = time.monotonic()
-        # Ray workers can rebuild only a workload that the settings name.
-        by_name = workload is None
-        timings: dict[str, float] = {}
-        clock = time.perf_counter()
-        workload = workload or _load_workload(settings)
-        timings["workload"] = time.perf_counter() - clock
-        with damaged_cache(run):
-            check_cache(run)  # what a resumed run finds; prepare writes what is missing
-            prepare(run, settings, workload, log, timings)
-        forget(run.root)
-        clock = time.perf_counter()
-        current = problem(run.root)
-        timings["load_problem"] = time.perf_counter() - clock
-        only = baseline_of(settings.sampler)
-        names = [only] if only else (list(BASELINES) if settings.baselines else [])
-        clock = time.perf_counter()
-        configs = _baselines(current, names, log) if names else {}
-        timings["baselines"] = time.perf_counter() - clock
-        if only and only not in configs:
-            raise ValueError(f"Baseline {only!r} cannot meet the budget {current.budget}.")
-        cost = settings.objective_names[1]
-        job = EngineJob(
-            storage_url=run.storage_url,
-            study_name=STUDY_NAME,
-            metrics=settings.objective_names,
-            define=functools.partial(define_trial, run_dir=str(run.root.resolve())),
-            evaluate=functools.partial(evaluate_trial, run_dir=str(run.root.resolve())),
-            sampler=_sampler(settings, current),
-            n_trials=0,
-            tune_dir=run.tune,
-            ray_address=settings.ray_address,
-            cpus_per_trial=settings.cpus_per_trial,
-            gpus_per_trial=settings.trial_gpus(),
-        )
-        study = open_study(job)
-        done = _repair_study(study, run.storage_url)
-        _enqueue_baselines(study, current, configs)
-        total = 1 if only else settings.trials
-        job.n_trials = max(0, total - done)
-        sessions = sorted(run.tune.glob("session-*")) if run.tune.exists() else []
-        job.session = f"session-{len(sessions)}"
-        write_trials(run, study, cost)
-        if job.n_trials:
-            log(
-                f"search: {job.n_trials} trial(s) to run ({done} done) with the "
-                f"{settings.engine} engine, sampler {settings.sampler}, proxy {settings.proxy}, "
-                f"budget {current.budget}"
-            )
-        clock = time.perf_counter()
-        with SearchProgress(total, done, console=console) as progress:
-            job.on_trial_done = _progress_callback(run, cost, progress, total)
-            try:
-                run_engine(settings.engine, job)
-            except KeyboardInterrupt:
-                # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
-                _repair_study(open_study(job), run.storage_url)
-                log(f"search interrupted; continue it with --resume --out {run.root}")
+    with stop_rule(), run:
+        try:
+            _search(run, settings, workload, log, console)
+        except KeyboardInterrupt as error:
+            stop = stopped(error)
+            # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
+            _flag_interrupted(run)
+            what = f"stopped by {stop}" if isinstance(stop, Stopped) else "interrupted"
+            log(f"search {what}; continue it with --resume --out {run.root}")
+            if stop is error:
                 raise
-        timings["trials"] = time.perf_counter() - clock
+            raise stop from None
+    return run.root
+
+
+def _flag_interrupted(run: RunDir) -> None:
+    """Flag the trials a stop left RUNNING (`interrupted`); nothing when no study exists yet."""
+    import optuna
+
+    if not run.study_db.exists():
+        return
+    rdb = storage(run.storage_url)
+    if STUDY_NAME in {study.study_name for study in rdb.get_all_studies()}:
+        _repair_study(optuna.load_study(study_name=STUDY_NAME, storage=rdb), run.storage_url)
+
+
+def _search(
+    run: RunDir, settings: SearchSettings, workload: Workload | None, log: Any, console: Any
+) -> None:
+    if settings.resume and run.study_db.exists():
+        _check_study(run)
+    if not settings.resume and not run.study_db.exists() and run.cache.exists():
+        shutil.rmtree(run.cache)  # left by a start that failed; made for other settings
+    atomic_write_text(run.settings, settings.to_yaml())
+    started = time.monotonic()
+    # Ray workers can rebuild only a workload that the settings name.
+    by_name = workload is None
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    workload = workload or _load_workload(settings)
+    timings["workload"] = time.perf_counter() - clock
+    with damaged_cache(run):
+        check_cache(run)  # what a resumed run finds; prepare writes what is missing
+        prepare(run, settings, workload, log, timings)
+    forget(run.root)
+    clock = time.perf_counter()
+    current = problem(run.root)
+    timings["load_problem"] = time.perf_counter() - clock
+    only = baseline_of(settings.sampler)
+    names = [only] if only else (list(BASELINES) if settings.baselines else [])
+    clock = time.perf_counter()
+    configs = _baselines(current, names, log) if names else {}
+    timings["baselines"] = time.perf_counter() - clock
+    if only and only not in configs:
+        raise ValueError(f"Baseline {only!r} cannot meet the budget {current.budget}.")
+    cost = settings.objective_names[1]
+    job = EngineJob(
+        storage_url=run.storage_url,
+        study_name=STUDY_NAME,
+        metrics=settings.objective_names,
+        define=functools.partial(define_trial, run_dir=str(run.root.resolve())),
+        evaluate=functools.partial(evaluate_trial, run_dir=str(run.root.resolve())),
+        sampler=_sampler(settings, current),
+        n_trials=0,
+        tune_dir=run.tune,
+        ray_address=settings.ray_address,
+        cpus_per_trial=settings.cpus_per_trial,
+        gpus_per_trial=settings.trial_gpus(),
+    )
+    study = open_study(job)
+    done = _repair_study(study, run.storage_url)
+    _enqueue_baselines(study, current, configs)
+    total = 1 if only else settings.trials
+    job.n_trials = max(0, total - done)
+    sessions = sorted(run.tune.glob("session-*")) if run.tune.exists() else []
+    job.session = f"session-{len(sessions)}"
+    write_trials(run, study, cost)
+    if job.n_trials:
+        log(
+            f"search: {job.n_trials} trial(s) to run ({done} done) with the "
+            f"{settings.engine} engine, sampler {settings.sampler}, proxy {settings.proxy}, "
+            f"budget {current.budget}"
+        )
+    clock = time.perf_counter()
+    with SearchProgress(total, done, console=console) as progress:
+        job.on_trial_done = _progress_callback(run, cost, progress, total)
+        run_engine(settings.engine, job)
+    timings["trials"] = time.perf_counter() - clock
+    study = open_study(job)
+    rows = write_trials(run, study, cost)
+    budget = {
+        "kind": current.budget.kind,
+        "text": str(current.budget),
+        "limit": float(current.budget.limit(current.space)),
+    }
+    front = write_pareto(
+        run, rows, settings.objective_names, budget, _teacher_record(current, workload)
+    )
+    log(
+        f"{sum(r['state'] == 'COMPLETE' for r in rows)} trials scored, "
+        f"{sum(bool(r['feasible']) for r in rows)} feasible, {len(front)} on the Pareto front "
+        f"({time.monotonic() - started:.0f} s)"
+    )
+    # With the ray engine Ray Tune runs rung 1 (the workload travels to its workers)
+    # and rung 2 when its workers can rebuild the workload by name.
+    clock = time.perf_counter()
+    if front and settings.promote > 0:
+        from vitrank.search._fidelity import run_rung1
+
+        ray_rung1 = settings.engine == "ray"
+        run_rung1(current, workload, study, storage(run.storage_url), rows, ray=ray_rung1, log=log)
         study = open_study(job)
         rows = write_trials(run, study, cost)
-        budget = {
-            "kind": current.budget.kind,
-            "text": str(current.budget),
-            "limit": float(current.budget.limit(current.space)),
-        }
-        front = write_pareto(
-            run, rows, settings.objective_names, budget, _teacher_record(current, workload)
+    timings["rung1"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    if front:
+        save_winners(
+            current,
+            workload,
+            rows,
+            top=settings.finetune_top,
+            epochs=settings.finetune_epochs,
+            ray=settings.engine == "ray" and by_name,
+            log=log,
         )
-        log(
-            f"{sum(r['state'] == 'COMPLETE' for r in rows)} trials scored, "
-            f"{sum(bool(r['feasible']) for r in rows)} feasible, {len(front)} on the Pareto front "
-            f"({time.monotonic() - started:.0f} s)"
-        )
-        # With the ray engine Ray Tune runs rung 1 (the workload travels to its workers)
-        # and rung 2 when its workers can rebuild the workload by name.
-        clock = time.perf_counter()
-        if front and settings.promote > 0:
-            from search._fidelity import run_rung1
+        study = open_study(job)
+        rows = write_trials(run, study, cost)
+    else:
+        log("no feasible trial: no winners saved (raise the budget or run more trials).")
+    timings["winners"] = time.perf_counter() - clock
+    _write_timings(run, timings, study, str(current.device))
+    if front and settings.promote > 0:
+        from vitrank.search._fidelity import write_rungs
 
-            ray_rung1 = settings.engine == "ray"
-            run_rung1(
-                current, workload, study, storage(run.storage_url), rows, ray=ray_rung1, log=log
-            )
-            study = open_study(job)
-            rows = write_trials(run, study, cost)
-        timings["rung1"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        if front:
-            save_winners(
-                current,
-                workload,
-                rows,
-                top=settings.finetune_top,
-                epochs=settings.finetune_epochs,
-                ray=settings.engine == "ray" and by_name,
-                log=log,
-            )
-            study = open_study(job)
-            rows = write_trials(run, study, cost)
-        else:
-            log("no feasible trial: no winners saved (raise the budget or run more trials).")
-        timings["winners"] = time.perf_counter() - clock
-        _write_timings(run, timings, study, str(current.device))
-        if front and settings.promote > 0:
-            from search._fidelity import write_rungs
-
-            write_rungs(run, rows, _selection_seconds(run))
-    return run.root
+        write_rungs(run, rows, _selection_seconds(run))
 
 
 def _selection_seconds(run: RunDir) -> dict[str, float]:

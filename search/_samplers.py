@@ -59,7 +59,7 @@ def baseline_of(sampler: str) -> str | None:
 def check_sampler(name: str) -> None:
     """Refuse a name that is neither a sampler nor `baseline:NAME` of a known baseline."""
     if baseline_of(name) is not None:
-        from search.baselines import BASELINES
+        from vitrank.search.baselines import BASELINES
 
         if baseline_of(name) not in BASELINES:
             known = ", ".join(BASELINE_PREFIX + b for b in BASELINES)

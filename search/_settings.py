@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from evaluators.proxies import PROXIES
-from search._engines import ENGINES
-from search._samplers import check_sampler
-from spaces import MERGE_FAMILY as _MERGE
-from spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
+from vitrank.evaluators.proxies import PROXIES
+from vitrank.search._engines import ENGINES
+from vitrank.search._samplers import check_sampler
+from vitrank.spaces import MERGE_FAMILY as _MERGE
+from vitrank.spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
 
 COSTS = ("params", "flops", "latency_ms")
 DEFAULT_OPS = OPS
@@ -194,7 +193,7 @@ class SearchSettings:
                 f"`budget_latency > 0` must hold (milliseconds), but got {self.budget_latency=}."
             )
         if not active and self.budget_params is not None:
-            from spaces import parse_budget
+            from vitrank.spaces import parse_budget
 
             parse_budget(self.budget_params, kind="params")
 

@@ -10,9 +10,9 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
-from search._engines import INTERRUPTED_ATTR, METRICS_ATTR, VIOLATION_ATTR
-from search._pareto import pareto_front
-from search._rundir import RunDir, atomic_write_bytes, atomic_write_json
+from vitrank.search._engines import INTERRUPTED_ATTR, METRICS_ATTR, VIOLATION_ATTR
+from vitrank.search._pareto import pareto_front
+from vitrank.search._rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 # The fidelity ladder's results (search._fidelity) are study user attrs, one per trial
 # ("rung1:0017"): Optuna refuses to change a finished trial's attributes.
@@ -45,7 +45,7 @@ def trial_rows(
     """One flat row per trial (every state), numbers ascending; `study_attrs` (the study's
     user attrs) add each trial's rung results."""
     rungs = rung_records(study_attrs or {})
-    from spaces import CONFIG_ATTR
+    from vitrank.spaces import CONFIG_ATTR
 
     rows = []
     for t in sorted(trials, key=lambda t: t.number):

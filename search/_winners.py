@@ -12,14 +12,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from search._pareto import pick_winners
-from search._rundir import RunDir, atomic_write_json
-from search._table import front_rows
+from vitrank.search._build import build_winner, measured_latency, validation_accuracy
+from vitrank.search._pareto import pick_winners
+from vitrank.search._rundir import RunDir, atomic_write_json
+from vitrank.search._table import front_rows
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from search._problem import Problem
+    from vitrank.search._problem import Problem
     from vitrank.workloads import Workload
 
 
@@ -32,91 +32,6 @@ def choose(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
     front = front_rows(rows)
     points = [(r["proxy"], r["cost"]) for r in front]
     return [front[i] for i in pick_winners(points, list(range(len(front))), k)]
-
-
-def _accuracy(model: nn.Module, workload: Workload, device: str) -> float:
-    from evaluators import evaluate_accuracy
-
-    return float(evaluate_accuracy(model, workload.val, device=device, progress=False))
-
-
-def measured_latency(model: nn.Module, workload: Workload, batch: int, device: str) -> float:
-    """Median milliseconds of a forward pass at `batch` on `device` (evaluators' timing)."""
-    from evaluators import LATENCY_REPEATS, LATENCY_WARMUP, measure_latency
-
-    result = measure_latency(
-        model,
-        workload.input_size,
-        batch=batch,
-        device=device,
-        warmup=LATENCY_WARMUP,
-        repeats=LATENCY_REPEATS,
-    )
-    return float(result.median_ms)
-
-
-def build_candidate(
-    problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool
-) -> nn.Module:
-    """A trial's model as the winners are built: compressed, then compensated when asked."""
-    model, _ = _build(problem, workload, row, compensate, None)
-    return model
-
-
-def build_winner(
-    problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool, device: str
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The winner's model (compensated when asked) and its pre-fine-tuning metrics."""
-    return _build(problem, workload, row, compensate, device)
-
-
-def _build(
-    problem: Problem,
-    workload: Workload,
-    row: dict[str, Any],
-    compensate: bool,
-    device: str | None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The model, and (when `device` is given) its validation accuracy as built."""
-    from spaces import CompressionConfig
-    from vitrank.core.model import compress
-
-    config = CompressionConfig.from_json(row["config"])
-    config = config.replace(
-        provenance={
-            "run": problem.run.root.name,
-            "trial": int(row["number"]),
-            "granularity": problem.settings.granularity,  # the grid `vitrank apply` checks
-            "baseline": row.get("baseline"),
-            "metrics": {k: row[k] for k in ("proxy", "params", "flops") if k in row},
-        }
-    )
-    teacher = problem.teacher
-    factors = problem.factor_cache(config.svd)
-    model = compress(teacher, config, problem.stats, factors)
-    metrics: dict[str, Any] = {
-        "number": int(row["number"]),
-        "baseline": row.get("baseline"),
-        "proxy": row.get("proxy"),
-    }
-    if device is not None:
-        metrics["compressed_accuracy"] = _accuracy(model, workload, device)
-    if compensate and config.svd == "whitened":
-        compensated = config.replace(compensate=True)
-        model = compress(
-            teacher,
-            compensated,
-            problem.stats,
-            factors,
-            images=problem.compensation_images(workload),
-        )
-        if device is not None:
-            metrics["compensated_accuracy"] = _accuracy(model, workload, device)
-    if device is not None:
-        metrics["initial_accuracy"] = metrics.get(
-            "compensated_accuracy", metrics["compressed_accuracy"]
-        )
-    return model, metrics
 
 
 def finetune_candidate(
@@ -138,8 +53,8 @@ def finetune_candidate(
     the seed, learning rate and images are the run's. `train_images` distils on a seeded
     subset of that many distillation images instead (default: the run's `finetune_images`).
     """
-    from evaluators import finetune
-    from search._fidelity import _selection, limited, selection_correct, selection_score
+    from vitrank.evaluators import finetune
+    from vitrank.search._fidelity import _selection, limited, selection_correct, selection_score
 
     settings = problem.settings
     data = _selection(problem, workload)
@@ -161,7 +76,7 @@ def finetune_candidate(
     return {
         "selection_score": selection_score(model, data, problem.device),
         "selection_accuracy": float(result.best_accuracy),
-        "finetuned_accuracy": _accuracy(model, workload, str(problem.device)),
+        "finetuned_accuracy": validation_accuracy(model, workload, str(problem.device)),
         "best_epoch": int(result.best_epoch),
         "finetune_history": result.history,
     }
@@ -171,9 +86,8 @@ def finetune_winner(config: dict[str, Any]) -> None:
     """Ray Tune trainable: fine-tune the model saved in `winner_dir` as rung 2 does, save it
     back there with its figures in finetune.json."""
     from ray import tune
-
-    from search._problem import problem
     from vitrank.core.model import load, save
+    from vitrank.search._problem import problem
     from vitrank.workloads import WorkloadSettings
 
     current = problem(config["run_dir"])
@@ -190,9 +104,8 @@ def _finetune_ray(
     run: RunDir, directories: list[Path], problem: Problem, epochs: int, session: str
 ) -> dict[str, dict[str, Any]]:
     from ray import tune
-
-    from search._engines import _environment, init_ray, trials_done_callback
     from vitrank.core.progress import progress
+    from vitrank.search._engines import init_ray, trials_done_callback, tune_environment
 
     settings = problem.settings
     init_ray(settings.ray_address)
@@ -204,7 +117,7 @@ def _finetune_ray(
     # Tune's experiment banner and TensorBoard hint stay out of the user's terminal; a
     # count of the winners done takes their place.
     with (
-        _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"),
+        tune_environment(),
         progress("rung 2 winners", len(directories)) as advance,
     ):
         tuner = tune.Tuner(
@@ -248,9 +161,9 @@ def save_winners(
     best proxy and points spread along the front. Fine-tuned winners (rung 2) are ranked by
     their selection accuracy; `rank` in metrics.json says the order (1 is the winner).
     """
-    from search._fidelity import rung1_order
-    from spaces import count_flops, count_params, predict_latency
     from vitrank.core.model import CONFIG_ATTRIBUTE, save
+    from vitrank.search._fidelity import rung1_order
+    from vitrank.spaces import count_flops, count_params, predict_latency
 
     settings = problem.settings
     device = str(problem.device)
@@ -324,7 +237,7 @@ def save_winners(
 
 
 def _rung2_order(problem: Problem, workload: Workload, metrics: list[dict[str, Any]]) -> list[int]:
-    from search._fidelity import _selection, by_evidence
+    from vitrank.search._fidelity import _selection, by_evidence
 
     tuned = [
         {**m, "index": i} for i, m in enumerate(metrics) if m.get("selection_accuracy") is not None
@@ -370,8 +283,8 @@ def _finish(
 
 def _record_rung2(problem: Problem, winners: list[dict[str, Any]]) -> None:
     """Each fine-tuned winner's rung-2 figures on its Optuna trial (the trials table)."""
-    from search._engines import storage
-    from search._table import RUNG2_ATTR, rung_key
+    from vitrank.search._engines import storage
+    from vitrank.search._table import RUNG2_ATTR, rung_key
 
     fine_tuned = [m for m in winners if "selection_score" in m]
     if not fine_tuned or not problem.run.study_db.exists():

@@ -36,7 +36,7 @@ from vitrank.core.registry import Registry
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 if TYPE_CHECKING:
-    from spaces import Budget, CompressionConfig, SearchSpace
+    from vitrank.spaces import Budget, CompressionConfig, SearchSpace
 
 LINEARS = ("qkv", "proj", "fc1", "fc2")
 ASVD_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -66,7 +66,7 @@ class BaselineInputs:
 
 def _grids(space: SearchSpace) -> list[dict[str, tuple[int, ...]]]:
     """Per block, each Linear's saving ranks at the space's granularity."""
-    from spaces import build_space
+    from vitrank.spaces import build_space
 
     lowrank = build_space(
         space.fingerprint,
@@ -303,7 +303,7 @@ def tome(inputs: BaselineInputs) -> CompressionConfig:
     """ToMe: one merge ratio in every block, the smallest on the grid that meets the budget."""
     if inputs.budget.kind == "params":
         raise BaselineUnavailable("token merging removes no parameters; it has no params budget.")
-    from spaces import DEFAULT_MERGE_RATIOS
+    from vitrank.spaces import DEFAULT_MERGE_RATIOS
 
     ratios = sorted(
         {r for c in inputs.space.blocks for r in c.merge_ratios} | set(DEFAULT_MERGE_RATIOS)

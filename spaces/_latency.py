@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from vitrank.core.config import CompressionConfig
 from vitrank.core.files import atomic_write_text
 from vitrank.core.spec import BlockSpec, token_schedule
@@ -319,7 +318,6 @@ def measure_latency_table(
     sums to whole-model times.
     """
     from timm.layers import get_act_layer
-
     from vitrank.core.attention import attend
     from vitrank.core.merge import match_tokens, merge_weighted
     from vitrank.core.spec import merge_count

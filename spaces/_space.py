@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-
 from vitrank.core.config import CompressionConfig
 from vitrank.core.operators import PARTS, families, operator, operator_names
 from vitrank.core.operators import saving_ranks as saving_ranks

@@ -29,7 +29,9 @@ def search(
     ``vitrank.Workload`` object. When the ``reports`` package is installed the run's
     report.html and summary.md are written at the end (``report=False`` skips them).
     """
-    from search import SearchSettings, resolve_run, resolve_settings, run_search
+    import sys
+
+    from vitrank.search import SearchSettings, resolve_run, resolve_settings, run_search, stop_rule
 
     given = dict(settings)
     loaded = None
@@ -44,21 +46,25 @@ def search(
         resolved = resolve_run(base, given)
     else:
         resolved = resolve_run(resolve_settings(config, **given), given)
-    run_dir = run_search(resolved, loaded)
-    if report:
-        _build_report(run_dir)
+    with stop_rule():  # one stop rule for the search and its report
+        run_dir = run_search(resolved, loaded)
+        if report:
+            try:
+                _build_report(run_dir)
+            except KeyboardInterrupt:
+                print(
+                    f"report not written; continue the search with --resume --out {run_dir}",
+                    file=sys.stderr,
+                )
+                raise
     return run_dir
 
 
 def _build_report(run_dir: Path) -> None:
-    """reports.build(run_dir) when the reports package is there (it depends on search)."""
-    import importlib.util
+    """The run's report.html and summary.md (vitrank.reports.build)."""
     import sys
 
-    if importlib.util.find_spec("reports") is None:
-        print(f"(no reports package: report not written for {run_dir})", file=sys.stderr)
-        return
-    import reports
+    from vitrank import reports
 
     paths = reports.build(run_dir)
     print(f"report: {paths.html}\nsummary: {paths.summary}", file=sys.stderr)

@@ -25,8 +25,7 @@ class TinySetup:
 def _random_configs(space, count: int, seed: int = 0) -> list:
     """Configs drawn uniformly from the space with D's raw parametrization."""
     import optuna
-
-    from spaces import suggest_raw
+    from vitrank.spaces import suggest_raw
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -35,9 +34,9 @@ def _random_configs(space, count: int, seed: int = 0) -> list:
 
 @pytest.fixture(scope="module")
 def tiny_setup() -> TinySetup:
-    from evaluators.calibration import calibrate
-    from spaces import build_space
     from vitrank.core.factorize import FactorCache
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.spaces import build_space
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_ARGS).eval()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-
-from evaluators import calibration
-from evaluators.calibration import calibrate, calibrate_cached
 from vitrank.core.stats import CalibrationStats, linear_keys
+from vitrank.evaluators import calibration
+from vitrank.evaluators.calibration import calibrate, calibrate_cached
 
 
 def _tiny(**overrides):
@@ -168,7 +167,6 @@ def test_cache_hit_miss_and_damaged_file(tmp_path, monkeypatch):
 
 def test_unsupported_model_and_empty_data():
     from timm.models.vision_transformer import VisionTransformer
-
     from vitrank.core.structure import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError):

@@ -8,9 +8,9 @@ import pytest
 
 
 def _half_size(digits):
-    from evaluators.calibration import calibrate
-    from spaces import allocate, build_space, count_params, parse_budget
     from vitrank.core.factorize import FactorCache
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.spaces import allocate, build_space, count_params, parse_budget
 
     teacher = digits.model
     stats = calibrate(teacher, digits.calib, progress=False)
@@ -27,8 +27,9 @@ def _half_size(digits):
 
 @pytest.mark.slow
 def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_path):
+    from vitrank.evaluators import finetune, finetune_trainable
+
     import vitrank
-    from evaluators import finetune, finetune_trainable
 
     config, stats, factors, fraction = _half_size(digits)
     assert 0.4 <= fraction <= 0.5
@@ -55,6 +56,6 @@ def test_three_epochs_of_distillation_lift_a_half_size_digits_model(digits, tmp_
     record = json.loads((tmp_path / "tuned" / "finetune.json").read_text())
     assert [h["epoch"] for h in record["history"]] == [0, 1]
     reloaded = vitrank.load(tmp_path / "tuned")
-    from evaluators import evaluate_accuracy
+    from vitrank.evaluators import evaluate_accuracy
 
     assert evaluate_accuracy(reloaded, digits.val) == pytest.approx(metrics["best_accuracy"])

@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-
-from evaluators import FinetuneResult, finetune
-from evaluators.finetune import distillation_loss, warmup_cosine
+from vitrank.evaluators import FinetuneResult, finetune
+from vitrank.evaluators.finetune import distillation_loss, warmup_cosine
 
 
 def _teacher_labelled_data(teacher, n: int, seed: int) -> TensorDataset:
@@ -78,7 +77,7 @@ def test_finetune_is_deterministic_reports_each_epoch_and_keeps_the_best(tiny_vi
     assert result_a.best_accuracy == best
     assert result_a.history[result_a.best_epoch]["val_accuracy"] == best
     # The weights left in the model are the best epoch's.
-    from evaluators import evaluate_accuracy
+    from vitrank.evaluators import evaluate_accuracy
 
     assert evaluate_accuracy(student_a, val) == pytest.approx(result_a.best_accuracy)
     assert not teacher.training

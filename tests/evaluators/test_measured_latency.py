@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from evaluators import LatencyResult, measure_latency
+from vitrank.evaluators import LatencyResult, measure_latency
 
 
 def test_latency_result_fields_and_thread_count_restored(tiny_vit):

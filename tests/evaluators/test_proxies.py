@@ -4,9 +4,10 @@ import dataclasses
 
 import pytest
 import torch
-
-from evaluators import create_proxy, proxy_names
-from evaluators.proxies import (
+from vitrank.core.operators import OPERATORS
+from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.evaluators import create_proxy, proxy_names
+from vitrank.evaluators.proxies import (
     LogitsProxy,
     ProxyInputs,
     SpectralProxy,
@@ -14,8 +15,6 @@ from evaluators.proxies import (
     heldout_batch,
     measure_sensitivity,
 )
-from vitrank.core.operators import OPERATORS
-from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 # Every factorization/decomposition a proxy call must not run (they belong to the cache).
 _FORBIDDEN = [

@@ -4,9 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
-from evaluators import rank_fidelity
-from evaluators.fidelity import average_ranks, kendall_tau_b, spearman_rho
+from vitrank.evaluators import rank_fidelity
+from vitrank.evaluators.fidelity import average_ranks, kendall_tau_b, spearman_rho
 
 
 def test_average_ranks_share_ties():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import binomtest
-
-from evaluators import correct_predictions, evaluate_accuracy, mcnemar
+from vitrank.evaluators import correct_predictions, evaluate_accuracy, mcnemar
 
 
 @pytest.mark.parametrize(("a_only", "b_only"), [(30, 5), (7, 7), (0, 3), (120, 95), (0, 0)])

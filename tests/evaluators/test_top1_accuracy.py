@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from evaluators import evaluate_accuracy
+from vitrank.evaluators import evaluate_accuracy
 
 
 def _pick_channel_model() -> nn.Module:

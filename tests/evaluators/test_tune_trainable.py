@@ -12,11 +12,11 @@ import pytest
 def test_finetune_trainable_reports_each_epoch_to_tune(digits, tmp_path):
     ray = pytest.importorskip("ray")
     from ray import tune
+    from vitrank.evaluators import finetune_trainable
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.spaces import allocate, build_space, parse_budget
 
     import vitrank
-    from evaluators import finetune_trainable
-    from evaluators.calibration import calibrate
-    from spaces import allocate, build_space, parse_budget
 
     teacher = digits.model
     stats = calibrate(teacher, digits.calib, progress=False)

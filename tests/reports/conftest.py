@@ -17,9 +17,9 @@ TEACHER_DEPTH = 3
 
 def _configs(count: int, seed: int) -> list:
     """`count` random but valid configs of a 3-block tiny ViT."""
-    from spaces import CompressionConfig
     from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
     from vitrank.core.structure import inspect_vit
+    from vitrank.spaces import CompressionConfig
 
     model = make_tiny_vit(depth=TEACHER_DEPTH)
     fingerprint = inspect_vit(model, "vit_small_patch16_224")
@@ -53,7 +53,7 @@ def _configs(count: int, seed: int) -> list:
 
 def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> Path:
     """A run directory: run.yaml, trials.parquet, pareto.json, winners/<id>/."""
-    from spaces import count_flops, count_params, dense_params
+    from vitrank.spaces import count_flops, count_params, dense_params
 
     configs = _configs(trials, seed)
     dense = dense_params(configs[0].fingerprint)
@@ -92,7 +92,7 @@ def write_run(root: Path, trials: int = 24, seed: int = 0, winners: int = 3) -> 
         )
     )
     table.to_parquet(root / "trials.parquet", index=False)
-    from reports import pareto_front
+    from vitrank.reports import pareto_front
 
     front = table[pareto_front(table, ("proxy", "params"))].sort_values("params")
     chosen = front["number"].tolist()[:winners]

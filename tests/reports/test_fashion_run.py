@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from vitrank.workloads import FASHION_DATA_DIR, FASHION_DIR
 
 pytestmark = [

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import reports
+from vitrank import reports
 from vitrank.cli import main
 
 pytestmark = pytest.mark.slow
@@ -19,8 +19,8 @@ TEACHER_ARGS = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=
 def finished(tmp_path_factory):
     """A finished optuna-engine search of a tiny teacher on the digits; winners not fine-tuned."""
     import timm.models
+    from vitrank.search import SearchSettings, run_search
 
-    from search import SearchSettings, run_search
     from tests.conftest import make_tiny_vit
 
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import reports
+from vitrank import reports
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 

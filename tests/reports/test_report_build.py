@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-import reports
+from vitrank import reports
 from vitrank.cli import main
 
 
@@ -60,7 +60,7 @@ def test_summary_lists_winners_teacher_baselines_and_reuse(synthetic_run):
 
 
 def test_budget_line_is_the_fraction_of_the_teacher(synthetic_run):
-    from spaces import dense_params
+    from vitrank.spaces import dense_params
 
     run = reports.load_run(synthetic_run)
     dense = dense_params(run.winners[0].config.fingerprint)

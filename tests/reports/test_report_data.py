@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from reports import (
+from vitrank.reports import (
     block_map,
     block_map_grid,
     front_data,
@@ -139,9 +138,10 @@ def test_front_data_marks_baselines_winners_and_front():
 
 
 def _config(blocks):
-    from spaces import CompressionConfig
-    from tests.conftest import make_tiny_vit
     from vitrank.core.structure import inspect_vit
+    from vitrank.spaces import CompressionConfig
+
+    from tests.conftest import make_tiny_vit
 
     model = make_tiny_vit(depth=len(blocks))  # dim 32, 2 heads of 16, hidden 128, 16+1 tokens
     return CompressionConfig("vit_small_patch16_224", {}, inspect_vit(model), tuple(blocks))
@@ -185,7 +185,7 @@ def test_block_map_rows_and_fractions_kept():
 
 def test_hover_text_of_a_trial_that_never_ran() -> None:
     """An enqueued baseline left waiting has NaN cells, not a config: no crash, no 'nan'."""
-    from reports._run import trial_summary
+    from vitrank.reports._run import trial_summary
 
     text = trial_summary({"number": 4, "baseline": math.nan, "proxy": math.nan, "config": math.nan})
     assert text == "<b>trial 4</b>"

@@ -29,12 +29,13 @@ def _save_teacher(directory: Path, **overrides) -> str:
 @pytest.fixture(scope="module")
 def winner(tmp_path_factory):
     """A teacher on the digits and a winner of it: every operator, merging included."""
-    from evaluators.calibration import calibrate
-    from spaces import CompressionConfig
-    from vitrank.api import compress, save
     from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
     from vitrank.core.structure import inspect_vit
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.spaces import CompressionConfig
     from vitrank.workloads import load_workload
+
+    from vitrank.api import compress, save
 
     root = tmp_path_factory.mktemp("reuse")
     model = _save_teacher(root / "teacher")
@@ -107,7 +108,8 @@ def test_apply_of_a_missing_config_is_a_usage_error(tmp_path, capsys):
 
 
 def test_eval_reports_accuracy_params_flops_and_latency(winner, capsys):
-    from spaces import count_flops
+    from vitrank.spaces import count_flops
+
     from vitrank.api import CONFIG_ATTRIBUTE, load
 
     directory = winner["root"] / "winner"
@@ -225,9 +227,10 @@ def test_apply_to_an_unwritable_out_fails_before_any_work(winner, tmp_path, caps
 def tiny_run(tmp_path_factory):
     """A finished 6-trial search on the tiny workload, registered by name (finetune
     rebuilds the workload from run.yaml)."""
-    from search import SearchSettings, run_search
-    from tests.search.conftest import tiny_settings, tiny_workload
+    from vitrank.search import SearchSettings, run_search
     from vitrank.workloads import WORKLOADS
+
+    from tests.search.conftest import tiny_settings, tiny_workload
 
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
@@ -269,9 +272,9 @@ def test_report_of_a_damaged_study_names_the_file_and_the_fix(tiny_run, tmp_path
 def test_finetune_says_how_many_winners_it_fine_tuned(tiny_run, tmp_path, capsys):
     """`--top 100` on a front of a few points fine-tunes those few, and says so."""
     import pandas as pd
+    from vitrank.workloads import WORKLOADS
 
     from tests.search.conftest import tiny_workload
-    from vitrank.workloads import WORKLOADS
 
     run = _copy_run(tiny_run, tmp_path)
     (run / "run.yaml").write_text((run / "run.yaml").read_text().replace(str(tiny_run), str(run)))

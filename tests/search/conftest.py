@@ -47,7 +47,7 @@ def workload() -> Any:
 
 def tiny_settings(out: Path, **overrides: Any) -> Any:
     """Search settings for a fast in-process run on the tiny workload."""
-    from search import SearchSettings
+    from vitrank.search import SearchSettings
 
     values: dict[str, Any] = dict(
         workload="tiny",
@@ -69,9 +69,8 @@ def tiny_settings(out: Path, **overrides: Any) -> Any:
 def tiny_problem(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A prepared run directory (cache written) on the tiny workload, and its `Problem`."""
     import torch
-
-    from search._problem import prepare, problem
-    from search._rundir import RunDir, atomic_write_text
+    from vitrank.search._problem import prepare, problem
+    from vitrank.search._rundir import RunDir, atomic_write_text
 
     torch.set_num_threads(1)
     settings = tiny_settings(tmp_path_factory.mktemp("prepared") / "run")

@@ -3,10 +3,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from search import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
-from search.baselines import raw_expressible
-from spaces import parse_budget
+from vitrank.search import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
+from vitrank.search.baselines import raw_expressible
+from vitrank.spaces import parse_budget
 
 
 def _inputs(problem: Any, budget: str = "0.5", kind: str = "params") -> BaselineInputs:
@@ -66,7 +65,7 @@ def test_flar_accepts_ranks_under_one_threshold_that_is_bisected_to_the_budget(
     assert error is not None
     # Every compressed Linear alone stays under one threshold, and the next rank down of
     # some Linear would exceed it (else a lower threshold would still fit the budget).
-    from search.baselines import LINEARS, _grids, ranks_config
+    from vitrank.search.baselines import LINEARS, _grids, ranks_config
 
     grids = _grids(inputs.space)
     chosen = []

@@ -81,7 +81,7 @@ def test_a_budget_the_teacher_meets_is_refused_with_its_count(
     assert len(error) == 1
     assert "at or above the dense teacher's" in error[0] and "nothing to compress" in error[0]
     # The failed start is no search to keep: it can be started again with a budget.
-    from search import SearchSettings, resolve_run
+    from vitrank.search import SearchSettings, resolve_run
 
     assert not (out / "study.db").exists()
     again = SearchSettings(out=str(out), engine="optuna", budget_params="0.5")
@@ -118,7 +118,8 @@ def test_settings_are_checked_before_anything_is_loaded(
 def test_batch_below_one_is_refused_by_the_options_and_the_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from search import SearchSettings
+    from vitrank.search import SearchSettings
+
     from vitrank.cli import main
 
     with pytest.raises(SystemExit) as exited:
@@ -132,7 +133,6 @@ def test_a_gpu_that_is_not_there_is_refused_before_the_teacher_is_loaded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import torch
-
     from vitrank.workloads import WorkloadSettings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -174,7 +174,7 @@ def test_ray_trials_bigger_than_the_machine_are_refused_up_front(
 def test_a_run_held_by_another_search_names_the_option_that_exists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from search import RunDir
+    from vitrank.search import RunDir
 
     out = tmp_path / "run"
     holder = RunDir(out)
@@ -200,7 +200,7 @@ def test_a_settings_file_that_is_not_yaml_is_named_with_its_line(
 def test_a_damaged_study_is_refused_on_resume_with_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from search import SearchSettings
+    from vitrank.search import SearchSettings
     from vitrank.workloads import WorkloadSettings
 
     out = tmp_path / "run"

@@ -31,7 +31,7 @@ def test_device_names_resolve_and_absent_ones_are_refused() -> None:
 
 
 def test_a_run_records_its_device_and_the_sizes_it_chose(tmp_path: Path, workload: Any) -> None:
-    from search import run_search
+    from vitrank.search import run_search
 
     messages: list[str] = []
     settings = tiny_settings(tmp_path / "run", trials=3, finetune_top=0, device="auto")
@@ -49,7 +49,7 @@ def test_a_run_records_its_device_and_the_sizes_it_chose(tmp_path: Path, workloa
 def test_half_precision_runs_score_trials_and_build_winners(
     tmp_path: Path, workload: Any, dtype: str
 ) -> None:
-    from search import run_search
+    from vitrank.search import run_search
 
     settings = tiny_settings(
         tmp_path / "run", trials=2, finetune_top=1, finetune_epochs=1, compensate=True, dtype=dtype
@@ -64,7 +64,7 @@ def test_half_precision_runs_score_trials_and_build_winners(
 @pytest.mark.cuda
 @CUDA
 def test_a_small_search_runs_on_the_gpu(tmp_path: Path, workload: Any) -> None:
-    from search import run_search
+    from vitrank.search import run_search
 
     settings = tiny_settings(tmp_path / "run", trials=6, finetune_top=1, finetune_epochs=1)
     settings.device = "cuda"

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-
-from search import (
+from vitrank.search import (
     SearchSettings,
     milestones,
     promotion_pool,
@@ -25,7 +24,8 @@ from search import (
     resolve_run,
     run_search,
 )
-from search._fidelity import Distillation, by_evidence, noise_margin
+from vitrank.search._fidelity import Distillation, by_evidence, noise_margin
+
 from tests.conftest import make_tiny_vit
 from tests.search.conftest import TINY_ARCH, TINY_ARGS, tiny_settings, tiny_workload
 
@@ -128,7 +128,7 @@ def _ladder_settings(out: Path, **overrides):
 def test_every_distillation_of_the_ladder_uses_the_runs_learning_rate_and_alpha(
     tmp_path, monkeypatch
 ):
-    distillation = importlib.import_module("evaluators.finetune")  # the function shadows it
+    distillation = importlib.import_module("vitrank.evaluators.finetune")  # the function shadows it
     rates: list[float] = []
     alphas: list[float] = []
 
@@ -208,7 +208,7 @@ def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
 def _check_report(run: Path) -> None:
     """The report shows the rungs side by side with τ and times, the accuracy front, and
     the teacher's measured latency with each winner's measured speed-up, in HTML tables."""
-    import reports
+    from vitrank import reports
 
     teacher = json.loads((run / "pareto.json").read_text())["teacher"]
     assert teacher["measured_latency_ms"] > 0

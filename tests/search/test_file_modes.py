@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from vitrank.search import run_search
 
-from search import run_search
 from tests.search.conftest import tiny_settings, tiny_workload
 
 
 @pytest.fixture(scope="module")
 def finished_under_umask_022(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import reports
+    from vitrank import reports
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("modes") / "run"
@@ -56,7 +56,6 @@ def test_atomic_writes_give_the_mode_of_a_new_file_under_the_umask(
 ) -> None:
     """mkstemp's 0600 (and safetensors' own 0600 files) never reach the artefact."""
     from safetensors.torch import save_file
-
     from vitrank.core.files import atomic_write, atomic_write_json, atomic_write_text
 
     replaced = tmp_path / "pareto.json"

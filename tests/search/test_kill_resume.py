@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from vitrank.search import RunLockedError, SearchSettings, resolve_run, run_search
 
-from search import RunLockedError, SearchSettings, resolve_run, run_search
 from tests.search.conftest import tiny_workload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +171,8 @@ def test_ctrl_c_then_resume_scores_every_trial_without_a_traceback(tmp_path: Pat
 def test_a_trial_that_failed_by_an_error_is_run_again_on_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from search._problem import Problem
+    from vitrank.search._problem import Problem
+
     from tests.search.conftest import tiny_settings
 
     torch.set_num_threads(1)
@@ -219,8 +220,7 @@ def test_ctrl_c_while_optuna_records_a_trial_keeps_it_and_stops_as_interrupted(
     UnboundLocalError."""
     import optuna
     from optuna.study import _optimize
-
-    from search._engines import EngineJob, open_study, run_optuna
+    from vitrank.search._engines import EngineJob, open_study, run_optuna
 
     tell = _optimize._tell_with_warning
     calls: list[int] = []

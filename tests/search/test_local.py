@@ -9,11 +9,11 @@ from typing import Any
 import optuna
 import pandas as pd
 import pytest
+from vitrank.search import SearchSettings, run_search
+from vitrank.search._local import LocalSearchSampler, _knob_steps, _step, neighbour
+from vitrank.search.baselines import raw_expressible
+from vitrank.spaces import CONFIG_ATTR, CompressionConfig, SpaceFunction, raw_params
 
-from search import SearchSettings, run_search
-from search._local import LocalSearchSampler, _knob_steps, _step, neighbour
-from search.baselines import raw_expressible
-from spaces import CONFIG_ATTR, CompressionConfig, SpaceFunction, raw_params
 from tests.search.conftest import tiny_settings
 
 

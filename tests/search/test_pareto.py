@@ -3,8 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from search import pareto_front, pick_winners
+from vitrank.search import pareto_front, pick_winners
 
 
 def _dominated(p: tuple[float, float], q: tuple[float, float]) -> bool:

@@ -17,8 +17,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from vitrank.search import run_search
 
-from search import run_search
 from tests.search.conftest import tiny_settings, tiny_workload
 
 pytestmark = pytest.mark.ray
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
     import ray
-
-    from search._engines import init_ray
+    from vitrank.search._engines import init_ray
 
     init_ray(None, num_cpus=2)
     yield
@@ -142,14 +141,17 @@ def _stop_cluster(temp_dir: str) -> None:
 
 
 def test_tune_logger_settings_do_not_outlive_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    from search._engines import _environment
+    from vitrank.search._engines import tune_environment
 
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
-    with _environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1", RAY_AIR_NEW_OUTPUT="0"):
+    with tune_environment():
         assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # vitrank's stop rule decides
         assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"  # the user's own value wins
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
 
 
@@ -181,7 +183,7 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
 
 DRIVER = """
 import time
-from search._engines import init_ray
+from vitrank.search._engines import init_ray
 init_ray(None, num_cpus=1)
 print("READY", flush=True)
 time.sleep(600)
@@ -191,7 +193,7 @@ time.sleep(600)
 def test_agents_of_a_killed_driver_are_stopped_by_the_next_start() -> None:
     """SIGKILL of a search leaves Ray's dashboard and runtime-env agents running; the next
     local start (`init_ray`) stops the processes of that session, and only those."""
-    from search._ray_session import DRIVER_FILE, _running, _uses, reap_orphans
+    from vitrank.search._ray_session import DRIVER_FILE, _running, _uses, reap_orphans
 
     # A private, short Ray temp dir (socket paths must stay short): no other session there.
     temp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
@@ -232,8 +234,7 @@ def test_agents_of_a_killed_driver_are_stopped_by_the_next_start() -> None:
 def test_trials_bigger_than_any_node_of_the_session_are_refused(local_ray: None) -> None:
     """The session has 2 CPUs: Tune would wait forever for these trials."""
     import ray
-
-    from search._engines import check_trial_resources, init_ray
+    from vitrank.search._engines import check_trial_resources, init_ray
 
     init_ray(None, num_cpus=2)  # again, if the cluster test shut the fixture's session down
     check_trial_resources(2, 0)
@@ -246,8 +247,7 @@ def test_trials_bigger_than_any_node_of_the_session_are_refused(local_ray: None)
 
 def test_the_rungs_progress_callback_counts_ended_trials_and_pickles_without_its_hook() -> None:
     from ray import cloudpickle
-
-    from search._engines import trials_done_callback
+    from vitrank.search._engines import trials_done_callback
 
     ended: list[int] = []
     callback = trials_done_callback(lambda: ended.append(1))

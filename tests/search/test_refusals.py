@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from vitrank.search import SearchSettings, resolve_run, run_search
 
-from search import SearchSettings, resolve_run, run_search
 from tests.search.conftest import tiny_settings, tiny_workload
 
 

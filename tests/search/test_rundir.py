@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from search import RunDir, RunLockedError, atomic_write_json
+from vitrank.search import RunDir, RunLockedError, atomic_write_json
 
 HOLD = """
 import sys, time
-from search import RunDir
+from vitrank.search import RunDir
 run = RunDir(sys.argv[1]); run.acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -64,8 +63,8 @@ def test_the_lock_dies_with_a_killed_holder(tmp_path: Path) -> None:
 
 def test_a_start_that_failed_before_any_trial_can_be_started_again(tmp_path: Path) -> None:
     """An infeasible budget leaves run.yaml and a cache but no study: not a search to keep."""
-    from search import SearchSettings
-    from search._run import resolve_run
+    from vitrank.search import SearchSettings
+    from vitrank.search._run import resolve_run
 
     out = tmp_path / "run"
     (out / "cache").mkdir(parents=True)
@@ -88,8 +87,8 @@ def test_a_start_that_failed_before_any_trial_can_be_started_again(tmp_path: Pat
 def test_a_new_search_refuses_a_folder_that_is_not_a_run(
     tmp_path: Path, names: tuple[str, ...], shown: str
 ) -> None:
-    from search import SearchSettings
-    from search._run import resolve_run
+    from vitrank.search import SearchSettings
+    from vitrank.search._run import resolve_run
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -107,8 +106,8 @@ def test_a_new_search_refuses_a_folder_that_is_not_a_run(
 
 
 def test_a_new_search_refuses_a_run_yaml_that_is_not_a_search(tmp_path: Path) -> None:
-    from search import SearchSettings
-    from search._run import resolve_run
+    from vitrank.search import SearchSettings
+    from vitrank.search._run import resolve_run
 
     out = tmp_path / "ci"
     out.mkdir()

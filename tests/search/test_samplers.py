@@ -2,8 +2,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
-
-from search import BASELINES, SAMPLERS, make_sampler
+from vitrank.search import BASELINES, SAMPLERS, make_sampler
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -10,8 +10,8 @@ import optuna
 import pandas as pd
 import pytest
 import torch
+from vitrank.search import SearchSettings, run_search
 
-from search import SearchSettings, run_search
 from tests.search.conftest import tiny_settings, tiny_workload
 
 
@@ -96,13 +96,13 @@ def test_run_yaml_restarts_the_same_run(finished: Path) -> None:
 
 def test_an_existing_run_is_not_overwritten_without_resume(finished: Path) -> None:
     with pytest.raises(FileExistsError, match="--resume"):
-        from search import resolve_run
+        from vitrank.search import resolve_run
 
         resolve_run(SearchSettings.load(finished / "run.yaml"))
 
 
 def test_resume_extends_a_finished_run_without_rerunning(tmp_path: Path, workload: Any) -> None:
-    from search import resolve_run
+    from vitrank.search import resolve_run
 
     torch.set_num_threads(1)
     run = run_search(tiny_settings(tmp_path / "run", trials=6, baselines=False), workload)
@@ -117,7 +117,7 @@ def test_resume_extends_a_finished_run_without_rerunning(tmp_path: Path, workloa
 
 
 def test_resume_refuses_to_change_the_search(tmp_path: Path, workload: Any) -> None:
-    from search import resolve_run
+    from vitrank.search import resolve_run
 
     run = tmp_path / "run"
     run.mkdir()
@@ -137,8 +137,8 @@ def test_a_baseline_runs_alone_as_a_sampler(tmp_path: Path, workload: Any, sampl
 def test_expensive_baselines_are_left_out_over_the_time_bound_saying_how_to_run_them(
     tmp_path: Path, workload: Any
 ) -> None:
-    from search import run_search
-    from search.baselines import forward_evaluations
+    from vitrank.search import run_search
+    from vitrank.search.baselines import forward_evaluations
 
     settings = tiny_settings(tmp_path / "run", trials=6, finetune_top=0, baseline_seconds=1e-9)
     messages: list[str] = []
@@ -151,7 +151,7 @@ def test_expensive_baselines_are_left_out_over_the_time_bound_saying_how_to_run_
     # the closed-form baselines cost no forward pass: never left out
     assert (run_dir / "baselines" / "uniform-whitened.json").exists()
     assert (run_dir / "baselines" / "greedy.json").exists()
-    from search._problem import problem
+    from vitrank.search._problem import problem
 
     space = problem(run_dir).space
     assert forward_evaluations("uniform-whitened", space) == 0

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from search import SearchSettings, resolve_settings
+from vitrank.search import SearchSettings, resolve_settings
 
 
 def test_yaml_round_trip_is_identity(tmp_path: Path) -> None:

@@ -7,10 +7,10 @@ import random
 from typing import Any
 
 from torch import nn
-
-from spaces import SearchSpace, build_space
-from tests.conftest import TINY_VIT_ARGS, make_tiny_vit
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.spaces import SearchSpace, build_space
+
+from tests.conftest import TINY_VIT_ARGS, make_tiny_vit
 
 # (timm name, overrides): a cls-token ViT with 3 blocks; a distilled DeiT (cls + dist tokens,
 # two heads); registers + average pooling, no cls token; no qkv bias, layer scale, qk-norm.

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 from _spaces_cases import variant_space
-
-from spaces import Budget, check_feasible, parse_budget
+from vitrank.spaces import Budget, check_feasible, parse_budget
 
 
 @pytest.mark.parametrize(
@@ -66,7 +65,7 @@ def test_infeasible_budgets_say_the_smallest_reachable() -> None:
 
 def test_smallest_latency_is_found_where_compression_is_slower(monkeypatch) -> None:
     """On a tiny model a compressed block can be slower than the dense one."""
-    from spaces._budget import smallest_reachable
+    from vitrank.spaces._budget import smallest_reachable
 
     space = variant_space("vit")
 

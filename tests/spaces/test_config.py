@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from _spaces_cases import make_tiny_vit, random_specs, variant_space
-
-from spaces import CompressionConfig
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import inspect_vit
+from vitrank.spaces import CompressionConfig
 
 
 def sample_config(variant: str = "vit", seed: int = 0) -> CompressionConfig:

@@ -10,12 +10,11 @@ from _spaces_cases import random_specs, variant_model, variant_space
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-from spaces import CompressionConfig, count_flops, count_params, dense_flops, dense_params
-from spaces._latency import random_weight_model
 from vitrank.core.operators import OPERATORS
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import inspect_vit
+from vitrank.spaces import CompressionConfig, count_flops, count_params, dense_flops, dense_params
+from vitrank.spaces._latency import random_weight_model
 
 
 def built(model: nn.Module, specs: list[BlockSpec]) -> nn.Module:

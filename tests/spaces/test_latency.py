@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from _spaces_cases import random_specs, variant_model, variant_space
-
-from spaces import (
+from vitrank.spaces import (
     Budget,
     LatencyTable,
     SpaceFunction,
@@ -16,8 +15,8 @@ from spaces import (
     measure_latency_table,
     predict_latency,
 )
-from spaces._cost import attention_core, attention_linears, mlp_linears
-from spaces._latency import _fit_line, _operators, _token_grid, operator_sum
+from vitrank.spaces._cost import attention_core, attention_linears, mlp_linears
+from vitrank.spaces._latency import _fit_line, _operators, _token_grid, operator_sum
 
 
 @pytest.fixture(scope="module")

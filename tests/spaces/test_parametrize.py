@@ -8,8 +8,8 @@ from typing import Any
 import optuna
 import pytest
 from _spaces_cases import variant_space
-
-from spaces import (
+from vitrank.core.spec import BlockSpec
+from vitrank.spaces import (
     Budget,
     CompressionConfig,
     SpaceFunction,
@@ -17,8 +17,7 @@ from spaces import (
     count_params,
     raw_params,
 )
-from spaces._parametrize import ladder
-from vitrank.core.spec import BlockSpec
+from vitrank.spaces._parametrize import ladder
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

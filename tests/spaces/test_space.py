@@ -6,11 +6,10 @@ import random
 
 import pytest
 from _spaces_cases import random_specs, variant_model, variant_space
-
-from spaces import build_space, count_flops, count_params, saving_ranks
-from spaces._cost import attention_linears
 from vitrank.core.spec import AttentionSpec, BlockSpec
 from vitrank.core.structure import inspect_vit
+from vitrank.spaces import build_space, count_flops, count_params, saving_ranks
+from vitrank.spaces._cost import attention_linears
 
 
 def test_saving_ranks() -> None:

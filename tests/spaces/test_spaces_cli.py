@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from spaces import LatencyTable
-from vitrank.cli import main
+from vitrank.spaces import LatencyTable
 from vitrank.workloads import DIGITS_DIR
+
+from vitrank.cli import main
 
 needs_digits = pytest.mark.skipif(
     not (DIGITS_DIR / "model.safetensors").is_file(),

@@ -8,7 +8,6 @@ import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-
 from vitrank.core.operators import operator
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import BlockShape, Fingerprint
@@ -62,7 +61,7 @@ def images(n: int = 6, seed: int = 1) -> torch.Tensor:
 
 
 def calibration(model: nn.Module):
-    from evaluators.calibration import calibrate
+    from vitrank.evaluators.calibration import calibrate
 
     data = TensorDataset(images(8, seed=2), torch.zeros(8, dtype=torch.long))
     return calibrate(model, data, batch_size=4, progress=False)

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 from _compress_cases import VARIANTS, build, calibration, count_params, images, model_args
-
-import vitrank
-from spaces import CompressionConfig
-from spaces import count_params as config_params
 from vitrank.core.factorize import FactorCache
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import inspect_vit
+from vitrank.spaces import CompressionConfig
+from vitrank.spaces import count_params as config_params
+
+import vitrank
 
 SPECS = (
     BlockSpec(AttentionSpec("heads", qk_rank=4, vo_rank=6), MlpSpec("lowrank", 10, 12), 0.25),

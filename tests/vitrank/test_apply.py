@@ -14,7 +14,6 @@ from _compress_cases import (
     full_rank,
     images,
 )
-
 from vitrank.core.apply import apply_specs
 from vitrank.core.attention import HeadFactorizedAttention, LowRankAttention
 from vitrank.core.blocks import CompressedBlocks
@@ -137,7 +136,7 @@ def test_low_ranks_and_pruning_shrink_the_model_as_counted():
 def test_param_count_agrees_with_the_config_cost_model():
     spaces = pytest.importorskip("spaces")
     if not hasattr(spaces, "count_params"):
-        pytest.skip("spaces.count_params is not built yet")
+        pytest.skip("vitrank.spaces.count_params is not built yet")
     teacher = build("deit_distilled")
     stats = calibration(teacher)
     fp = inspect_vit(teacher)

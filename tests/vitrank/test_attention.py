@@ -5,7 +5,6 @@ import torch
 from timm.layers import LayerNorm
 from timm.models.vision_transformer import Attention
 from torch import nn
-
 from vitrank.core.attention import (
     DenseAttention,
     HeadFactorizedAttention,

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
-
 from vitrank.core.attention import DenseAttention
 from vitrank.core.blocks import CompressedBlock, CompressedBlocks
 from vitrank.core.merge import unmerge

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
-from vitrank.cli import SUBCOMMANDS, build_parser, main
 from vitrank.core.structure import UnsupportedModelError
 from vitrank.workloads import DIGITS_MODEL_ARGS
+
+from vitrank.cli import SUBCOMMANDS, build_parser, main
 
 
 def _vitrank(*args: str) -> subprocess.CompletedProcess:

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-
-from evaluators.calibration import calibrate
 from vitrank.core.apply import apply_specs
 from vitrank.core.compensate import compensate, factorized_parameters
 from vitrank.core.factorize import FactorCache
 from vitrank.core.lowrank import LowRankLinear
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.evaluators.calibration import calibrate
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.utils.data import TensorDataset
-
-from evaluators.calibration import calibrate
 from vitrank.core.factorize import FactorCache
 from vitrank.core.stats import LINEAR_KEYS
+from vitrank.evaluators.calibration import calibrate
 
 ARCHS = [
     ("vit_small_patch16_224", {"qkv_bias": True}),
@@ -288,7 +287,6 @@ def test_half_precision_models_get_fp64_statistics_and_the_same_factors(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_statistics_read_back_from_file_build_every_operator(tmp_path, dtype):
     from _compress_cases import build, calibration, full_rank, images
-
     from vitrank.core.apply import apply_specs
     from vitrank.core.operators import OPERATORS
     from vitrank.core.spec import BlockSpec

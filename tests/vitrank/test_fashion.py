@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from vitrank.workloads import FASHION_DATA_DIR, FASHION_DIR, fashion_arrays, load_workload
 
 HAVE_DATA = (FASHION_DATA_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
@@ -64,7 +63,7 @@ def test_a_damaged_file_is_named(tmp_path: Path) -> None:
 @pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)
 @pytest.mark.skipif(not HAVE_TEACHER, reason=NO_TEACHER)
 def test_the_shipped_teacher_reaches_088_on_the_10000_test_images() -> None:
-    from evaluators import evaluate_accuracy
+    from vitrank.evaluators import evaluate_accuracy
 
     workload = load_workload("fashion-vit")
     assert (len(workload.train), len(workload.val)) == (60_000, 10_000)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vitrank.core.heads import factorize_qk, factorize_vo, key_maps_of
 
 H, DH, D = 3, 4, 10

@@ -20,7 +20,6 @@ from _compress_cases import (
 from _compress_cases import images as make_images
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
 from vitrank.core.apply import apply_specs
 from vitrank.core.attention import DenseAttention, HeadFactorizedAttention
 from vitrank.core.factorize import FactorCache

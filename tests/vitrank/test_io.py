@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from _compress_cases import VARIANTS, build, calibration, images, model_args
-
 from vitrank.core.apply import apply_specs
 from vitrank.core.factorize import FactorCache
 from vitrank.core.io import load_model, save_model, spec_from_dict, spec_to_dict
@@ -181,7 +180,6 @@ def test_every_architecture_argument_builds_a_vit_and_only_those_pass() -> None:
     import inspect
 
     from timm.models.vision_transformer import VisionTransformer
-
     from vitrank.core.io import ARCHITECTURE_ARGS, check_architecture
 
     keywords = set(inspect.signature(VisionTransformer.__init__).parameters)
@@ -203,8 +201,9 @@ def test_every_architecture_argument_builds_a_vit_and_only_those_pass() -> None:
 def test_a_full_disk_names_the_file_and_leaves_it_as_it_was(tmp_path, failure):
     from pathlib import Path
 
-    from vitrank.cli import _is_usage_error
     from vitrank.core.files import WriteError, atomic_write, atomic_write_text
+
+    from vitrank.cli import _is_usage_error
 
     target = atomic_write_text(tmp_path / "pareto.json", "old\n")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from vitrank.core.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from vitrank.core.merge import (
     identity_source,
     match_tokens,
@@ -231,7 +230,7 @@ def test_successive_merges_equal_tome_with_sizes_carried(num_prefix: int) -> Non
 @pytest.mark.parametrize("num_prefix", [0, 1, 2, 5])
 @pytest.mark.parametrize("tokens", [12, 13])
 def test_cost_model_sides_are_the_matched_sides(num_prefix: int, tokens: int) -> None:
-    from spaces._cost import merge_sets
+    from vitrank.spaces._cost import merge_sets
 
     matching = match_tokens(_tokens(batch=1, tokens=tokens), 2, num_prefix)
     side_a = matching.kept.shape[1] + matching.merged.shape[1]

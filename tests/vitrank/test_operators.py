@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from _compress_cases import build, calibration, count_params, full_rank, images
-
 from vitrank.core.apply import apply_specs, validate_block
 from vitrank.core.factorize import FactorCache
 from vitrank.core.operators import OPERATORS, PARTS, Operator, of, operator, operator_names

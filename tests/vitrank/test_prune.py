@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import Tensor, nn
-
 from vitrank.core.attention import DenseAttention
 from vitrank.core.prune import (
     head_scores,
@@ -224,13 +223,13 @@ def test_pruned_and_merged_model_costs_what_the_config_predicts(tiny_vit) -> Non
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.data import TensorDataset
     from torch.utils.flop_counter import FlopCounterMode
-
-    from evaluators.calibration import calibrate
-    from spaces import CompressionConfig, count_flops, count_params
-    from tests.conftest import TINY_VIT_ARGS
     from vitrank.core.apply import apply_specs
     from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
     from vitrank.core.structure import inspect_vit
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.spaces import CompressionConfig, count_flops, count_params
+
+    from tests.conftest import TINY_VIT_ARGS
 
     model = tiny_vit(num_heads=4, depth=3)
     images = torch.randn(8, 3, 16, 16)

@@ -8,7 +8,6 @@ import timm
 import torch
 from PIL import Image
 from timm.models import save_for_hf
-
 from vitrank.core.structure import UnsupportedModelError
 from vitrank.workloads import (
     calibration_indices,

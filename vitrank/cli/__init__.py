@@ -60,9 +60,9 @@ def _is_usage_error(error: BaseException) -> bool:
     """The user's input is wrong (a model, a path, a value), or the user must fix the
     machine (a full disk, a folder that cannot be written, a run another search holds):
     say what, exit 2."""
-    from search import RunLockedError
     from vitrank.core.files import WriteError
     from vitrank.core.structure import UnsupportedModelError
+    from vitrank.search import RunLockedError
 
     return isinstance(
         error,
@@ -82,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except KeyboardInterrupt:
-        print("vitrank: interrupted.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        # a search's stop rule raises a KeyboardInterrupt that knows its signal (SIGTERM: 143)
+        code = int(getattr(stop, "exit_code", 130))
+        print("vitrank: stopped." if code != 130 else "vitrank: interrupted.", file=sys.stderr)
+        return code
     except Exception as error:
         if args.verbose:
             raise

@@ -20,12 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from evaluators.calibration import calibrate
-    from reports import recorded_granularity
-    from spaces import CompressionConfig, build_space
     from vitrank.core.files import check_writable
     from vitrank.core.model import compress, save
     from vitrank.core.structure import inspect_vit
+    from vitrank.evaluators.calibration import calibrate
+    from vitrank.reports import recorded_granularity
+    from vitrank.spaces import CompressionConfig, build_space
     from vitrank.workloads import WorkloadSettings
 
     path = Path(args.config)

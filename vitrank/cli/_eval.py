@@ -31,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from timm.data.model_config import resolve_input_data_config
 
-    from evaluators import compare_with_teacher
     from vitrank.core.model import CONFIG_ATTRIBUTE, load
+    from vitrank.evaluators import compare_with_teacher
 
     directory = saved_model_dir(args.model_dir)
     model = load(directory)

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import reports
-    from search import finetune_winners
+    from vitrank import reports
+    from vitrank.search import finetune_winners
 
     directories = finetune_winners(
         args.run,

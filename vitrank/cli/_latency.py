@@ -20,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spaces import build_space, measure_latency_table, predict_latency
     from vitrank.core.device import resolve_device
+    from vitrank.spaces import build_space, measure_latency_table, predict_latency
 
     device, batch = str(resolve_device(args.device or "auto")), args.batch or 1
     workload = workload_from_args(args)

@@ -115,7 +115,7 @@ def use_recorded_workload(args: argparse.Namespace, config: Any, directory: Any)
     default to the recorded ones, so a winner's config rebuilds the winner exactly. Returns
     whether any workload is known (named or recorded).
     """
-    from reports import recorded_workload
+    from vitrank.reports import recorded_workload
 
     recorded = recorded_workload(config, directory)
     named = any(getattr(args, key, None) is not None for key in ("workload", "model", "data"))

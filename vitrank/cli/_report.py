@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import reports
+    from vitrank import reports
 
     if len(args.runs) == 1:
         paths = reports.build(args.runs[0], out=args.out)

@@ -48,14 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_ops(p)
     p.add_argument(
         "--proxy",
-        choices=RegistryChoices("evaluators.proxies", "PROXIES"),
+        choices=RegistryChoices("vitrank.evaluators.proxies", "PROXIES"),
         default=None,
         metavar="NAME",
         help="%(choices)s (default: logits)",
     )
     p.add_argument(
         "--parametrization",
-        choices=RegistryChoices("spaces", "PARAMETRIZATIONS"),
+        choices=RegistryChoices("vitrank.spaces", "PARAMETRIZATIONS"),
         default=None,
         metavar="NAME",
         help="%(choices)s (default: raw)",
@@ -94,7 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: 0")
     p.add_argument(
         "--engine",
-        choices=RegistryChoices("search", "ENGINES"),
+        choices=RegistryChoices("vitrank.search", "ENGINES"),
         default=None,
         metavar="NAME",
         help="%(choices)s (default: ray)",
@@ -178,8 +178,8 @@ def _rank(directory: Any) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search import SearchSettings
     from vitrank.api import search
+    from vitrank.search import SearchSettings
 
     known = set(SearchSettings.__dataclass_fields__)
     given = {k: v for k, v in vars(args).items() if k in known and v is not None}

@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from spaces import OPS, block_params, build_space
     from vitrank.core.spec import BlockSpec
     from vitrank.core.structure import inspect_vit
+    from vitrank.spaces import OPS, block_params, build_space
 
     workload = workload_from_args(args)
     fp = inspect_vit(workload.model, workload.model_name)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from vitrank.core.lowrank import empty_linear, linear_from
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from torch import nn
-
 from vitrank.core.lowrank import LowRankLinear
 from vitrank.core.spec import AttentionSpec, MlpSpec
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-
 from vitrank.core.blocks import CompressedBlock, CompressedBlocks
 from vitrank.core.operators import BuildContext, of, operator, operator_names
 from vitrank.core.spec import BlockSpec

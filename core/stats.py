@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-
 from vitrank.core.files import load_tensors, save_tensors
 
 LINEAR_KEYS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, Subset, TensorDataset
-
 from vitrank.core.registry import Registry
 
 from ._base import Workload, calibration_indices, stratified_split

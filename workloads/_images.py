@@ -75,7 +75,6 @@ def check_images(paths: list[str]) -> None:
     its end marker (a truncated download) is decoded in full to be sure.
     """
     from PIL import Image
-
     from vitrank.core.progress import progress
 
     enabled = len(paths) >= CHECK_PROGRESS_FROM

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
 from vitrank.core.files import load_tensors, save_tensors
 from vitrank.core.heads import HeadFactors, factorize_qk, factorize_vo, key_maps_of
 from vitrank.core.lowrank import LinearFactors, factorize_linear

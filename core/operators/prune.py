@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-
 from vitrank.core.attention import DenseAttention
 from vitrank.core.lowrank import empty_linear, linear_from
 from vitrank.core.structure import BlockShape

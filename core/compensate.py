@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-
 from vitrank.core.lowrank import LowRankLinear
 
 

@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from typing import cast
 
 from torch import Tensor, nn
-
 from vitrank.core.merge import identity_source, match_tokens, merge_source, merge_weighted
 from vitrank.core.spec import merge_count
 

@@ -1,6 +1,6 @@
 """Fashion-MNIST (Zalando; 60,000 train and 10,000 test 28x28 images, 10 classes) from the
 idx files of Debian's ``dataset-fashion-mnist``, and a timm ViT trained on them by
-``benchmarks/train_fashion_teacher.py``, shipped in ``vitrank/assets/fashion_vit``."""
+``benchmarks/train_fashion_teacher.py``, shipped in ``workloads/assets/fashion_vit``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 FASHION = "fashion-vit"
-FASHION_DIR = Path(__file__).resolve().parent.parent / "assets" / "fashion_vit"
+FASHION_DIR = Path(__file__).resolve().parent / "assets" / "fashion_vit"
 # Debian's `dataset-fashion-mnist` puts the four idx files (gzipped) here.
 FASHION_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The Fashion-MNIST teacher: timm's ViT at 28x28 pixels with 4x4 patches (49 patch tokens +

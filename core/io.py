@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from vitrank.core.files import atomic_write, atomic_write_text
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
@@ -224,7 +223,6 @@ def load_model(
     before the compressed structure is built (e.g. a fingerprint check).
     """
     import timm
-
     from vitrank.core.apply import apply_specs
 
     directory = Path(directory)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
-
 from vitrank.core.apply import apply_specs, needs_factors
 from vitrank.core.compensate import COMPENSATION_STEPS
 from vitrank.core.compensate import compensate as refine

@@ -1,6 +1,6 @@
 """The embedded default: sklearn's UCI digits (1,797 real 8x8 images) and a small timm ViT
 trained on them by ``benchmarks/train_digits_teacher.py``, shipped in
-``vitrank/assets/digits_vit`` in timm's own folder format."""
+``workloads/assets/digits_vit`` in timm's own folder format."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 DIGITS = "digits-vit"
-DIGITS_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits_vit"
+DIGITS_DIR = Path(__file__).resolve().parent / "assets" / "digits_vit"
 # The architecture of the digits teacher (timm's ViT at 8x8 pixels, 2x2 patches: 16 patch
 # tokens + cls). Width 48 keeps it compact, as deployed ViTs are for their tasks, so that
 # compressing it costs accuracy and the choice of ranks matters; head_dim 12 leaves

@@ -64,7 +64,6 @@ def _create_teacher(
 ) -> tuple[nn.Module, str, dict[str, Any]]:
     """The teacher in eval mode with its timm name and rebuild arguments."""
     import timm
-
     from vitrank.core.structure import check_teacher, inspect_vit
 
     if model.startswith("local-dir:"):
@@ -113,7 +112,6 @@ def _load_local_dir(path: Path, model_name: str, model_args: dict[str, Any]) -> 
     """
     import timm
     import torch
-
     from vitrank.core.structure import inspect_vit
 
     config_file = path / "config.json"

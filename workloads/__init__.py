@@ -4,9 +4,9 @@ The layer right above the model-surgery core: ``spaces``, ``evaluators`` and ``s
 it without importing the public façade. Named workloads (`WORKLOADS`):
 
 - ``digits-vit`` (the embedded default): sklearn's UCI digits and a small timm ViT trained
-  on them, shipped in ``vitrank/assets/digits_vit``;
+  on them, shipped in ``workloads/assets/digits_vit``;
 - ``fashion-vit``: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` idx files and a
-  timm ViT at 28 px with 4-px patches (50 tokens), shipped in ``vitrank/assets/fashion_vit``.
+  timm ViT at 28 px with 4-px patches (50 tokens), shipped in ``workloads/assets/fashion_vit``.
 
 Either teacher may be replaced by any timm ViT by name or a local timm folder
 (``local-dir:PATH``), and the images by an ImageFolder tree. Splits are fixed (they do not

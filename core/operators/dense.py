@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-
 from vitrank.core.attention import DenseAttention
 from vitrank.core.structure import BlockShape
 

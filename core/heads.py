@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
 from vitrank.core.lowrank import check_finite, initial_damping, suffix_sums
 
 

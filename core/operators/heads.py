@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-
 from vitrank.core.attention import HeadFactorizedAttention
 from vitrank.core.structure import BlockShape
 

@@ -1,0 +1,96 @@
+"""Building a trial's model as the winners are built: compressed, then compensated when
+asked, with its validation accuracy as built (rung 1 and the winners share it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+    from vitrank.search._problem import Problem
+    from vitrank.workloads import Workload
+
+
+def validation_accuracy(model: nn.Module, workload: Workload, device: str) -> float:
+    from vitrank.evaluators import evaluate_accuracy
+
+    return float(evaluate_accuracy(model, workload.val, device=device, progress=False))
+
+
+def measured_latency(model: nn.Module, workload: Workload, batch: int, device: str) -> float:
+    """Median milliseconds of a forward pass at `batch` on `device` (evaluators' timing)."""
+    from vitrank.evaluators import LATENCY_REPEATS, LATENCY_WARMUP, measure_latency
+
+    result = measure_latency(
+        model,
+        workload.input_size,
+        batch=batch,
+        device=device,
+        warmup=LATENCY_WARMUP,
+        repeats=LATENCY_REPEATS,
+    )
+    return float(result.median_ms)
+
+
+def build_candidate(
+    problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool
+) -> nn.Module:
+    """A trial's model as the winners are built: compressed, then compensated when asked."""
+    model, _ = _build(problem, workload, row, compensate, None)
+    return model
+
+
+def build_winner(
+    problem: Problem, workload: Workload, row: dict[str, Any], compensate: bool, device: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The winner's model (compensated when asked) and its pre-fine-tuning metrics."""
+    return _build(problem, workload, row, compensate, device)
+
+
+def _build(
+    problem: Problem,
+    workload: Workload,
+    row: dict[str, Any],
+    compensate: bool,
+    device: str | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model, and (when `device` is given) its validation accuracy as built."""
+    from vitrank.core.model import compress
+    from vitrank.spaces import CompressionConfig
+
+    config = CompressionConfig.from_json(row["config"])
+    config = config.replace(
+        provenance={
+            "run": problem.run.root.name,
+            "trial": int(row["number"]),
+            "granularity": problem.settings.granularity,  # the grid `vitrank apply` checks
+            "baseline": row.get("baseline"),
+            "metrics": {k: row[k] for k in ("proxy", "params", "flops") if k in row},
+        }
+    )
+    teacher = problem.teacher
+    factors = problem.factor_cache(config.svd)
+    model = compress(teacher, config, problem.stats, factors)
+    metrics: dict[str, Any] = {
+        "number": int(row["number"]),
+        "baseline": row.get("baseline"),
+        "proxy": row.get("proxy"),
+    }
+    if device is not None:
+        metrics["compressed_accuracy"] = validation_accuracy(model, workload, device)
+    if compensate and config.svd == "whitened":
+        compensated = config.replace(compensate=True)
+        model = compress(
+            teacher,
+            compensated,
+            problem.stats,
+            factors,
+            images=problem.compensation_images(workload),
+        )
+        if device is not None:
+            metrics["compensated_accuracy"] = validation_accuracy(model, workload, device)
+    if device is not None:
+        metrics["initial_accuracy"] = metrics.get(
+            "compensated_accuracy", metrics["compressed_accuracy"]
+        )
+    return model, metrics
