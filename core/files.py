@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import stat
@@ -116,8 +117,30 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def strict_json(data: Any) -> Any:
+    """`data` as strict JSON can hold it: NaN and ±Inf become null (a bare ``NaN`` is not
+    JSON, and strict parsers refuse the file), numpy / torch scalars become numbers."""
+    if isinstance(data, dict):
+        return {str(k): strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    if isinstance(data, bool) or data is None or isinstance(data, (str, int)):
+        return data
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    item = getattr(data, "item", None)  # numpy / torch scalars
+    if callable(item) and getattr(data, "ndim", 0) == 0:
+        return strict_json(item())
+    return str(data)
+
+
+def json_text(data: Any) -> str:
+    """The text of every JSON file vitrank writes: strict JSON, indented, one final newline."""
+    return json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return atomic_write_text(path, json_text(data))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], header: dict[str, Any]) -> Path:

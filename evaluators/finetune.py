@@ -9,7 +9,6 @@ restored at the end. Runs plain or inside a Ray Tune trial (`finetune_trainable`
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from vitrank.core.files import atomic_write_text
+from vitrank.core.files import atomic_write_json
 from vitrank.evaluators._data import as_loader, images_and_labels, num_batches, progress_bar
 from vitrank.evaluators.accuracy import correct_predictions, input_dtype
 from vitrank.evaluators.significance import mcnemar
@@ -270,8 +269,7 @@ def finetune_trainable(config: dict[str, Any]) -> dict[str, float] | None:
         directory = Path(output_dir)
         save(student, directory)
         record = {**final, "history": result.history, "settings": config}
-        text = json.dumps(record, indent=2, default=str) + "\n"
-        atomic_write_text(directory / "finetune.json", text)
+        atomic_write_json(directory / "finetune.json", record)
     # Tune reports a returned dict as one more result; every epoch is reported already.
     return None if report is not None else final
 

@@ -282,25 +282,34 @@ def _recorder(job: EngineJob) -> Any:
     return StudyRecorder(job.storage_url, job.on_trial_done)
 
 
-def trials_done_callback(advance: Callable[[], None]) -> Any:
+def trials_done_callback(
+    advance: Callable[[], None], on_complete: Callable[[Any], None] | None = None
+) -> Any:
     """A Ray Tune callback that calls `advance` in the driver as each trial ends: finished,
-    stopped early by a scheduler, or failed (a live count for the rungs' Tuners)."""
+    stopped early by a scheduler, or failed (a live count for the rungs' Tuners). A trial
+    that ended without an error is first handed to `on_complete` (the Tune trial: its
+    `config` and `last_result`), so that its result is recorded as it arrives, not when
+    the whole Tune run returns."""
     from ray.tune import Callback
 
     class TrialsDone(Callback):
-        def __init__(self, hook: Callable[[], None] | None) -> None:
-            self.hook = hook
+        def __init__(self, hook: Callable[[], None] | None, done: Any) -> None:
+            self.hook, self.done = hook, done
 
         def __getstate__(self) -> dict[str, Any]:
-            return {"hook": None}  # the driver's progress bar does not pickle
+            return {"hook": None, "done": None}  # the driver's hooks do not pickle
 
         def on_trial_complete(self, iteration, trials, trial, **info):  # type: ignore[override]
+            if self.done is not None:
+                self.done(trial)
             if self.hook is not None:
                 self.hook()
 
-        on_trial_error = on_trial_complete
+        def on_trial_error(self, iteration, trials, trial, **info):  # type: ignore[override]
+            if self.hook is not None:
+                self.hook()
 
-    return TrialsDone(advance)
+    return TrialsDone(advance, on_complete)
 
 
 def run_ray(job: EngineJob) -> None:
@@ -317,6 +326,10 @@ def tune_environment() -> Iterator[None]:
     added = [key for key in TUNE_ENVIRONMENT if key not in os.environ]
     for key in added:
         os.environ[key] = TUNE_ENVIRONMENT[key]
+    # Tune's own console output, and the result-file warnings its disabled loggers cause
+    # ("Failed to fetch metrics"): every Tune run's, resumed ones included.
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -331,10 +344,6 @@ def _run_tuner(job: EngineJob) -> None:
     init_ray(job.ray_address)
     check_trial_resources(job.cpus_per_trial, job.gpus_per_trial, job.ray_address)
     import ray
-
-    # Tune's own console output and its result-file warnings (we disable its loggers).
-    logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
 
     cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = job.max_concurrent or max(1, int(cpus // job.cpus_per_trial))

@@ -612,6 +612,12 @@ def _rung1_ray(
         chosen, baseline = configs[config["number"]]
         rung1_trainable({**config, "config": chosen, "baseline": baseline}, workload)
 
+    def recorded(trial: Any) -> None:
+        """Each candidate's record as its trial ends (a stopped run keeps what is done)."""
+        record = (trial.last_result or {}).get("record")
+        if record is not None:
+            _record(current.run, study, storage, int(trial.config["number"]), dict(record))
+
     with (
         tune_environment(),
         progress("rung 1 candidates", len(by_number)) as advance,
@@ -631,7 +637,7 @@ def _rung1_ray(
                 storage_path=str(current.run.tune.resolve()),
                 verbose=0,
                 log_to_file=False,
-                callbacks=[trials_done_callback(lambda: advance())],
+                callbacks=[trials_done_callback(lambda: advance(), on_complete=recorded)],
             ),
         )
         results = tuner.fit()

@@ -57,4 +57,5 @@ def finetune_winners(
             epochs=epochs,
             ray=settings.engine == "ray",
             log=log,
+            remove_others=False,  # fewer winners than the search kept: the rest stay, ranked after
         )

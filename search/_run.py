@@ -9,9 +9,12 @@ of trials runs. No completed trial is lost or run again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -370,13 +373,15 @@ def run_search(
     log = log or console.print
     _check_machine(settings)
     run = RunDir(settings.run_dir())
+    watch = Stopwatch()
     with stop_rule(), run:
         try:
-            _search(run, settings, workload, log, console)
+            _search(run, settings, workload, log, console, watch)
         except KeyboardInterrupt as error:
             stop = stopped(error)
             # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
             _flag_interrupted(run)
+            _write_timings(run, watch.seconds, None, str(settings.device), stopped=True)
             what = f"stopped by {stop}" if isinstance(stop, Stopped) else "interrupted"
             log(f"search {what}; continue it with --resume --out {run.root}")
             if stop is error:
@@ -396,33 +401,101 @@ def _flag_interrupted(run: RunDir) -> None:
         _repair_study(optuna.load_study(study_name=STUDY_NAME, storage=rdb), run.storage_url)
 
 
+class Stopwatch:
+    """Seconds per phase of one session; a phase a stop cuts short still counts."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+
+@dataclass
+class _Explored:
+    """What the trials left: the study's rows, the feasible front, the engine's job."""
+
+    job: EngineJob
+    rows: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+
+
 def _search(
-    run: RunDir, settings: SearchSettings, workload: Workload | None, log: Any, console: Any
+    run: RunDir,
+    settings: SearchSettings,
+    workload: Workload | None,
+    log: Any,
+    console: Any,
+    watch: Stopwatch,
 ) -> None:
+    """The stages: prepare, explore (the trials), rung 1, winners (rung 2), finish."""
     if settings.resume and run.study_db.exists():
         _check_study(run)
     if not settings.resume and not run.study_db.exists() and run.cache.exists():
         shutil.rmtree(run.cache)  # left by a start that failed; made for other settings
     atomic_write_text(run.settings, settings.to_yaml())
-    started = time.monotonic()
     # Ray workers can rebuild only a workload that the settings name.
     by_name = workload is None
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    workload = workload or _load_workload(settings)
-    timings["workload"] = time.perf_counter() - clock
+    with watch.phase("workload"):
+        workload = workload or _load_workload(settings)
+    current = _prepare(run, settings, workload, log, watch)
+    explored = _explore(run, settings, current, workload, log, console, watch)
+    with watch.phase("rung1"):
+        if explored.front and settings.promote > 0:
+            _rung1(current, workload, explored, log)
+    with watch.phase("winners"):
+        if explored.front:
+            save_winners(
+                current,
+                workload,
+                explored.rows,
+                top=settings.finetune_top,
+                epochs=settings.finetune_epochs,
+                ray=settings.engine == "ray" and by_name,
+                log=log,
+            )
+            explored.rows = write_trials(run, open_study(explored.job), settings.objective_names[1])
+        else:
+            log("no feasible trial: no winners saved (raise the budget or run more trials).")
+    _write_timings(run, watch.seconds, open_study(explored.job), str(current.device))
+    if explored.front and settings.promote > 0:
+        from vitrank.search._fidelity import write_rungs
+
+        write_rungs(run, explored.rows, _selection_seconds(run))
+
+
+def _prepare(
+    run: RunDir, settings: SearchSettings, workload: Workload, log: Any, watch: Stopwatch
+) -> Problem:
+    """Calibration, factors, held-out batch and sensitivity (cached), then the `Problem`."""
     with damaged_cache(run):
         check_cache(run)  # what a resumed run finds; prepare writes what is missing
-        prepare(run, settings, workload, log, timings)
+        prepare(run, settings, workload, log, watch.seconds)
     forget(run.root)
-    clock = time.perf_counter()
-    current = problem(run.root)
-    timings["load_problem"] = time.perf_counter() - clock
+    with watch.phase("load_problem"):
+        return problem(run.root)
+
+
+def _explore(
+    run: RunDir,
+    settings: SearchSettings,
+    current: Problem,
+    workload: Workload,
+    log: Any,
+    console: Any,
+    watch: Stopwatch,
+) -> _Explored:
+    """The baselines, then the engine's trials; the trials table and the Pareto front."""
+    started = time.monotonic()
     only = baseline_of(settings.sampler)
     names = [only] if only else (list(BASELINES) if settings.baselines else [])
-    clock = time.perf_counter()
-    configs = _baselines(current, names, log) if names else {}
-    timings["baselines"] = time.perf_counter() - clock
+    with watch.phase("baselines"):
+        configs = _baselines(current, names, log) if names else {}
     if only and only not in configs:
         raise ValueError(f"Baseline {only!r} cannot meet the budget {current.budget}.")
     cost = settings.objective_names[1]
@@ -453,13 +526,10 @@ def _search(
             f"{settings.engine} engine, sampler {settings.sampler}, proxy {settings.proxy}, "
             f"budget {current.budget}"
         )
-    clock = time.perf_counter()
-    with SearchProgress(total, done, console=console) as progress:
+    with watch.phase("trials"), SearchProgress(total, done, console=console) as progress:
         job.on_trial_done = _progress_callback(run, cost, progress, total)
         run_engine(settings.engine, job)
-    timings["trials"] = time.perf_counter() - clock
-    study = open_study(job)
-    rows = write_trials(run, study, cost)
+    rows = write_trials(run, open_study(job), cost)
     budget = {
         "kind": current.budget.kind,
         "text": str(current.budget),
@@ -473,38 +543,19 @@ def _search(
         f"{sum(bool(r['feasible']) for r in rows)} feasible, {len(front)} on the Pareto front "
         f"({time.monotonic() - started:.0f} s)"
     )
-    # With the ray engine Ray Tune runs rung 1 (the workload travels to its workers)
-    # and rung 2 when its workers can rebuild the workload by name.
-    clock = time.perf_counter()
-    if front and settings.promote > 0:
-        from vitrank.search._fidelity import run_rung1
+    return _Explored(job=job, rows=rows, front=front)
 
-        ray_rung1 = settings.engine == "ray"
-        run_rung1(current, workload, study, storage(run.storage_url), rows, ray=ray_rung1, log=log)
-        study = open_study(job)
-        rows = write_trials(run, study, cost)
-    timings["rung1"] = time.perf_counter() - clock
-    clock = time.perf_counter()
-    if front:
-        save_winners(
-            current,
-            workload,
-            rows,
-            top=settings.finetune_top,
-            epochs=settings.finetune_epochs,
-            ray=settings.engine == "ray" and by_name,
-            log=log,
-        )
-        study = open_study(job)
-        rows = write_trials(run, study, cost)
-    else:
-        log("no feasible trial: no winners saved (raise the budget or run more trials).")
-    timings["winners"] = time.perf_counter() - clock
-    _write_timings(run, timings, study, str(current.device))
-    if front and settings.promote > 0:
-        from vitrank.search._fidelity import write_rungs
 
-        write_rungs(run, rows, _selection_seconds(run))
+def _rung1(current: Problem, workload: Workload, explored: _Explored, log: Any) -> None:
+    """Rung 1 of the fidelity ladder; with the ray engine Ray Tune runs it (the workload
+    travels to its workers)."""
+    from vitrank.search._fidelity import run_rung1
+
+    job, settings = explored.job, current.settings
+    study = open_study(job)
+    ray = settings.engine == "ray"
+    run_rung1(current, workload, study, storage(job.storage_url), explored.rows, ray=ray, log=log)
+    explored.rows = write_trials(current.run, open_study(job), settings.objective_names[1])
 
 
 def _selection_seconds(run: RunDir) -> dict[str, float]:
@@ -525,13 +576,16 @@ def _selection_seconds(run: RunDir) -> dict[str, float]:
     }
 
 
-def _write_timings(run: RunDir, timings: dict[str, float], study: Any, device: str) -> None:
-    """timings.json: seconds per phase of this session (a resumed run adds a session)."""
+def _write_timings(
+    run: RunDir, timings: dict[str, float], study: Any, device: str, stopped: bool = False
+) -> None:
+    """timings.json: seconds per phase of this session (a resumed run adds a session; a
+    stopped one is kept too, flagged `stopped`, so every session's time counts)."""
     import json
 
     durations = [
         (t.datetime_complete - t.datetime_start).total_seconds()
-        for t in study.get_trials(deepcopy=False)
+        for t in (study.get_trials(deepcopy=False) if study is not None else [])
         if t.datetime_complete is not None and t.datetime_start is not None
     ]
     durations.sort()
@@ -540,6 +594,7 @@ def _write_timings(run: RunDir, timings: dict[str, float], study: Any, device: s
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "total_seconds": round(sum(timings.values()), 3),
         "trial_median_seconds": durations[len(durations) // 2] if durations else None,
+        **({"stopped": True} if stopped else {}),
     }
     path = run.root / "timings.json"
     sessions = []

@@ -9,6 +9,8 @@ Tune trials (in parallel where the cluster has room); otherwise in this process.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from torch import nn
     from vitrank.search._problem import Problem
     from vitrank.workloads import Workload
+
+
+TUNED_FILE = "finetune.json"  # a Ray rung-2 worker's figures, beside its staged model
 
 
 def winner_id(number: int) -> str:
@@ -84,7 +89,7 @@ def finetune_candidate(
 
 def finetune_winner(config: dict[str, Any]) -> None:
     """Ray Tune trainable: fine-tune the model saved in `winner_dir` as rung 2 does, save it
-    back there with its figures in finetune.json."""
+    into its staging folder with its figures (`TUNED_FILE`)."""
     from ray import tune
     from vitrank.core.model import load, save
     from vitrank.search._problem import problem
@@ -95,14 +100,24 @@ def finetune_winner(config: dict[str, Any]) -> None:
     directory = Path(config["winner_dir"])
     model = load(directory).to(current.device)
     result = finetune_candidate(current, workload, model, int(config["epochs"]), progress=False)
-    save(model, directory)
-    atomic_write_json(directory / "finetune.json", result)
+    # Beside the winner, not over it: the driver swaps it in with its metrics (`_publish`).
+    staged = staging_dir(directory)
+    shutil.rmtree(staged, ignore_errors=True)
+    save(model, staged)
+    atomic_write_json(staged / TUNED_FILE, {**result, "finetune_epochs": int(config["epochs"])})
     tune.report({k: v for k, v in result.items() if k != "finetune_history"})
 
 
 def _finetune_ray(
-    run: RunDir, directories: list[Path], problem: Problem, epochs: int, session: str
-) -> dict[str, dict[str, Any]]:
+    run: RunDir,
+    directories: list[Path],
+    problem: Problem,
+    epochs: int,
+    session: str,
+    on_done: Callable[[Path], None],
+) -> None:
+    """Rung 2 as Ray Tune trials; `on_done(folder)` as each winner's trial ends (its
+    fine-tuned model and figures wait in the folder's staging folder)."""
     from ray import tune
     from vitrank.core.progress import progress
     from vitrank.search._engines import init_ray, trials_done_callback, tune_environment
@@ -131,18 +146,20 @@ def _finetune_ray(
                 storage_path=str(run.tune.resolve()),
                 verbose=0,
                 log_to_file=False,
-                callbacks=[trials_done_callback(lambda: advance())],
+                callbacks=[
+                    trials_done_callback(
+                        lambda: advance(),
+                        on_complete=lambda trial: on_done(Path(trial.config["winner_dir"])),
+                    )
+                ],
             ),
         )
         results = tuner.fit()
-    out: dict[str, dict[str, Any]] = {}
     for index in range(len(results)):
         result = results[index]
-        directory = (result.config or {})["winner_dir"]
         if result.error is not None:
+            directory = (result.config or {})["winner_dir"]
             raise RuntimeError(f"fine-tuning {directory} failed: {result.error}")
-        out[directory] = json.loads((Path(directory) / "finetune.json").read_text())
-    return out
 
 
 def save_winners(
@@ -154,14 +171,17 @@ def save_winners(
     epochs: int,
     ray: bool,
     log: Any = print,
+    remove_others: bool = True,
 ) -> list[Path]:
     """Build, (compensate,) fine-tune, measure and save the top winners; their folders.
 
     With rung-1 results the winners are the best of rung 1 (`search._fidelity`), else the
     best proxy and points spread along the front. Fine-tuned winners (rung 2) are ranked by
     their selection accuracy; `rank` in metrics.json says the order (1 is the winner).
+    Folders of earlier sessions' winners that are not among these are removed
+    (`remove_others`) or ranked after them.
     """
-    from vitrank.core.model import CONFIG_ATTRIBUTE, save
+    from vitrank.core.model import CONFIG_ATTRIBUTE
     from vitrank.search._fidelity import rung1_order
     from vitrank.spaces import count_flops, count_params, predict_latency
 
@@ -174,7 +194,9 @@ def save_winners(
     records: list[tuple[Path, nn.Module | None, dict[str, Any]]] = []
     for row in chosen:
         directory = run.winners / winner_id(int(row["number"]))
-        previous = _finished(directory, epochs) if row.get("rung2_selection_score") else None
+        previous = _finished(directory, epochs)
+        if previous is None:
+            previous = _adopt_staged(problem, directory, epochs)
         if previous is not None:  # rung 2 of an earlier session: not run again
             log(f"winner {directory.name}: fine-tuned in an earlier session")
             records.append((directory, None, previous))
@@ -200,40 +222,113 @@ def save_winners(
         # that Ray fine-tuning workers never share the cores with the measurement.
         metrics["latency_ms"] = measured_latency(model, workload, settings.batch, device)
         metrics["latency_batch"], metrics["latency_device"] = settings.batch, device
-        save(model, directory)
+        _publish(directory, metrics, model=model)
         records.append((directory, model, metrics))
     # Fine-tune only the first `top` (the best first); the others are kept as built.
     tune_these = [d for d, m, _ in records[: top if epochs > 0 else 0] if m is not None]
-    tuned: dict[str, dict[str, Any]] = {}
+    by_folder = {d.resolve(): m for d, _, m in records}
     if tune_these and ray:
         log(
             f"rung 2: fine-tuning {len(tune_these)} winner(s) for {epochs} epoch(s) as Ray Tune trials ..."
         )
         sessions = sorted(run.tune.glob("finetune-*")) if run.tune.exists() else []
-        tuned = _finetune_ray(run, tune_these, problem, epochs, f"finetune-{len(sessions)}")
+
+        def done(directory: Path) -> None:
+            metrics = by_folder[directory.resolve()]
+            staged = staging_dir(directory)
+            tuned = json.loads((staged / TUNED_FILE).read_text())
+            _finish(problem, directory, metrics, tuned, epochs, staged=staged)
+
+        _finetune_ray(run, tune_these, problem, epochs, f"finetune-{len(sessions)}", done)
     elif tune_these:
         for directory, built, metrics in records:
             if directory not in tune_these or built is None:
                 continue
             log(f"rung 2: fine-tuning {directory.name} for {epochs} epoch(s) ...")
-            tuned[str(directory.resolve())] = finetune_candidate(problem, workload, built, epochs)
-            save(built, directory)
-            _finish(problem, directory, metrics, tuned[str(directory.resolve())], epochs)
-    for directory, _, metrics in records:
-        extra = tuned.get(str(directory.resolve()))
-        if extra is not None and "selection_score" not in metrics:  # Ray's, saved here
-            _finish(problem, directory, metrics, extra, epochs)
+            tuned = finetune_candidate(problem, workload, built, epochs)
+            _finish(problem, directory, metrics, tuned, epochs, model=built)
     # The winner is the best on the selection images after rung 2, where the evidence
     # tells them apart, else the best proxy (`by_evidence`); unranked ones keep rung 1's order.
     order = _rung2_order(problem, workload, [m for _, _, m in records])
     for rank, index in enumerate(order, start=1):
         directory, _, metrics = records[index]
         metrics["rank"] = rank
-        atomic_write_json(
-            directory / "metrics.json", json.loads(json.dumps(metrics, default=float))
-        )
+        atomic_write_json(directory / "metrics.json", metrics)  # the model stays as it is
     _record_rung2(problem, [records[i][2] for i in order])
-    return [records[i][0] for i in order]
+    kept = [records[i][0] for i in order]
+    _settle_others(run, kept, remove=remove_others, log=log)
+    return kept
+
+
+def staging_dir(directory: Path) -> Path:
+    """Where a winner's next version is written before it replaces the folder: outside
+    winners/ (nothing there is ever half a winner), on the same file system."""
+    return directory.parent.parent / "cache" / "winners-staging" / directory.name
+
+
+def _publish(
+    directory: Path,
+    metrics: dict[str, Any],
+    *,
+    model: nn.Module | None = None,
+    staged: Path | None = None,
+) -> None:
+    """Replace the winner's folder by `model` (or the folder `staged` holds) with its
+    metrics.json, in one step: a reader, or a run killed at any moment, finds the old
+    folder or the new one (or, between the two renames, none), never weights from one
+    and figures from the other."""
+    from vitrank.core.model import save
+
+    staged = staged or staging_dir(directory)
+    if model is not None:
+        shutil.rmtree(staged, ignore_errors=True)
+        save(model, staged)
+    atomic_write_json(staged / "metrics.json", metrics)
+    (staged / TUNED_FILE).unlink(missing_ok=True)  # its figures are in metrics.json now
+    old = staged.with_name(f"{staged.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        directory.rename(old)
+    staged.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _adopt_staged(problem: Problem, directory: Path, epochs: int) -> dict[str, Any] | None:
+    """A fine-tuning a stopped session finished but did not swap in (Ray's rung 2): its
+    model and figures wait in the staging folder; they are published now."""
+    staged = staging_dir(directory)
+    try:
+        tuned = json.loads((staged / TUNED_FILE).read_text())
+        metrics = json.loads((directory / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if tuned.get("finetune_epochs") != epochs or not (staged / "model.safetensors").is_file():
+        return None
+    _finish(problem, directory, metrics, tuned, epochs, staged=staged)
+    return metrics
+
+
+def _settle_others(run: RunDir, kept: list[Path], *, remove: bool, log: Any) -> None:
+    """Winner folders of earlier sessions that are no longer among this run's winners:
+    removed (a search), or ranked after the kept ones (`vitrank finetune` of fewer)."""
+    if not run.winners.is_dir():
+        return
+    chosen = {p.resolve() for p in kept}
+    others = sorted(p for p in run.winners.iterdir() if p.is_dir() and p.resolve() not in chosen)
+    for rank, directory in enumerate(others, start=len(kept) + 1):
+        if remove:
+            shutil.rmtree(directory)
+            log(
+                f"removed {directory.name}: an earlier session's winner, no longer among the winners"
+            )
+            continue
+        path = directory / "metrics.json"
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        atomic_write_json(path, {**metrics, "rank": rank})
 
 
 def _rung2_order(problem: Problem, workload: Workload, metrics: list[dict[str, Any]]) -> list[int]:
@@ -274,10 +369,13 @@ def _finish(
     metrics: dict[str, Any],
     tuned: dict[str, Any],
     epochs: int,
+    *,
+    model: nn.Module | None = None,
+    staged: Path | None = None,
 ) -> None:
-    """A fine-tuned winner's figures, saved at once (a killed rung 2 keeps it)."""
+    """A fine-tuned winner published with its figures at once (a killed rung 2 keeps it)."""
     metrics.update(tuned, finetune_epochs=epochs)
-    atomic_write_json(directory / "metrics.json", json.loads(json.dumps(metrics, default=float)))
+    _publish(directory, metrics, model=model, staged=staged)
     _record_rung2(problem, [metrics])
 
 
