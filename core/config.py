@@ -165,7 +165,7 @@ class CompressionConfig:
     def from_json(cls, text: str) -> CompressionConfig:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:  # nested past any config
             raise ValueError(f"Damaged compression config (not valid JSON): {error}.") from error
         return cls.from_dict(data)
 

@@ -19,7 +19,7 @@ def check_device_name(name: str | torch.device | None) -> str:
     here (settings saved on a GPU machine are read elsewhere too)."""
     if isinstance(name, torch.device):
         name = str(name)
-    name = (name or "auto").strip().lower()
+    name = ("auto" if name is None else name).strip().lower()  # "" is not "auto"
     if not _DEVICE.match(name):
         raise ValueError(
             f"unknown device {name!r}; use auto, cpu, cuda or cuda:N (auto picks the first "

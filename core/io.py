@@ -178,7 +178,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing: a saved vitrank model has {CONFIG_FILE}.")
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"{path} is damaged (not valid JSON): {error}.") from error
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is damaged: expected a JSON object, got {type(meta).__name__}.")

@@ -113,3 +113,29 @@ def load(directory: str | Path) -> nn.Module:
     model, _ = load_model(directory, check=check)
     setattr(model, CONFIG_ATTRIBUTE, parsed[0])
     return model
+
+
+def check_buildable(config: CompressionConfig, source: str | Path) -> None:
+    """Refuse, before any work, a config whose own architecture (``model`` and
+    ``model_args``) is not the one its fingerprint describes, or that names a source of
+    weights or files: what ``compress`` would build from it could not be loaded again."""
+    import timm
+    import torch
+    from vitrank.core.io import check_architecture
+
+    check_architecture(config.model, config.model_args, source)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            base = timm.create_model(config.model, pretrained=False, **config.model_args)
+    except Exception as error:  # timm raises RuntimeError, TypeError, ... for bad args
+        raise ValueError(
+            f"{source}: timm cannot build model={config.model!r} with "
+            f"model_args={config.model_args!r}: {error}"
+        ) from error
+    found = inspect_vit(base, config.fingerprint.architecture)
+    if found != config.fingerprint:
+        raise ValueError(
+            f"{source}: its model_args build another model than its fingerprint describes "
+            f"({config.fingerprint.describe_difference(found)}); the file was edited or "
+            "damaged: use the config.json the search saved."
+        )

@@ -311,7 +311,8 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
             measured_ms=record.get("latency_ms"),
             predicted_ms=predicted,
         )
-        origin = f", baseline {record['baseline']}" if record.get("baseline") else ""
+        baseline = record.get("baseline")
+        origin = f", baseline {baseline}" if isinstance(baseline, str) and baseline else ""
         name = f"{record['label']} (trial {record.get('number')}{origin}, {record['id']})"
         rows.append(row(name, record))
     if "baseline" in run.trials.columns:

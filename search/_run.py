@@ -42,7 +42,7 @@ from vitrank.search._problem import (
 from vitrank.search._progress import SearchProgress
 from vitrank.search._rundir import RunDir, atomic_write_json, atomic_write_text
 from vitrank.search._samplers import baseline_of, make_sampler
-from vitrank.search._settings import SearchSettings
+from vitrank.search._settings import BUDGET_FIELDS, SearchSettings
 from vitrank.search._stop import Stopped, stop_rule, stopped
 from vitrank.search._table import (
     INTERRUPTED_ATTR,
@@ -101,7 +101,10 @@ def resolve_run(settings: SearchSettings, given: dict[str, Any] | None = None) -
     for key, value in given.items():
         if key in RESUMABLE or key in ("out", "name"):
             continue
-        after = SearchSettings.from_dict({**before, key: value}).to_dict()[key]
+        changed = {**before, key: value}
+        if key in BUDGET_FIELDS:  # another kind of budget replaces the run's, not joins it
+            changed.update({name: None for name in BUDGET_FIELDS if name != key})
+        after = SearchSettings.from_dict(changed).to_dict()[key]
         if after != before[key]:
             conflicts[key] = (before[key], after)
     if conflicts:

@@ -41,8 +41,9 @@ class SearchSettings:
     # sensible (256 each for small models, fewer for DeiT-sized ones on a CPU).
     calib_size: int | None = None
     heldout_size: int | None = None
-    # Budget: exactly one kind is active; a params budget is the default.
-    budget_params: str | None = "0.5"  # fraction of the teacher (0.5) or a count ("11M")
+    # Budget: exactly one kind; none given is `DEFAULT_BUDGET_PARAMS` (filled in, so that
+    # run.yaml records what the run used and a given value is never taken for the default).
+    budget_params: str | None = None  # fraction of the teacher (0.5) or a count ("11M")
     budget_latency: float | None = None  # milliseconds at `batch` on `device`
     budget_flops: float | None = None  # fraction of the teacher's FLOPs
     batch: int = 1
@@ -105,6 +106,15 @@ class SearchSettings:
             value = getattr(self, name)
             if _accepts(hint, 1.0) and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))  # run.yaml says 1.0 whether 1 or 1.0 was given
+        given = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
+        if len(given) > 1:
+            both = " and ".join(f"--{n.replace('_', '-')} {getattr(self, n)}" for n in given)
+            raise ValueError(
+                f"Give one budget, but got {both}: a search meets one limit (parameters, "
+                "FLOPs or latency) and plots the other costs beside it. Keep the one to meet."
+            )
+        if not given:
+            self.budget_params = DEFAULT_BUDGET_PARAMS
         if self.ops is None:
             by_cost = self.budget_latency is not None or self.budget_flops is not None
             self.ops = DEFAULT_OPS if by_cost else PARAMS_BUDGET_OPS
@@ -180,8 +190,6 @@ class SearchSettings:
         active = [
             name for name in ("budget_latency", "budget_flops") if getattr(self, name) is not None
         ]
-        if len(active) > 1:
-            raise ValueError(f"Give at most one of --budget-latency/--budget-flops, got {active}.")
         # Checked here, before any model is loaded, by the rules `spaces.parse_budget` reads.
         if self.budget_flops is not None and not 0 < self.budget_flops < 1:
             raise ValueError(
@@ -269,10 +277,22 @@ class SearchSettings:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a mapping of settings, got {type(data).__name__}.")
         check_types(data, path)  # before the overrides join, so an error names the file
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if any(name in given for name in BUDGET_FIELDS):
+            # a budget given beside a file replaces the file's budget, whatever its kind
+            data = {k: v for k, v in data.items() if k not in BUDGET_FIELDS}
+        elif (
+            str(data.get("budget_params")) == DEFAULT_BUDGET_PARAMS
+            and sum(data.get(n) is not None for n in BUDGET_FIELDS) > 1
+        ):
+            # run.yaml of releases that recorded the default params budget beside another
+            data.pop("budget_params")
+        data.update(given)
         return cls.from_dict(data)
 
 
+BUDGET_FIELDS = ("budget_params", "budget_flops", "budget_latency")
+DEFAULT_BUDGET_PARAMS = "0.5"  # half the teacher's parameters, when no budget is given
 # Settings that name files: a path object is taken as its string.
 PATH_FIELDS = ("data", "out")
 # Accepted beyond the annotation: a params budget as a number (0.5, 11e6), ops as one

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from ._base import stratified_split
@@ -59,7 +60,8 @@ def _image_folder(root: Path, transform: Callable, mode: str) -> ImageFolder:
 
 
 # What PIL raises for a file that is not a (whole) image.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+# DecompressionBombError: an image too large to decode safely (PIL refuses it)
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # Images opened with a progress line, not silently.
 CHECK_PROGRESS_FROM = 2000
 

@@ -36,7 +36,7 @@ def _local_dir_config(path: Path) -> tuple[str, dict[str, Any]]:
 
     try:
         config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(
             f"{config_file} is not valid JSON ({error}); a local timm folder needs the "
             "config.json timm.models.save_for_hf wrote with its weights."

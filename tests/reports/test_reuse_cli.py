@@ -286,3 +286,75 @@ def test_finetune_says_how_many_winners_it_fine_tuned(tiny_run, tmp_path, capsys
     tuned = [p for p in (run / "winners").iterdir() if p.is_dir()]
     assert 1 <= len(tuned) <= front < 100
     assert f"fine-tuned the top {len(tuned)} winner(s)" in out
+
+
+def _config_edited(winner, tmp_path, edit) -> Path:
+    data = json.loads((winner["root"] / "winner" / "config.json").read_text())
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_apply_refuses_a_config_whose_model_args_contradict_its_fingerprint(
+    winner, tmp_path, capsys, monkeypatch
+):
+    from vitrank.workloads import WorkloadSettings
+
+    path = _config_edited(winner, tmp_path, lambda d: d["model_args"].update(embed_dim=64))
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("calibrated first"))
+    code = main(["apply", str(path), "--model", winner["model"], "--out", str(tmp_path / "o")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "its model_args build another model than its fingerprint describes" in error
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda d: d.update(model="hf-hub:timm/vit_tiny_patch16_224"), "would load another model"),
+        (lambda d: d["model_args"].update(checkpoint_path="/etc/x"), "checkpoint_path"),
+    ],
+)
+def test_apply_refuses_a_config_naming_other_weights_before_any_work(
+    winner, tmp_path, capsys, monkeypatch, edit, says
+):
+    from vitrank.workloads import WorkloadSettings
+
+    path = _config_edited(winner, tmp_path, edit)
+    monkeypatch.setattr(WorkloadSettings, "load", lambda self: pytest.fail("calibrated first"))
+    assert main(["apply", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_export_refuses_to_write_over_the_models_own_files_or_a_folder(winner, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "winner"
+    shutil.copytree(winner["root"] / "winner", folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for target in (folder / "model.safetensors", folder / "config.json"):
+        assert main(["export", str(folder), "--onnx", str(target)]) == 2
+        assert "is a file of the model folder" in capsys.readouterr().err
+    assert main(["export", str(folder), "--onnx", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert main(["export", str(folder), "--onnx", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_config_nested_past_any_depth_is_a_clear_error(winner, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "winner"
+    shutil.copytree(winner["root"] / "winner", folder)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["eval", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert f"{folder / 'config.json'} is damaged" in error and "Traceback" not in error
+
+
+def test_an_empty_device_is_refused_not_taken_for_auto(winner, capsys):
+    assert main(["eval", str(winner["root"] / "winner"), "--device", ""]) == 2
+    assert "unknown device ''" in capsys.readouterr().err

@@ -50,6 +50,28 @@ def test_every_file_and_folder_of_a_finished_run_is_readable_by_others(
     assert not [p for p in paths if p.name.endswith(".tmp")]
 
 
+def test_every_json_file_of_a_finished_run_is_strict_json(finished_under_umask_022: Path) -> None:
+    """A bare NaN or Infinity (Python's json default) is refused by strict parsers; a run
+    writes null instead (the first epoch's training loss of a fine-tuning, say)."""
+    import json
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in a JSON file")
+
+    files = sorted(finished_under_umask_022.rglob("*.json"))
+    assert any(p.name == "metrics.json" for p in files) and any(
+        p.name == "pareto.json" for p in files
+    )
+    for path in files:
+        try:
+            json.loads(path.read_text(), parse_constant=refuse)
+        except AssertionError as error:
+            raise AssertionError(f"{path.relative_to(finished_under_umask_022)}: {error}") from None
+    metrics = next(p for p in files if p.name == "metrics.json")
+    history = json.loads(metrics.read_text())["finetune_history"]
+    assert history[0]["train_loss"] is None  # no training before the first epoch
+
+
 @pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_writes_give_the_mode_of_a_new_file_under_the_umask(
     tmp_path: Path, umask: int, expected: int

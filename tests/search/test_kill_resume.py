@@ -246,3 +246,34 @@ def test_ctrl_c_while_optuna_records_a_trial_keeps_it_and_stops_as_interrupted(
     states = [t.state for t in open_study(job).trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2  # the second one recorded, no third
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resume_leaves_one_rank_1_winner_and_removes_earlier_sessions_winners(
+    tmp_path: Path,
+) -> None:
+    import json
+    import shutil
+
+    from tests.search.conftest import tiny_settings
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    run_search(tiny_settings(run, trials=4, baselines=False, finetune_epochs=1), tiny_workload())
+    (first,) = sorted((run / "winners").iterdir())
+    # The winner of an earlier session that a resume no longer picks (as when more trials
+    # find a better one): its folder says rank 1 too.
+    stale = run / "winners" / "trial-0099"
+    shutil.copytree(first, stale)
+    said: list[str] = []
+    settings = resolve_run(
+        SearchSettings(out=str(run), resume=True, trials=8), {"resume": True, "trials": 8}
+    )
+    run_search(settings, tiny_workload(), log=lambda line: said.append(str(line)))
+    winners = sorted((run / "winners").iterdir())
+    ranks = [json.loads((w / "metrics.json").read_text())["rank"] for w in winners]
+    assert ranks.count(1) == 1 and len(winners) == 1
+    assert not stale.exists()
+    assert any("removed trial-0099" in line for line in said)
+    assert not (run / "cache" / "winners-staging").exists() or not any(
+        (run / "cache" / "winners-staging").iterdir()
+    )

@@ -106,3 +106,53 @@ def test_values_of_the_right_type_are_kept_as_their_field_says(tmp_path: Path) -
     assert (settings.budget_params, settings.ops) == ("0.3", ("lowrank",))
     assert SearchSettings(out=tmp_path / "x").out == str(tmp_path / "x")  # a path is a string
     assert SearchSettings.load(path, trials=9).trials == 9
+
+
+def test_no_budget_is_the_default_params_budget_and_run_yaml_says_so() -> None:
+    settings = SearchSettings()
+    assert settings.budget_params == "0.5" and settings.budget_text == "0.5"
+    by_flops = SearchSettings(budget_flops=0.4)
+    assert by_flops.budget_params is None and by_flops.budget_text == "flops=0.4"
+    recorded = yaml.safe_load(by_flops.to_yaml())
+    assert recorded["budget_params"] is None and recorded["budget_flops"] == 0.4
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"budget_params": "0.5", "budget_flops": 0.5},
+        {"budget_params": "abc", "budget_flops": 0.5},  # the value no longer hides behind another
+        {"budget_params": "0.5", "budget_latency": 3.0},
+        {"budget_flops": 0.5, "budget_latency": 3.0},
+    ],
+)
+def test_two_budgets_are_refused_with_the_fix(given: dict) -> None:
+    with pytest.raises(ValueError, match="Give one budget, but got --budget-") as error:
+        SearchSettings(**given)
+    assert "Keep the one to meet" in str(error.value)
+
+
+def test_a_given_budget_replaces_the_files_budget_of_another_kind(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("budget_params: '0.3'\ntrials: 5\n")
+    settings = resolve_settings(path, budget_flops=0.4)
+    assert (settings.budget_params, settings.budget_flops, settings.trials) == (None, 0.4, 5)
+    # a run.yaml of a release that recorded the default params budget beside the given one
+    path.write_text("budget_params: '0.5'\nbudget_flops: 0.4\n")
+    assert SearchSettings.load(path).budget_text == "flops=0.4"
+
+
+def test_the_cli_refuses_two_budgets_before_any_work(capsys: pytest.CaptureFixture[str]) -> None:
+    from vitrank.cli import USAGE_ERROR, main
+
+    code = main(["search", "--budget-params", "0.5", "--budget-flops", "0.5", "--trials", "1"])
+    assert code == USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "Give one budget, but got --budget-params 0.5 and --budget-flops 0.5" in err
+
+
+def test_a_file_giving_two_budgets_itself_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("budget_params: '0.3'\nbudget_flops: 0.4\n")
+    with pytest.raises(ValueError, match="Give one budget"):
+        SearchSettings.load(path)

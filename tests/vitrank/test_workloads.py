@@ -292,6 +292,21 @@ def test_a_truncated_image_is_refused_at_load_naming_the_file(tmp_path, local_vi
     assert f"image {bad} is damaged" in str(error.value)
 
 
+def test_an_image_too_large_to_decode_is_refused_naming_the_file(tmp_path, local_vit, monkeypatch):
+    """PIL's decompression-bomb guard (an image of 20000 x 20000 pixels, say) names the
+    image like any damaged one; the limit is lowered so that the test image stays small."""
+    _, folder = local_vit
+    data = tmp_path / "images"
+    _write_pngs(data / "train", ["a", "b", "c"], per_class=2, size=16)
+    _write_pngs(data / "val", ["a", "b", "c"], per_class=2, size=16)
+    bad = data / "val" / "c" / "9.png"
+    Image.new("RGB", (64, 64)).save(bad)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 > 2 x 1000: the error
+    with pytest.raises(ValueError, match="replace or delete it") as error:
+        load_workload(model=f"local-dir:{folder}", data=data)
+    assert f"image {bad} is damaged" in str(error.value)
+
+
 def test_a_symlink_loop_does_not_repeat_images(tmp_path, local_vit):
     """torchvision follows every link: `up -> ..` turned 12 images into thousands."""
     import os

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vitrank.core.files import check_writable
-    from vitrank.core.model import compress, save
+    from vitrank.core.model import check_buildable, compress, save
     from vitrank.core.structure import inspect_vit
     from vitrank.evaluators.calibration import calibrate
     from vitrank.reports import recorded_granularity
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             "(runs/<name>/winners/<id>/config.json)."
         )
     config = CompressionConfig.load(path)
+    check_buildable(config, path)  # its own model_args against its own fingerprint
     # A hand-edited config is refused before any work: a rank no search offers (the
     # width itself, or off the grid) makes a model bigger or slower than it needs to be.
     granularity = recorded_granularity(config, path.parent) or 1

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     config = getattr(model, CONFIG_ATTRIBUTE)
     from vitrank.core.device import resolve_device
 
-    device, batch = str(resolve_device(args.device or "auto")), args.batch
+    device, batch = str(resolve_device(args.device)), args.batch
     workload = workload_from_args(args) if use_recorded_workload(args, config, directory) else None
     # Latency does not depend on the weights: without a workload, time the bare architecture.
     teacher = workload.model if workload else timm.create_model(config.model, **config.model_args)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from vitrank.core.device import resolve_device
     from vitrank.spaces import build_space, measure_latency_table, predict_latency
 
-    device, batch = str(resolve_device(args.device or "auto")), args.batch or 1
+    device, batch = str(resolve_device(args.device)), args.batch or 1
     workload = workload_from_args(args)
     threads = args.threads or (1 if device == "cpu" else None)
     space = build_space(
