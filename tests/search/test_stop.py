@@ -99,7 +99,7 @@ def _winners(run: Path) -> list[dict]:
     for directory in sorted((run / "winners").iterdir()):
         metrics = json.loads(
             (directory / "metrics.json").read_text(),
-            parse_constant=lambda name: pytest.fail(f"{directory}: {name} in metrics.json"),
+            parse_constant=lambda name, at=directory: pytest.fail(f"{at}: {name} in metrics.json"),
         )
         found.append({"dir": directory, **metrics})
     return found
