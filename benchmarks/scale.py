@@ -70,7 +70,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         trials=args.trials,
         finetune_top=0,
         promote=0,  # no fine-tuning at all: neither rung 1 nor rung 2
-        engine="optuna",
+        engine=args.engine,
         device=args.device,
         out=str(run),
     )
@@ -106,6 +106,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--images", type=int, default=300)
+    parser.add_argument(
+        "--engine", default="optuna", help="optuna, or ray (each trial asks for the default "
+        "share of the GPU on a GPU device)",
+    )  # fmt: skip
+    parser.add_argument("--results", type=Path, default=None, help="folder of the result file")
+    parser.add_argument("--name", default=None, help="result file name (default: scale[_cuda])")
     parser.add_argument("--keep", default=None, help="keep the data and runs in this folder")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child's model
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -122,7 +128,7 @@ def main() -> None:
         run = root / f"run-{model}-{args.device.replace(':', '')}"
         command = [
             sys.executable, __file__, "--one", model, "--data", str(data), "--run", str(run),
-            "--device", args.device, "--trials", str(args.trials),
+            "--device", args.device, "--trials", str(args.trials), "--engine", args.engine,
         ]  # fmt: skip
         print(f"== {model} on {args.device}", flush=True)
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -133,7 +139,7 @@ def main() -> None:
         row = json.loads(lines[-1].removeprefix("SCALE-RESULT "))
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
-    name = "scale" if args.device == "cpu" else "scale_cuda"
+    name = args.name or ("scale" if args.device == "cpu" else "scale_cuda")
     path = write_result(
         name,
         {
@@ -142,7 +148,7 @@ def main() -> None:
             "settings": {
                 "trials": args.trials,
                 "images": args.images,
-                "engine": "optuna",
+                "engine": args.engine,
                 "finetune_top": 0,
                 "promote": 0,
                 "data": f"generated ImageFolder, {args.images} JPEGs at 256 px, {CLASSES} classes",
@@ -150,6 +156,7 @@ def main() -> None:
             },
             "models": rows,
         },
+        args.results,
     )
     print(f"wrote {path}")
 

@@ -13,7 +13,13 @@ from vitrank.evaluators._data import gather
 from vitrank.evaluators.accuracy import correct_predictions, evaluate_accuracy, predicted_logits
 from vitrank.evaluators.comparison import LATENCY_REPEATS, LATENCY_WARMUP, compare_with_teacher
 from vitrank.evaluators.fidelity import Fidelity, rank_fidelity
-from vitrank.evaluators.finetune import FinetuneResult, finetune, finetune_trainable
+from vitrank.evaluators.finetune import (
+    RECIPE,
+    FinetuneResult,
+    Recipe,
+    finetune,
+    finetune_trainable,
+)
 from vitrank.evaluators.latency import LatencyResult, measure_latency
 from vitrank.evaluators.significance import McNemar, mcnemar
 
@@ -35,6 +41,8 @@ __all__ = [
     "LATENCY_REPEATS",
     "LATENCY_WARMUP",
     "McNemar",
+    "RECIPE",
+    "Recipe",
     "compare_with_teacher",
     "correct_predictions",
     "mcnemar",

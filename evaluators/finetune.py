@@ -9,6 +9,7 @@ restored at the end. Runs plain or inside a Ray Tune trial (`finetune_trainable`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -30,6 +31,42 @@ KEEP = ("best", "latest-best", "last", "last-unless-worse")  # which epoch's wei
 # "last-unless-worse" goes back to an earlier epoch only when McNemar's test on the scoring
 # images says it is more accurate than the last one at this level.
 WORSE_P_VALUE = 0.05
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The one distillation recipe: every distillation vitrank runs (rungs 1 and 2,
+    `vitrank finetune`, the benchmarks) reads its numbers here."""
+
+    lr: float = 5e-4  # AdamW's peak learning rate (linear warm-up, then cosine to 0)
+    weight_decay: float = 0.05
+    temperature: float = 4.0  # of the soft targets
+    alpha: float = 0.7  # weight of the soft (distillation) term; 1 - alpha on the labels
+    warmup: float = 0.1  # fraction of all steps spent warming the learning rate up
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"`0 <= alpha <= 1` must hold, but got alpha={self.alpha}.")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"`temperature > 0` must hold, but got temperature={self.temperature}."
+            )
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"`0 <= warmup < 1` must hold, but got warmup={self.warmup}.")
+        if self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(
+                f"`lr > 0` and `batch_size >= 1` must hold, but got lr={self.lr}, "
+                f"batch_size={self.batch_size}."
+            )
+
+    def with_changes(self, **changes: Any) -> Recipe:
+        """This recipe with the changes that are not None (a caller's explicit values)."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **given) if given else self
+
+
+RECIPE = Recipe()
 
 
 @dataclass
@@ -87,23 +124,23 @@ def finetune(
     train: Dataset | DataLoader | Iterable,
     val: Dataset | DataLoader | Iterable | None,
     epochs: int = 3,
-    lr: float = 5e-4,
-    weight_decay: float = 0.05,
-    temperature: float = 4.0,
-    alpha: float = 0.7,
-    batch_size: int = 64,
-    warmup: float = 0.1,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    temperature: float | None = None,
+    alpha: float | None = None,
+    batch_size: int | None = None,
+    warmup: float | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = True,
     report: Callable[[dict[str, float]], None] | None = None,
     keep: str = "best",
     score: Callable[[nn.Module], float | Tensor] | None = None,
+    recipe: Recipe = RECIPE,
 ) -> FinetuneResult:
     """Distil `teacher` into `student` in place; the best epoch's weights are left in it.
 
-    `alpha` weighs the soft (distillation) term, `warmup` is the fraction of all steps
-    spent warming the learning rate up. `keep="latest-best"` breaks ties between epochs
+    The numbers are `recipe`'s; `lr`, `alpha`, ... given (not None) replace its own. `keep="latest-best"` breaks ties between epochs
     (an accuracy that saturates) in favour of the later one; `keep="last"` leaves the last
     epoch's weights (the end of the cosine schedule; `best_accuracy` is then theirs);
     `keep="last-unless-worse"` leaves them too unless the most accurate earlier epoch (the
@@ -117,12 +154,12 @@ def finetune(
     """
     if epochs < 1:
         raise ValueError(f"`epochs >= 1` must hold, but got {epochs=}.")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`0 <= alpha <= 1` must hold, but got {alpha=}.")
-    if temperature <= 0:
-        raise ValueError(f"`temperature > 0` must hold, but got {temperature=}.")
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"`0 <= warmup < 1` must hold, but got {warmup=}.")
+    recipe = recipe.with_changes(
+        lr=lr, weight_decay=weight_decay, temperature=temperature, alpha=alpha,
+        batch_size=batch_size, warmup=warmup,
+    )  # fmt: skip
+    lr, weight_decay, temperature = recipe.lr, recipe.weight_decay, recipe.temperature
+    alpha, batch_size, warmup = recipe.alpha, recipe.batch_size, recipe.warmup
     if keep not in KEEP:
         raise ValueError(f"`keep` must be one of {KEEP}, but got {keep=}.")
     device = torch.device(device)

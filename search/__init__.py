@@ -15,7 +15,7 @@ from vitrank.search._pareto import pareto_front, pick_winners
 from vitrank.search._run import RESUMABLE, read_trials, resolve_run, run_search
 from vitrank.search._rundir import RunDir, RunLockedError, atomic_write_bytes, atomic_write_json
 from vitrank.search._samplers import SAMPLERS, make_sampler
-from vitrank.search._settings import SearchSettings, resolve_settings
+from vitrank.search._settings import SETTING_GROUPS, SearchSettings, resolve_settings
 from vitrank.search._stop import Stopped, stop_rule
 from vitrank.search._winners import finetune_candidate
 from vitrank.search.baselines import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
@@ -25,6 +25,7 @@ __all__ = [
     "ENGINES",
     "RESUMABLE",
     "SAMPLERS",
+    "SETTING_GROUPS",
     "BaselineInputs",
     "BaselineUnavailable",
     "EngineJob",

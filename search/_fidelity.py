@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from vitrank.core.files import atomic_write
-from vitrank.evaluators import gather
+from vitrank.evaluators import RECIPE, Recipe, gather
 from vitrank.search._pareto import pick_winners
 from vitrank.search._rundir import RunDir, atomic_write_json
 from vitrank.search._table import RUNG1_ATTR, front_rows, rung_key
@@ -260,15 +260,17 @@ class Distillation:
         *,
         units: int = RUNG_REPORTS,
         seed: int = 0,
-        lr: float = 5e-4,
-        weight_decay: float = 0.05,
-        temperature: float = 4.0,
-        alpha: float = 0.7,
-        batch_size: int = BATCH_SIZE,
-        warmup: float = 0.1,
+        lr: float | None = None,
+        alpha: float | None = None,
+        batch_size: int | None = None,
         device: torch.device | str = "cpu",
+        recipe: Recipe = RECIPE,
     ) -> None:
         from vitrank.evaluators.finetune import warmup_cosine
+
+        recipe = recipe.with_changes(lr=lr, alpha=alpha, batch_size=batch_size)
+        lr, weight_decay, warmup = recipe.lr, recipe.weight_decay, recipe.warmup
+        batch_size, temperature, alpha = recipe.batch_size, recipe.temperature, recipe.alpha
 
         if epochs <= 0:
             raise ValueError(f"`rung_epochs > 0` must hold, but got {epochs}.")

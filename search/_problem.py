@@ -412,6 +412,11 @@ def prepare(
     check_feasible(space, budget, table)
     lap("teacher_and_latency_table")
     sizes = data_sizes(settings, inspect_vit(teacher), device)
+    if sizes.calib >= len(workload.train):  # checked before the pass over the data
+        raise ValueError(
+            f"--calib-size {sizes.calib} takes every one of the {len(workload.train)} training "
+            "images; the proxy needs held-out ones: use a smaller --calib-size."
+        )
     log(sizes.describe(workload.model_name, device))
     atomic_write_json(paths["sizes"], dataclasses.asdict(sizes))
     home = next(teacher.parameters()).device

@@ -12,16 +12,20 @@ import math
 import os
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from vitrank.core.device import DTYPES
+from vitrank.evaluators import RECIPE
 from vitrank.evaluators.proxies import PROXIES
 from vitrank.search._engines import ENGINES
 from vitrank.search._samplers import check_sampler
 from vitrank.spaces import MERGE_FAMILY as _MERGE
 from vitrank.spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
+from vitrank.workloads import DIGITS, WORKLOADS
 
 COSTS = ("params", "flops", "latency_ms")
 DEFAULT_OPS = OPS
@@ -30,72 +34,195 @@ DEFAULT_OPS = OPS
 PARAMS_BUDGET_OPS = tuple(op for op in OPS if op != _MERGE)
 
 
+def setting(
+    default: Any,
+    help: str | None = None,
+    *,
+    group: str = "search",
+    metavar: str | None = None,
+    choices: Callable[[], Sequence[str]] | None = None,
+    strict: bool = True,
+) -> Any:
+    """A settings field and its command-line option (`vitrank search --NAME`), declared
+    together: the CLI reads the help, the default and the choices from here. `help=None`
+    makes a setting of run.yaml and the API only. A default that is not None is shown as
+    "(default: ...)"; a setting whose None default means "chosen per model and device"
+    says so in its help. `choices` (a registry's names) fill "%(choices)s" in the help and,
+    when `strict`, are the only values the option takes."""
+    metadata = {
+        "help": help, "group": group, "metavar": metavar, "choices": choices, "strict": strict,
+    }  # fmt: skip
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _family_names() -> tuple[str, ...]:
+    return tuple(OPS)
+
+
+def _sampler_names() -> tuple[str, ...]:
+    from vitrank.search._samplers import SAMPLERS
+
+    return (*SAMPLERS.names(), "baseline:NAME")
+
+
+# The settings' groups, in the order `vitrank search --help` shows them.
+SETTING_GROUPS = (
+    WORKLOAD := "workload (teacher and images)",
+    BUDGET := "budget (default: --budget-params {budget})",
+    SPACE := "what is searched and how a candidate is scored",
+    ENGINE := "how the search runs",
+    LADDER := "the fidelity ladder: rung 1 (short distillation) and rung 2 (fine-tuning)",
+    RUN := "the run directory",
+)
+
+
 @dataclass
 class SearchSettings:
     # What to compress: a named workload, or a timm model (name or local dir) + images.
-    workload: str | None = "digits-vit"
-    model: str | None = None
-    data: str | None = None
-    pretrained: bool = False
+    workload: str | None = setting(
+        DIGITS, "named workload: %(choices)s (digits-vit: a small ViT on sklearn's digits)",
+        group=WORKLOAD, metavar="NAME", choices=WORKLOADS.names,
+    )  # fmt: skip
+    model: str | None = setting(
+        None, "a timm ViT name (e.g. deit_small_patch16_224) or local-dir:PATH (a timm folder)",
+        group=WORKLOAD,
+    )  # fmt: skip
+    data: str | None = setting(
+        None, "ImageFolder directory: DIR/train/<class>/, DIR/val/<class>/ or DIR/<class>/; "
+        "with --workload fashion-vit, the folder of its four idx files",
+        group=WORKLOAD, metavar="DIR",
+    )  # fmt: skip
+    pretrained: bool = setting(
+        False, "load the named model's hub weights (needs a network)", group=WORKLOAD
+    )
     # Calibration and held-out images; None: what the model's size and the device make
     # sensible (256 each for small models, fewer for DeiT-sized ones on a CPU).
-    calib_size: int | None = None
-    heldout_size: int | None = None
+    calib_size: int | None = setting(
+        None, "calibration images drawn from the training split (default: 256, fewer for "
+        "large models on a CPU)", group=WORKLOAD, metavar="N",
+    )  # fmt: skip
+    heldout_size: int | None = setting(
+        None, "held-out training images the proxy scores on (default: 256, fewer for large "
+        "models on a CPU)", group=SPACE, metavar="N",
+    )  # fmt: skip
     # Budget: exactly one kind; none given is `DEFAULT_BUDGET_PARAMS` (filled in, so that
     # run.yaml records what the run used and a given value is never taken for the default).
-    budget_params: str | None = None  # fraction of the teacher (0.5) or a count ("11M")
-    budget_latency: float | None = None  # milliseconds at `batch` on `device`
-    budget_flops: float | None = None  # fraction of the teacher's FLOPs
-    batch: int = 1
+    budget_params: str | None = setting(
+        None, "parameters kept: a fraction of the teacher's, 0 < P < 1 (0.5), or a whole "
+        "count below the teacher's (11M, 11000)", group=BUDGET, metavar="P",
+    )  # fmt: skip
+    budget_latency: float | None = setting(
+        None, "latency in ms at --batch on --device", group=BUDGET, metavar="MS"
+    )
+    budget_flops: float | None = setting(
+        None, "FLOPs kept: a fraction of the teacher's, 0 < F < 1 (0.4)", group=BUDGET,
+        metavar="F",
+    )  # fmt: skip
+    batch: int = setting(1, "batch size the latency budget is measured at", group=BUDGET,
+                         metavar="B")  # fmt: skip
     # One device for the whole pipeline: auto (the first CUDA GPU, else the CPU), cpu, cuda:N.
-    device: str = "auto"
-    dtype: str = "float32"  # forward passes of proxies, winners and latency
+    device: str = setting(
+        "auto", "auto, cpu, cuda or cuda:N: where everything runs (auto: the first CUDA GPU "
+        "when there is one, else the CPU)", group=BUDGET, metavar="D",
+    )  # fmt: skip
+    dtype: str = setting(
+        "float32", "%(choices)s: the forward passes of proxies, winners and latency "
+        "(statistics and factorization stay fp64)", group=BUDGET, choices=lambda: tuple(DTYPES),
+    )  # fmt: skip
     # What is searched and how a candidate is scored.
-    objectives: str | None = None  # "proxy,params" (default) | "proxy,flops" | "proxy,latency"
-    ops: tuple[str, ...] | None = None  # default: by budget kind (see PARAMS_BUDGET_OPS)
-    granularity: int = 8
-    proxy: str = "logits"
-    parametrization: str = "raw"
-    svd: str = "whitened"  # factors of the searched configs: "whitened" or "plain"
+    objectives: str | None = setting(
+        None, "comma separated objectives (default: proxy,params; proxy,latency with a "
+        "latency budget)", group=SPACE,
+    )  # fmt: skip
+    ops: tuple[str, ...] | None = setting(
+        None, "operator families to search, comma separated, of %(choices)s (default: all "
+        "for FLOPs/latency budgets; all but token merging for a params budget)", group=SPACE,
+        choices=_family_names, strict=False,
+    )  # fmt: skip
+    granularity: int = setting(8, "ranks are multiples of G", group=SPACE, metavar="G")
+    proxy: str = setting(
+        "logits", "%(choices)s", group=SPACE, metavar="NAME", choices=PROXIES.names
+    )
+    parametrization: str = setting(
+        "raw", "%(choices)s", group=SPACE, metavar="NAME", choices=PARAMETRIZATIONS.names
+    )
+    # factors of the searched configs: "whitened" or "plain"
+    svd: str = setting("whitened", "%(choices)s", group=SPACE, choices=lambda: SVD_KINDS)
     # How the search runs.
-    trials: int = 40
-    sampler: str = "tpe"  # tpe | nsga2 | gp | random | baseline:NAME
+    trials: int = setting(40, "trials the engine runs", group=ENGINE, metavar="N")
+    sampler: str = setting(
+        "tpe", "%(choices)s", group=ENGINE, choices=_sampler_names, strict=False
+    )  # a registered sampler, or baseline:NAME (the baseline's config alone)
     # Fraction of the trials spent refining the best feasible trials by local moves
     # (raw parametrization; see search._local). 0 leaves every trial to the sampler.
-    refine: float = 0.75
-    baselines: bool = True  # enqueue the baselines' configs as the first trials
+    refine: float = setting(
+        0.75, "fraction of the trials that refine the best feasible trials by local moves "
+        "(raw parametrization; 0 turns it off)", group=ENGINE, metavar="F",
+    )  # fmt: skip
+    baselines: bool = setting(True)  # enqueue the baselines' configs as the first trials
     # The longest a baseline may be expected to take; longer ones are left out, saying so.
     # None: 120 s on a CPU, no limit on a GPU; 0: no limit.
-    baseline_seconds: float | None = None
-    seed: int = 0
-    engine: str = "ray"
-    ray_address: str | None = None
-    cpus_per_trial: float = 1.0
+    baseline_seconds: float | None = setting(
+        None, "leave out baselines expected to take longer than S seconds (default: 120 on "
+        "a CPU, no limit on a GPU; 0: run every baseline)", group=ENGINE, metavar="S",
+    )  # fmt: skip
+    seed: int = setting(0, "seeds the sampler, the splits and every distillation", group=ENGINE)
+    engine: str = setting("ray", "%(choices)s", group=ENGINE, metavar="NAME", choices=ENGINES.names)
+    ray_address: str | None = setting(
+        None, "join an existing Ray cluster", group=ENGINE, metavar="ADDR"
+    )
+    cpus_per_trial: float = setting(1.0, "CPUs each Ray trial asks for", group=ENGINE,
+                                    metavar="N")  # fmt: skip
     # GPUs each Ray trial asks for (fractional: several trials share one); None: a quarter
     # of a GPU when the run's device is a GPU, else none.
-    gpus_per_trial: float | None = None
+    gpus_per_trial: float | None = setting(
+        None, "GPUs each Ray trial asks for (default: 0.25 when the run's device is a GPU, "
+        "else 0)", group=ENGINE, metavar="N",
+    )  # fmt: skip
     # The fidelity ladder (search._fidelity). Rung 1: a short distillation of `promote`
     # candidates and every feasible baseline, with successive halving; 0 skips it.
-    promote: int = 6
-    rung_epochs: float = 1.0
+    promote: int = setting(
+        6, "rung 1: candidates (plus every feasible baseline) given a short distillation, "
+        "the weaker halved away (0 ranks by the proxy alone)", group=LADDER, metavar="N",
+    )  # fmt: skip
+    rung_epochs: float = setting(
+        1.0, "rung 1: epochs of the short distillation", group=LADDER, metavar="E"
+    )
     # Distillation images per rung-1 epoch (a seeded subset); None: 2048, fewer for
     # DeiT-sized models on a CPU (cache/sizes.json says what was chosen).
-    rung_images: int | None = None
+    rung_images: int | None = setting(
+        None, "rung 1: distil on a seeded subset of N training images per epoch (default: "
+        "2048, fewer for DeiT-sized models on a CPU)", group=LADDER, metavar="N",
+    )  # fmt: skip
     # Rung 2: the best K of rung 1 (else of the front) fine-tuned by distillation, on a
     # seeded subset of `finetune_images` distillation images per epoch (None: all).
-    finetune_top: int = 1
-    finetune_epochs: int = 1
-    finetune_images: int | None = None
+    finetune_top: int = setting(
+        1, "rung 2: the best K of rung 1 fine-tuned in full; the best of them wins",
+        group=LADDER, metavar="K",
+    )  # fmt: skip
+    finetune_epochs: int = setting(1, "rung 2: epochs of fine-tuning", group=LADDER,
+                                   metavar="E")  # fmt: skip
+    finetune_images: int | None = setting(
+        None, "rung 2: distil on a seeded subset of N training images per epoch (default: "
+        "all)", group=LADDER, metavar="N",
+    )  # fmt: skip
     # AdamW's peak learning rate of every distillation (rungs 1 and 2), warm-up then cosine.
-    finetune_lr: float = 5e-4
+    finetune_lr: float = setting(
+        RECIPE.lr, "peak AdamW learning rate of rungs 1 and 2 (warm-up, then cosine)",
+        group=LADDER, metavar="LR",
+    )  # fmt: skip
     # The weight of the teacher's soft targets in that loss; the rest is cross-entropy with
     # the labels (1: the teacher's outputs only).
-    finetune_alpha: float = 0.7
-    compensate: bool = True  # error compensation of winners before fine-tuning
+    finetune_alpha: float = setting(
+        RECIPE.alpha, "weight of the teacher's soft targets in rungs 1 and 2; the rest is "
+        "cross-entropy with the labels (1: the teacher only)", group=LADDER, metavar="A",
+    )  # fmt: skip
+    compensate: bool = setting(True)  # error compensation of winners before fine-tuning
     # Where the run lives: `out` itself when given, else `runs/<name>/`.
-    out: str | None = None
-    name: str | None = None
-    resume: bool = False
+    out: str | None = setting(None, "run directory (default: runs/<name of the settings>)",
+                              group=RUN, metavar="DIR")  # fmt: skip
+    name: str | None = setting(None)
+    resume: bool = setting(False, "continue the search in --out where it stopped", group=RUN)
 
     def __post_init__(self) -> None:
         for name in PATH_FIELDS:

@@ -462,3 +462,28 @@ def test_quality_noise_floor_counts_only_runs_with_a_bar(quality: ModuleType) ->
     }
     assert quality.all_met({"a": runs["a"]}) and not quality.all_met(runs)
     assert not quality.all_met({"c": runs["c"]}) and not quality.all_met({})
+
+
+def test_the_device_check_runs_its_steps_on_the_cpu(tmp_path):
+    """`benchmarks/device_check.sh --device cpu --quick`: the GPU check's every step, tiny,
+    so that the script a GPU session runs cannot rot before a GPU comes."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        ["bash", "benchmarks/device_check.sh", "--device", "cpu", "--quick",
+         "--results", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    check = json.loads((tmp_path / "device_check_cpu_quick.json").read_text())
+    assert set(check["steps"]) == {"cuda tests", "scale", "search in 3 dtypes"}
+    assert all(step["status"] == "passed" for step in check["steps"].values())
+    assert {"cpu", "torch", "date"} <= set(check["machine"])
+    search = json.loads((tmp_path / "device_search_cpu_quick.json").read_text())
+    assert [row["dtype"] for row in search["runs"]] == ["float32", "bfloat16", "float16"]
+    assert all(row["speedup_batch1"] > 0 for row in search["runs"])
+    scale = json.loads((tmp_path / "scale_cpu_quick.json").read_text())
+    assert scale["models"][0]["model"] == "test_vit" and "error" not in scale["models"][0]
+    assert "search float32" in result.stdout  # the summary table

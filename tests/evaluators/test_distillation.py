@@ -145,3 +145,49 @@ def test_last_unless_worse_needs_per_image_correctness(tiny_vit):
         keep="last-unless-worse",
     )  # fmt: skip
     assert result.best_epoch in (0, 1)
+
+
+def test_the_recipes_numbers_are_written_once():
+    """No default, keyword or assignment outside `Recipe` restates a number of the recipe
+    (lr, weight decay, temperature, alpha, warm-up): every distillation reads them there."""
+    import ast
+    import dataclasses
+
+    from vitrank.evaluators import RECIPE, Recipe
+
+    from tests.test_layers import MODULES
+
+    names = {f.name for f in dataclasses.fields(Recipe)} - {"batch_size"}
+    names |= {f"finetune_{n}" for n in names}
+    found = []
+    for path in MODULES.values():
+        tree = ast.parse(path.read_text())
+        recipe_lines = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "Recipe":
+                recipe_lines = set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+        for node in ast.walk(tree):
+            pairs = []
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                pairs.append((node.target.id, node.value))
+            elif isinstance(node, ast.keyword) and node.arg:
+                pairs.append((node.arg, node.value))
+            elif isinstance(node, ast.arguments):
+                positional = node.posonlyargs + node.args
+                defaults = [None] * (len(positional) - len(node.defaults)) + node.defaults
+                pairs += [(a.arg, d) for a, d in zip(positional, defaults, strict=True)]
+                pairs += [
+                    (a.arg, d) for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True)
+                ]
+            for name, value in pairs:
+                if (
+                    name in names
+                    and isinstance(value, ast.Constant)
+                    and isinstance(value.value, (int, float))
+                    and not isinstance(value.value, bool)
+                    and value.value == getattr(RECIPE, name.removeprefix("finetune_"))
+                    and value.lineno not in recipe_lines
+                ):
+                    found.append(f"{path.name}:{value.lineno} {name}={value.value}")
+    assert not found, found
+    assert (RECIPE.lr, RECIPE.alpha) == (5e-4, 0.7)  # the numbers the README quotes

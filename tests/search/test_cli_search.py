@@ -122,9 +122,9 @@ def test_batch_below_one_is_refused_by_the_options_and_the_settings(
 
     from vitrank.cli import main
 
-    with pytest.raises(SystemExit) as exited:
-        main(["search", "--batch", "0", "--out", str(tmp_path / "run")])
-    assert exited.value.code == 2 and "--batch: must be >= 1" in capsys.readouterr().err
+    assert main(["search", "--batch", "0", "--out", str(tmp_path / "run")]) == 2
+    assert "`batch >= 1` must hold" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="`batch >= 1` must hold"):
         SearchSettings(batch=0)
 

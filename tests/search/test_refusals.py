@@ -77,3 +77,19 @@ def test_nan_in_the_cached_teacher_names_the_file_and_the_fix(run: Path) -> None
         _resume(run)
     assert str(path) in str(error.value)
     assert "delete" in str(error.value) and "--resume" in str(error.value)
+
+
+def test_a_calibration_set_as_large_as_the_training_split_is_refused_before_calibration(
+    tmp_path, monkeypatch
+):
+    import pytest
+    from vitrank.evaluators import calibration
+    from vitrank.search import run_search
+
+    from tests.search.conftest import tiny_settings, tiny_workload
+
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    workload = tiny_workload()
+    settings = tiny_settings(tmp_path / "run", calib_size=len(workload.train))
+    with pytest.raises(ValueError, match="use a smaller --calib-size"):
+        run_search(settings, workload)

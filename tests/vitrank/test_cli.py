@@ -133,3 +133,64 @@ def test_search_options_parse():
     assert args.calib_size == 64 and args.finetune_top == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["search", "--engine", "spark"])
+
+
+def _options(parser):
+    sub = next(
+        a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)
+    )
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.dest not in ("help", "verbose"):
+                yield name, action
+
+
+def test_no_cli_default_differs_from_its_settings_default():
+    """The settings decide every default: an option passes None when not given, and where
+    its help names a default it is the settings' own (SearchSettings, WorkloadSettings)."""
+    import dataclasses
+    import re
+
+    from vitrank.search import SearchSettings
+    from vitrank.workloads import WorkloadSettings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(WorkloadSettings)}
+    defaults.update(
+        {f.name: f.default for f in dataclasses.fields(SearchSettings) if f.default is not None}
+    )
+    defaults["budget_params"] = SearchSettings().budget_params  # filled in when none is given
+    checked = 0
+    for command, action in _options(build_parser()):
+        if action.dest not in defaults:
+            continue
+        assert action.default is None, f"{command} --{action.dest}: default {action.default!r}"
+        shown = re.search(r"\(default:? ([^;,)]+)", action.help or "")
+        if shown and defaults[action.dest] is not None:
+            value = shown.group(1).split()[0]  # "1 for latency": the number
+            assert value == str(defaults[action.dest]), (
+                f"`vitrank {command}` --{action.dest} says default {value}, "
+                f"the settings {defaults[action.dest]!r}"
+            )
+            checked += 1
+    assert checked >= 20
+
+
+def test_every_search_option_is_a_setting_and_every_cli_setting_an_option():
+    import dataclasses
+
+    from vitrank.search import SearchSettings
+
+    fields = {f.name: f for f in dataclasses.fields(SearchSettings)}
+    options = {a.dest for c, a in _options(build_parser()) if c == "search"}
+    assert options - set(fields) == {"config"}
+    assert {n for n, f in fields.items() if f.metadata.get("help")} == options - {"config"}
+
+
+def test_help_without_a_subcommand_builds_no_subcommand_options():
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from vitrank.cli import main\n"
+         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+         "print('torch' in sys.modules, 'vitrank.search' in sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.stdout.strip().splitlines()[-1] == "False False"

@@ -36,7 +36,9 @@ def _version() -> str:
     return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand gets its options (the others keep
+    their one-line help), so that `vitrank eval` never imports the search's settings."""
     parser = argparse.ArgumentParser(
         prog="vitrank",
         description="Automatic compression of Vision Transformers: searches per-layer "
@@ -51,9 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP, parents=[verbose])
-        module.add_arguments(command)
+        parser_of = sub.add_parser(
+            name, help=module.HELP, description=module.HELP, parents=[verbose]
+        )
+        if command is None or name == command:
+            module.add_arguments(parser_of)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand `argv` names: its first word that is not an option (the global
+    options take no values)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _is_usage_error(error: BaseException) -> bool:
@@ -78,7 +89,9 @@ def _is_usage_error(error: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command(argv)
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)

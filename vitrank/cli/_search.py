@@ -5,164 +5,54 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._options import RegistryChoices, add_device, add_ops, add_workload
-
 HELP = "search the Pareto front of compressed models under a budget (the main job)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_workload(p)
+    """Every option is a field of `SearchSettings`: its help, default and choices are read
+    from the field's declaration, so the command line and the settings never disagree."""
+    import dataclasses
+    import typing
+
+    from vitrank.search import SETTING_GROUPS, SearchSettings
+
     p.add_argument("--config", default=None, metavar="YAML", help="settings file (run.yaml)")
-    budget = p.add_argument_group("budget (default: --budget-params 0.5)")
-    budget.add_argument(
-        "--budget-params",
-        default=None,
-        metavar="P",
-        help="parameters kept: a fraction of the teacher's, 0 < P < 1 (0.5), or a whole "
-        "count below the teacher's (11M, 11000)",
-    )
-    budget.add_argument(
-        "--budget-latency", type=float, default=None, metavar="MS", help="latency in ms"
-    )
-    budget.add_argument(
-        "--budget-flops",
-        type=float,
-        default=None,
-        metavar="F",
-        help="FLOPs kept: a fraction of the teacher's, 0 < F < 1 (0.4)",
-    )
-    add_device(budget, "batch size the latency budget is measured at (default: 1)")
-    budget.add_argument(
-        "--dtype",
-        default=None,
-        choices=("float32", "bfloat16", "float16"),
-        help="dtype of the forward passes of proxies, winners and latency (statistics and "
-        "factorization stay fp64; default: float32)",
-    )
-    p.add_argument(
-        "--objectives",
-        default=None,
-        help="comma separated objectives (default: proxy,params; proxy,latency with a "
-        "latency budget)",
-    )
-    add_ops(p)
-    p.add_argument(
-        "--proxy",
-        choices=RegistryChoices("vitrank.evaluators.proxies", "PROXIES"),
-        default=None,
-        metavar="NAME",
-        help="%(choices)s (default: logits)",
-    )
-    p.add_argument(
-        "--parametrization",
-        choices=RegistryChoices("vitrank.spaces", "PARAMETRIZATIONS"),
-        default=None,
-        metavar="NAME",
-        help="%(choices)s (default: raw)",
-    )
-    p.add_argument("--svd", choices=("whitened", "plain"), default=None, help="default: whitened")
-    p.add_argument(
-        "--heldout-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="held-out training images the proxy scores on (default: 256, fewer for large "
-        "models on a CPU)",
-    )
-    p.add_argument(
-        "--baseline-seconds",
-        type=float,
-        default=None,
-        metavar="S",
-        help="leave out baselines expected to take longer than S seconds (default: 120 on a "
-        "CPU, no limit on a GPU; 0: run every baseline)",
-    )
-    p.add_argument("--trials", type=int, default=None, metavar="N", help="default: 40")
-    p.add_argument(
-        "--sampler",
-        default=None,
-        help="tpe, nsga2, gp, random or baseline:NAME (default: tpe)",
-    )
-    p.add_argument(
-        "--refine",
-        type=float,
-        default=None,
-        metavar="F",
-        help="fraction of the trials that refine the best feasible trials by local moves "
-        "(raw parametrization; default: 0.75, 0 turns it off)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="default: 0")
-    p.add_argument(
-        "--engine",
-        choices=RegistryChoices("vitrank.search", "ENGINES"),
-        default=None,
-        metavar="NAME",
-        help="%(choices)s (default: ray)",
-    )
-    p.add_argument(
-        "--ray-address", default=None, metavar="ADDR", help="join an existing Ray cluster"
-    )
-    p.add_argument("--cpus-per-trial", type=float, default=None, metavar="N")
-    p.add_argument("--gpus-per-trial", type=float, default=None, metavar="N")
-    p.add_argument(
-        "--promote",
-        type=int,
-        default=None,
-        metavar="N",
-        help="rung 1: candidates (plus every feasible baseline) given a short distillation, "
-        "the weaker halved away (default: 6; 0 ranks by the proxy alone)",
-    )
-    p.add_argument(
-        "--rung-epochs",
-        type=float,
-        default=None,
-        metavar="E",
-        help="rung 1: epochs of the short distillation (default: 1)",
-    )
-    p.add_argument(
-        "--rung-images",
-        type=int,
-        default=None,
-        metavar="N",
-        help="rung 1: distil on a seeded subset of N training images per epoch (default: 2048, fewer for DeiT-sized models on a CPU)",
-    )
-    p.add_argument(
-        "--finetune-top",
-        type=int,
-        default=None,
-        metavar="K",
-        help="rung 2: the best K of rung 1 fine-tuned in full; the best of them wins",
-    )
-    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E")
-    p.add_argument(
-        "--finetune-images",
-        type=int,
-        default=None,
-        metavar="N",
-        help="rung 2: distil on a seeded subset of N training images per epoch (default: all)",
-    )
-    p.add_argument(
-        "--finetune-lr",
-        type=float,
-        default=None,
-        metavar="LR",
-        help="peak AdamW learning rate of rungs 1 and 2 (default 5e-4; warm-up, then cosine)",
-    )
-    p.add_argument(
-        "--finetune-alpha",
-        type=float,
-        default=None,
-        metavar="A",
-        help="weight of the teacher's soft targets in rungs 1 and 2; the rest is "
-        "cross-entropy with the labels (default 0.7; 1: the teacher only)",
-    )
-    p.add_argument("--out", default=None, metavar="DIR", help="run directory (default: runs/…)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        default=None,
-        help="continue the search in --out where it stopped",
-    )
+    defaults = SearchSettings()  # what a run without options uses (the budget filled in)
+    groups = {
+        title: p.add_argument_group(title.format(budget=defaults.budget_params))
+        for title in SETTING_GROUPS
+    }
+    hints = typing.get_type_hints(SearchSettings)
+    for field in dataclasses.fields(SearchSettings):
+        if field.metadata.get("help") is None:
+            continue  # a setting of run.yaml and the API only
+        groups[field.metadata["group"]].add_argument(
+            f"--{field.name.replace('_', '-')}", **_option(field, hints[field.name])
+        )
+
+
+def _option(field: Any, hint: Any) -> dict[str, Any]:
+    """argparse keywords of one settings field. The default is None (not given), so that
+    only what the user typed reaches the settings; the help shows the field's default."""
+    import typing
+
+    meta = field.metadata
+    help_text = meta["help"]
+    names = tuple(meta["choices"]()) if meta["choices"] is not None else ()
+    if names:
+        help_text = help_text.replace("%(choices)s", ", ".join(names))
+    if field.default is not None and not isinstance(field.default, bool):
+        help_text += f" (default: {field.default})"
+    if hint is bool:
+        return {"action": "store_true", "default": None, "help": help_text}
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = kinds[0] if kinds[0] in (int, float) else None
+    option: dict[str, Any] = {"default": None, "metavar": meta["metavar"], "help": help_text}
+    if kind is not None:
+        option["type"] = kind
+    if names and meta["strict"]:
+        option["choices"] = names
+    return option
 
 
 def _rank(directory: Any) -> int:
