@@ -159,6 +159,9 @@ def main() -> None:
         args.results,
     )
     print(f"wrote {path}")
+    failed = [row["model"] for row in rows if "error" in row]
+    if failed:
+        raise SystemExit(f"scale: the search failed for {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -82,8 +82,11 @@ class DataSizes:
         )
 
 
-def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device) -> DataSizes:
-    """Image counts that keep each phase's cost bounded for this model on this device."""
+def data_sizes(
+    settings: SearchSettings, fingerprint: Any, device: torch.device, num_train: int | None = None
+) -> DataSizes:
+    """Image counts that keep each phase's cost bounded for this model on this device; a
+    chosen calibration size leaves half of a training split too small for it held out."""
     from vitrank.core.compensate import COMPENSATION_STEPS
     from vitrank.spaces import dense_flops
 
@@ -96,6 +99,8 @@ def data_sizes(settings: SearchSettings, fingerprint: Any, device: torch.device)
         compensation = int(max(4, CPU_COMPENSATION_FLOPS // (3 * COMPENSATION_STEPS * per_image)))
     else:
         auto_heldout, auto_calib, compensation = HELDOUT_SIZE, 256, SENSITIVITY_IMAGES
+    if num_train is not None and auto_calib >= num_train:
+        auto_calib = max(1, num_train // 2)
     calib = calib or auto_calib
     sensitivity = min(SENSITIVITY_IMAGES, heldout or auto_heldout)
     if device.type == "cpu":
@@ -411,7 +416,7 @@ def prepare(
         table = _latency_table(run, settings, teacher, space, log)
     check_feasible(space, budget, table)
     lap("teacher_and_latency_table")
-    sizes = data_sizes(settings, inspect_vit(teacher), device)
+    sizes = data_sizes(settings, inspect_vit(teacher), device, len(workload.train))
     if sizes.calib >= len(workload.train):  # checked before the pass over the data
         raise ValueError(
             f"--calib-size {sizes.calib} takes every one of the {len(workload.train)} training "
