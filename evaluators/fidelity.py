@@ -1,4 +1,6 @@
-"""How well a proxy orders candidates: Kendall's tau-b and Spearman's rho against accuracy."""
+"""How well a proxy orders candidates: Kendall's tau-b (with its p-value) and Spearman's
+rho against accuracy. The one rank-agreement function: the rungs, the reports and the
+benchmarks all call `rank_fidelity`."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class Fidelity:
     kendall_tau: float  # tau-b (ties corrected)
     spearman_rho: float  # Pearson correlation of average ranks (ties share their mean rank)
     n: int  # pairs used (non-finite ones are dropped)
+    kendall_p: float = math.nan  # two-sided p-value of tau-b against no association
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,8 +93,17 @@ def rank_fidelity(
     n = len(scores)
     if n < 3:
         return Fidelity(kendall_tau=math.nan, spearman_rho=math.nan, n=n)
+    tau = kendall_tau_b(scores, accuracy)
     return Fidelity(
-        kendall_tau=kendall_tau_b(scores, accuracy),
+        kendall_tau=tau,
         spearman_rho=spearman_rho(scores, accuracy),
         n=n,
+        kendall_p=_kendall_p(scores, accuracy) if math.isfinite(tau) else math.nan,
     )
+
+
+def _kendall_p(x: np.ndarray, y: np.ndarray) -> float:
+    """SciPy's two-sided p-value of tau-b (exact for small untied samples)."""
+    from scipy.stats import kendalltau
+
+    return float(kendalltau(x, y).pvalue)

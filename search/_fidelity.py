@@ -665,22 +665,21 @@ def rank_agreement(
     signals: Sequence[tuple[str, str, float]] = RUNG_SIGNALS,
 ) -> dict[str, Any]:
     """Kendall τ-b (and its p-value) of each signal against `final` over the rows that have
-    both; a signal's sign is -1 where lower is better (the proxy)."""
-    from scipy.stats import kendalltau
+    both (`evaluators.rank_fidelity`); a signal's sign is -1 where lower is better (the
+    proxy)."""
+    from vitrank.evaluators import rank_fidelity
 
     out: dict[str, Any] = {}
     for name, key, sign in signals:
         pairs = [
-            (sign * float(r[key]), float(r[final]))
+            (float(r[key]), float(r[final]))
             for r in rows
             if r.get(key) is not None and r.get(final) is not None
-            and r[key] == r[key] and r[final] == r[final]
-        ]  # fmt: skip
-        tau = p_value = float("nan")
-        if len(pairs) >= 3:
-            test = kendalltau([p[0] for p in pairs], [p[1] for p in pairs])
-            tau, p_value = float(test.statistic), float(test.pvalue)
-        out[name] = {"tau": tau, "p": p_value, "count": len(pairs)}
+        ]
+        agreement = rank_fidelity(
+            [p[0] for p in pairs], [p[1] for p in pairs], lower_is_better=sign < 0
+        )
+        out[name] = {"tau": agreement.kendall_tau, "p": agreement.kendall_p, "count": agreement.n}
     return out
 
 
