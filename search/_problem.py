@@ -416,11 +416,12 @@ def prepare(
         table = _latency_table(run, settings, teacher, space, log)
     check_feasible(space, budget, table)
     lap("teacher_and_latency_table")
-    sizes = data_sizes(settings, inspect_vit(teacher), device, len(workload.train))
-    if sizes.calib >= len(workload.train):  # checked before the pass over the data
+    num_train = len(workload.train)  # type: ignore[arg-type]
+    sizes = data_sizes(settings, inspect_vit(teacher), device, num_train)
+    if sizes.calib >= num_train:  # checked before the pass over the data
         raise ValueError(
-            f"--calib-size {sizes.calib} takes every one of the {len(workload.train)} training "
-            "images; the proxy needs held-out ones: use a smaller --calib-size."
+            f"--calib-size {sizes.calib} takes every one of the {num_train} training images; "
+            "the proxy needs held-out ones: use a smaller --calib-size."
         )
     log(sizes.describe(workload.model_name, device))
     atomic_write_json(paths["sizes"], dataclasses.asdict(sizes))

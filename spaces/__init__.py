@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from vitrank.core.config import SCHEMA_VERSION, SVD_KINDS, CompressionConfig
 
-from ._budget import BUDGET_KINDS, Budget, check_feasible, parse_budget, smallest_reachable
+from ._budget import (
+    BUDGET_KINDS,
+    BUDGETS,
+    Budget,
+    BudgetKind,
+    check_feasible,
+    parse_budget,
+    smallest_reachable,
+)
 from ._cost import (
     attention_linears,
     block_params,
@@ -43,6 +51,8 @@ from ._space import (
 
 __all__ = [
     "BUDGET_KINDS",
+    "BUDGETS",
+    "BudgetKind",
     "CONFIG_ATTR",
     "DEFAULT_MERGE_RATIOS",
     "MERGE_FAMILY",

@@ -10,21 +10,102 @@ is a fraction when ``0 < value <= 1`` and a count when above 1, so a count is wh
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from vitrank.core.config import CompressionConfig
+from vitrank.core.registry import Registry
 
 from ._cost import count_flops, count_params
 
 if TYPE_CHECKING:
     from ._space import SearchSpace
 
-BUDGET_KINDS = ("params", "flops", "latency")
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _HOW = "a fraction of the teacher is 0 < value <= 1 (0.5), a count is whole (11M, 11000)"
+
+
+class BudgetKind(abc.ABC):
+    """What one kind of budget measures: its cost of a config, the dense teacher's (for
+    fractions), the least the space reaches, and how a value of it reads in a message."""
+
+    name: str
+    relative: bool  # a value may be a fraction of the dense teacher's
+
+    @abc.abstractmethod
+    def cost(self, config: CompressionConfig, budget: Budget, latency_table: Any) -> float: ...
+
+    @abc.abstractmethod
+    def smallest(self, space: SearchSpace, budget: Budget, latency_table: Any) -> CompressionConfig:
+        """A config of the space reaching (about) the least cost of this kind."""
+
+    def dense(self, space: SearchSpace) -> float | None:
+        """The dense teacher's cost (what a fraction is of); None where there is none."""
+        return None
+
+    def show(self, value: float, space: SearchSpace) -> str:
+        return f"{value:.3g} ms"
+
+
+class _CountKind(BudgetKind):
+    """Parameters or FLOPs (at batch 1): exact counts, a fraction of the teacher's or whole."""
+
+    relative = True
+
+    def __init__(self, name: str, label: str, unit: str, count: Any, dense: str) -> None:
+        self.name, self.label, self.unit = name, label, unit
+        self._count, self._dense = count, dense
+
+    def cost(self, config: CompressionConfig, budget: Budget, latency_table: Any) -> float:
+        return float(self._count(config))
+
+    def smallest(self, space: SearchSpace, budget: Budget, latency_table: Any) -> CompressionConfig:
+        return space.smallest(self.name)
+
+    def dense(self, space: SearchSpace) -> float:
+        return float(getattr(space, self._dense))
+
+    def show(self, value: float, space: SearchSpace) -> str:
+        return f"{value:,.0f} {self.label} ({value / self.dense(space):.1%} of the teacher)"
+
+
+class _LatencyKind(BudgetKind):
+    """Predicted milliseconds at a batch size on a device, from a measured latency table."""
+
+    name, relative = "latency", False
+
+    def cost(self, config: CompressionConfig, budget: Budget, latency_table: Any) -> float:
+        if latency_table is None:
+            raise ValueError(
+                "A latency budget needs a latency table for the target device; measure one "
+                "with `vitrank latency` (spaces.measure_latency_table) and pass it."
+            )
+        from ._latency import predict_latency
+
+        table = latency_table
+        if table.batch != budget.batch or table.device != budget.device:
+            raise ValueError(
+                f"The latency table was measured at batch {table.batch} on {table.device}, but "
+                f"the budget is at batch {budget.batch} on {budget.device}; measure a matching "
+                "table."
+            )
+        return predict_latency(config, table)
+
+    def smallest(self, space: SearchSpace, budget: Budget, latency_table: Any) -> CompressionConfig:
+        return _fastest(space, budget, latency_table)
+
+
+BUDGETS: Registry[BudgetKind] = Registry("budget kind")
+for _kind in (
+    _CountKind("params", "params", "parameters", count_params, "dense_params"),
+    _CountKind("flops", "FLOPs", "FLOPs (batch 1)", count_flops, "dense_flops"),
+    _LatencyKind(),
+):
+    BUDGETS.add(_kind.name, _kind)
+BUDGET_KINDS = BUDGETS.names()
 
 
 @dataclass(frozen=True)
@@ -36,18 +117,18 @@ class Budget:
     device: str = "cpu"  # latency: device the latency table was measured on
 
     def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
+        if self.kind not in BUDGETS:
             raise ValueError(f"Unknown budget kind {self.kind!r}; known: {list(BUDGET_KINDS)}.")
         if not self.value > 0:
             raise ValueError(f"`value > 0` must hold for a budget, but got value={self.value!r}.")
-        if self.kind == "latency" and not self.absolute:
+        if not BUDGETS.get(self.kind).relative and not self.absolute:
             object.__setattr__(self, "absolute", True)  # latency is always in ms
         if not self.absolute and self.value > 1:
             raise ValueError(
                 f"A {self.kind} fraction must hold `0 < value <= 1`, but got value={self.value!r}"
                 " (write an absolute count with a suffix, e.g. '11M')."
             )
-        if self.absolute and self.kind != "latency" and not float(self.value).is_integer():
+        if self.absolute and self.relative and not float(self.value).is_integer():
             raise ValueError(
                 f"A {self.kind} budget above 1 is a count and must be whole, but got "
                 f"value={self.value!r}: {_HOW}."
@@ -62,33 +143,26 @@ class Budget:
             return f"{self.kind}={self.value:.4g}"
         return f"{self.kind}={self.value:g}"
 
+    @property
+    def measure(self) -> BudgetKind:
+        return BUDGETS.get(self.kind)
+
+    @property
+    def relative(self) -> bool:
+        """A count that may be a fraction of the teacher's (params, FLOPs), not a time."""
+        return self.measure.relative
+
     def limit(self, space: SearchSpace) -> float:
         """The budget as an absolute count (params, FLOPs at batch 1) or milliseconds."""
         if self.absolute:
             return float(self.value)
-        dense = space.dense_params if self.kind == "params" else space.dense_flops
+        dense = self.measure.dense(space)
+        assert dense is not None, f"a {self.kind} budget is never a fraction"
         return self.value * dense
 
     def cost(self, config: CompressionConfig, latency_table: Any = None) -> float:
         """The config's value in this budget's unit."""
-        if self.kind == "params":
-            return float(count_params(config))
-        if self.kind == "flops":
-            return float(count_flops(config))
-        if latency_table is None:
-            raise ValueError(
-                "A latency budget needs a latency table for the target device; measure one "
-                "with `vitrank latency` (spaces.measure_latency_table) and pass it."
-            )
-        from ._latency import predict_latency
-
-        table = latency_table
-        if table.batch != self.batch or table.device != self.device:
-            raise ValueError(
-                f"The latency table was measured at batch {table.batch} on {table.device}, but "
-                f"the budget is at batch {self.batch} on {self.device}; measure a matching table."
-            )
-        return predict_latency(config, table)
+        return self.measure.cost(config, self, latency_table)
 
     def violation(
         self, config: CompressionConfig, space: SearchSpace, latency_table: Any = None
@@ -152,12 +226,7 @@ def smallest_reachable(
     space: SearchSpace, budget: Budget, latency_table: Any = None
 ) -> tuple[float, CompressionConfig]:
     """The least value of the budget's cost the space reaches, and a config reaching it."""
-    if budget.kind == "params":
-        config = space.smallest("params")
-    elif budget.kind == "flops":
-        config = space.smallest("flops")
-    else:
-        config = _fastest(space, budget, latency_table)
+    config = budget.measure.smallest(space, budget, latency_table)
     return budget.cost(config, latency_table), config
 
 
@@ -190,28 +259,20 @@ def check_feasible(space: SearchSpace, budget: Budget, latency_table: Any = None
     """Refuse, before any search, a budget that no config of the space meets, or that the
     dense teacher already meets (its search would return the teacher)."""
     limit = budget.limit(space)
-    if budget.kind in ("params", "flops"):
-        dense = space.dense_params if budget.kind == "params" else space.dense_flops
-        if limit >= dense:
-            unit = "parameters" if budget.kind == "params" else "FLOPs (batch 1)"
-            raise ValueError(
-                f"Budget {budget} ({limit:,.0f}) is at or above the dense teacher's {dense:,} "
-                f"{unit}: there is nothing to compress. Give a fraction below 1 (e.g. 0.5) or "
-                f"a count below {dense:,}."
-            )
+    measure = budget.measure
+    dense = measure.dense(space)
+    if dense is not None and limit >= dense:
+        raise ValueError(
+            f"Budget {budget} ({limit:,.0f}) is at or above the dense teacher's {dense:,.0f} "
+            f"{getattr(measure, 'unit', measure.name)}: there is nothing to compress. Give a "
+            f"fraction below 1 (e.g. 0.5) or a count below {dense:,.0f}."
+        )
     reachable, _ = smallest_reachable(space, budget, latency_table)
     if reachable <= limit:
         return
-    if budget.kind == "latency":
-        shown, need = f"{reachable:.3g} ms", f"{limit:.3g} ms"
-    elif budget.kind == "params":
-        shown = f"{reachable:,.0f} params ({reachable / space.dense_params:.1%} of the teacher)"
-        need = f"{limit:,.0f}"
-    else:
-        shown = f"{reachable:,.0f} FLOPs ({reachable / space.dense_flops:.1%} of the teacher)"
-        need = f"{limit:,.0f}"
+    need = f"{limit:,.0f}" if measure.relative else measure.show(limit, space)
     raise ValueError(
-        f"Budget {budget} ({need}) is infeasible: the smallest the space reaches is {shown}. "
-        "Raise the budget, or widen the space (more --ops, a smaller --granularity, larger "
-        "merge ratios)."
+        f"Budget {budget} ({need}) is infeasible: the smallest the space reaches is "
+        f"{measure.show(reachable, space)}. Raise the budget, or widen the space (more --ops, "
+        "a smaller --granularity, larger merge ratios)."
     )
