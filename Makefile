@@ -1,6 +1,6 @@
 # Two entry points, each sets up its own environment first (idempotent):
 #   make search   run `vitrank search` on the embedded digits workload
-#   make test     run the test suite
+#   make test     run the test suite (make test-all: the slow tests too)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.vitrank-installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: search test setup lint
+.PHONY: search test test-all setup lint
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ search: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# every test, the `slow` ones too (what CI runs)
+test-all: $(STAMP)
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 # mypy cannot read the build's package-dir map: it checks a tree of links laid out as the
 # installed namespace (vitrank/, vitrank/core -> core/, ...).

@@ -237,10 +237,7 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
                     op=attn.op,
                     choice=of(attn).describe(attn, shape),
                     kept=attn_kept,
-                    qkv_rank=attn.qkv_rank,
-                    proj_rank=attn.proj_rank,
-                    qk_rank=attn.qk_rank,
-                    vo_rank=attn.vo_rank,
+                    **of(attn).values(attn),  # the operator's own knobs
                     keep_ratio=of(attn).keep_ratio(attn, shape),
                 )
             )
@@ -251,8 +248,7 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
                     op=mlp.op,
                     choice=of(mlp).describe(mlp, shape),
                     kept=mlp_kept,
-                    fc1_rank=mlp.fc1_rank,
-                    fc2_rank=mlp.fc2_rank,
+                    **of(mlp).values(mlp),
                     keep_ratio=of(mlp).keep_ratio(mlp, shape),
                 )
             )
@@ -268,11 +264,17 @@ def block_map(winners: Mapping[str, object]) -> pd.DataFrame:
                     merge_ratio=spec.merge_ratio,
                 )
             )
-    columns = [
-        "winner", "block", "part", "op", "choice", "kept", "qkv_rank", "proj_rank",
-        "qk_rank", "vo_rank", "fc1_rank", "fc2_rank", "keep_ratio", "merge_ratio",
+    return pd.DataFrame(rows, columns=block_map_columns())
+
+
+def block_map_columns() -> list[str]:
+    """The block map's columns: every registered operator's knobs, in registry order."""
+    from vitrank.core.operators import OPERATORS
+
+    knobs = dict.fromkeys(knob for _, op in OPERATORS.items() for knob in op.knobs)
+    return [
+        "winner", "block", "part", "op", "choice", "kept", *knobs, "keep_ratio", "merge_ratio"
     ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
 
 
 class BlockMapGrid(NamedTuple):

@@ -198,29 +198,35 @@ class SearchSpace:
             step = values[1] - values[0]
             return f"{values[0]}..{values[-1]} step {step:g}"
 
-        header = (
-            f"{'block':<10} {'attention':<26} {'qkv/proj ranks':<32} {'qk/vo ranks':<24} "
-            f"{'heads kept':<16} {'mlp':<20} {'fc1/fc2 ranks':<34} {'hidden kept':<22} merge"
-        )
+        # Columns from the operator registry: per part, the operators offered, then each
+        # operator's knobs (its grids joined by " / "); the merge ratios last.
+        columns: list[tuple[str, Any]] = [("block", lambda c: c.name)]
+        for part in PARTS:
+            columns.append(
+                ("attention" if part == "attn" else part, lambda c, p=part: "|".join(c.ops(p)))
+            )
+            for name in operator_names(part):
+                knobs = operator(part, name).knobs
+                if knobs:
+                    title = f"{name} {'/'.join(knobs)}"
+                    columns.append((title, lambda c, p=part, n=name, ks=knobs: " / ".join(
+                        grid(c.grid(p, n, k)) for k in ks)))  # fmt: skip
+        columns.append(("merge", lambda c: grid(c.merge_ratios)))
+        cells = [[str(get(c)) for _, get in columns] for c in self.blocks]
+        widths = [
+            max(len(title), *(len(row[i]) for row in cells)) for i, (title, _) in enumerate(columns)
+        ]
+        header = "  ".join(title.ljust(w) for (title, _), w in zip(columns, widths, strict=True))
         lines = [
             f"Search space for {self.model} ({len(self.blocks)} blocks, ops={','.join(self.ops)}, "
             f"granularity={self.granularity})",
-            header,
-            "-" * len(header),
+            header.rstrip(),
+            "-" * len(header.rstrip()),
         ]
-        for c in self.blocks:
-
-            def k(part: str, op: str, knob: str, c: BlockChoices = c) -> str:
-                return grid(c.grid(part, op, knob))
-
-            lines.append(
-                f"{c.name:<10} {'|'.join(c.attention_ops):<26} "
-                f"{k('attn', 'lowrank', 'qkv_rank') + ' / ' + k('attn', 'lowrank', 'proj_rank'):<32} "
-                f"{k('attn', 'heads', 'qk_rank') + ' / ' + k('attn', 'heads', 'vo_rank'):<24} "
-                f"{k('attn', 'prune', 'heads_kept'):<16} {'|'.join(c.mlp_ops):<20} "
-                f"{k('mlp', 'lowrank', 'fc1_rank') + ' / ' + k('mlp', 'lowrank', 'fc2_rank'):<34} "
-                f"{k('mlp', 'prune', 'hidden_kept'):<22} {grid(c.merge_ratios)}"
-            )
+        lines += [
+            "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            for row in cells
+        ]
         dp, df = self.dense_params, self.dense_flops
         mp, mf = self.min_params, self.min_flops
         lines.append(

@@ -192,3 +192,27 @@ def test_hover_text_of_a_trial_that_never_ran() -> None:
     assert "trial 3</b> (baseline asvd)" in trial_summary(
         {"number": 3, "baseline": "asvd", "proxy": 0.5, "config": math.nan}
     )
+
+
+def test_the_block_map_shows_every_operators_own_knobs():
+    """Each row holds what its operator declares (`Operator.knobs`), read from the registry:
+    a new operator's knobs reach the report without the report naming them."""
+    from vitrank.core.operators import OPERATORS
+    from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+    from vitrank.reports._data import block_map_columns
+
+    columns = block_map_columns()
+    for _, op in OPERATORS.items():
+        assert set(op.knobs) <= set(columns), op
+    config = _config(
+        [
+            BlockSpec(AttentionSpec("prune", heads_kept=1), MlpSpec("lowrank", fc1_rank=8, fc2_rank=16)),
+            BlockSpec(AttentionSpec("lowrank", qkv_rank=8, proj_rank=16), MlpSpec("prune", hidden_kept=64)),
+        ]
+    )  # fmt: skip
+    table = block_map({"W": config}).set_index(["block", "part"])
+    assert table.loc[(0, "attention"), "heads_kept"] == 1
+    assert table.loc[(0, "mlp"), ["fc1_rank", "fc2_rank"]].tolist() == [8, 16]
+    assert table.loc[(1, "attention"), ["qkv_rank", "proj_rank"]].tolist() == [8, 16]
+    assert table.loc[(1, "mlp"), "hidden_kept"] == 64
+    assert pd.isna(table.loc[(1, "mlp"), "fc1_rank"])  # not this operator's knob

@@ -97,6 +97,16 @@ def test_describe_is_a_table() -> None:
     assert f"smallest reachable {space.min_params:,}" in text
 
 
+def test_describe_has_a_column_for_every_registered_operators_knobs() -> None:
+    from vitrank.core.operators import OPERATORS
+
+    space = variant_space("vit")
+    header = space.describe().splitlines()[1]
+    for key, op in OPERATORS.items():
+        if op.knobs:
+            assert f"{op.name} {'/'.join(op.knobs)}" in header, key
+
+
 def test_config_of_a_space() -> None:
     space = variant_space("vit")
     config = space.config([BlockSpec(merge_ratio=0.1)] * len(space.blocks))
