@@ -256,38 +256,28 @@ def _token_grid(fingerprint: Fingerprint, space: SearchSpace, points: int) -> li
 
 
 def _operators(space: SearchSpace, shape: BlockShape, index: int, points: int) -> dict:
-    """Linear shapes, attention kernels and activation widths the block's choices run."""
-    d, inner, hidden, h, dh = (
-        shape.dim,
-        shape.attn_inner,
-        shape.mlp_hidden,
-        shape.num_heads,
-        shape.head_dim,
-    )
+    """Linear shapes, attention kernels and activation widths the block's choices run: the
+    dense block's, and those of each offered operator's `latency_specs` (the operators
+    declare what a table must measure; none is named here)."""
+    from vitrank.core.operators import PARTS, operator
+
+    d, inner, hidden = shape.dim, shape.attn_inner, shape.mlp_hidden
     choice = space.blocks[index]
     linears = {(d, 3 * inner), (inner, d), (d, hidden), (hidden, d)}
-    attends = {(h, dh)}
+    attends = {(shape.num_heads, shape.head_dim)}
     gelus = {hidden}
-    for r in _samples(choice.grid("attn", "lowrank", "qkv_rank"), points):
-        linears |= {(d, r), (r, 3 * inner)}
-    for r in _samples(choice.grid("attn", "lowrank", "proj_rank"), points):
-        linears |= {(inner, r), (r, d)}
-    for r in _samples(choice.grid("mlp", "lowrank", "fc1_rank"), points):
-        linears |= {(d, r), (r, hidden)}
-    for r in _samples(choice.grid("mlp", "lowrank", "fc2_rank"), points):
-        linears |= {(hidden, r), (r, d)}
-    for r in _samples(
-        set(choice.grid("attn", "heads", "qk_rank")) | set(choice.grid("attn", "heads", "vo_rank")),
-        points,
-    ):
-        linears |= {(d, h * r), (h * r, d), (h * r, dh)}  # (h·r, d_h): the key map
-        attends.add((h, r))
-    for k in _samples(choice.grid("attn", "prune", "heads_kept"), points):
-        linears |= {(d, 3 * k * dh), (k * dh, d)}
-        attends.add((k, dh))
-    for k in _samples(choice.grid("mlp", "prune", "hidden_kept"), points):
-        linears |= {(d, k), (k, d)}
-        gelus.add(k)
+    for part in PARTS:
+        for name in choice.ops(part):
+            op = operator(part, name)
+            grids = choice.options[part][name]
+            for spec in op.latency_specs(grids, lambda grid: _samples(grid, points)):
+                # merges=True: a block that merges runs its extra maps too (they are timed)
+                linears |= {(x.in_features, x.out_features) for x in op.linears(shape, spec, True)}
+                if part == "attn":
+                    core = op.core(shape, spec)
+                    attends.add((core.heads, core.qk_dim))
+                else:
+                    gelus.add(op.activation_width(shape, spec))
     return {"linear": linears, "attend": attends, "gelu": gelus}
 
 

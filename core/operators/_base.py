@@ -11,6 +11,7 @@ and never branch on an operator's name.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -157,6 +158,17 @@ class Operator(abc.ABC):
     def proxy_terms(self, spec: Spec) -> tuple[tuple[str, int], ...]:
         """(table, value) pairs of the spectral proxy's per-layer error tables it reads."""
         return ()
+
+    def latency_specs(
+        self, grids: dict[str, tuple[int, ...]], sample: Callable[[tuple[int, ...]], list[int]]
+    ) -> list[Spec]:
+        """The specs whose kernels (`linears`, `core`, `activation_width`) a latency table
+        measures: each knob at the values `sample` picks from its grid, the others at 0."""
+        return [self.spec(**{knob: v}) for knob, grid in grids.items() for v in sample(grid)]
+
+    def activation_width(self, shape: BlockShape, spec: Spec) -> int:
+        """The width of the MLP's hidden activation it runs (MLP operators only)."""
+        return shape.mlp_hidden
 
     # --- how it is built --------------------------------------------------------------
 

@@ -60,6 +60,11 @@ class HeadsOp(Operator):
     def core(self, shape: BlockShape, spec: Any) -> AttentionCore:
         return AttentionCore(shape.num_heads, spec.qk_rank, spec.vo_rank)
 
+    def latency_specs(self, grids: dict[str, tuple[int, ...]], sample: Any) -> list[Any]:
+        # Both products at one rank: the attention kernel is timed at a single width.
+        ranks = sample(tuple(sorted(set(grids["qk_rank"]) | set(grids["vo_rank"]))))
+        return [self.spec(qk_rank=r, vo_rank=r) for r in ranks]
+
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("qk", spec.qk_rank), ("vo", spec.vo_rank))
 

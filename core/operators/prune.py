@@ -104,6 +104,9 @@ class PruneMlpOp(Operator):
         # Pruned units' mean contribution is folded into fc2's bias when it has one.
         return [Linear("fc1", d, kept, shape.fc1_bias), Linear("fc2", kept, d, shape.fc2_bias)]
 
+    def activation_width(self, shape: BlockShape, spec: Any) -> int:
+        return int(spec.hidden_kept)
+
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("hidden", spec.hidden_kept),)
 
