@@ -87,17 +87,7 @@ def test_search_joins_an_existing_cluster(tmp_path: Path) -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
-    assert ray_bin is not None
-    port = _free_port()
-    # A short private temp dir (Ray's socket paths must stay short) names our processes.
-    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    start = [
-        ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    port, temp_dir = start_cluster(num_cpus=1)
     try:
         settings = tiny_settings(
             tmp_path / "run", engine="ray", trials=5, ray_address=f"127.0.0.1:{port}"
@@ -110,6 +100,22 @@ def test_search_joins_an_existing_cluster(tmp_path: Path) -> None:
     finally:
         ray.shutdown()
         _stop_cluster(temp_dir)
+
+
+def start_cluster(num_cpus: int) -> tuple[int, str]:
+    """A Ray head node of this test run's own: its port and its private temp dir (a short
+    one, as Ray's socket paths must stay short; it names the processes `_stop_cluster` stops)."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
+    assert ray_bin is not None
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    start = [
+        ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+    ]  # fmt: skip
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    return port, temp_dir
 
 
 def _stop_cluster(temp_dir: str) -> None:

@@ -11,7 +11,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.search.test_ray import _free_port, _stop_cluster
+from tests.search.test_ray import _stop_cluster, start_cluster
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,18 +35,7 @@ OPTIONS = [
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """One Ray head node for every search of this module (each would start its own)."""
-    import shutil
-
-    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
-    assert ray_bin is not None
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="vs", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    start = [
-        ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    port, temp_dir = start_cluster(num_cpus=2)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -115,7 +103,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("phase", "signum"), CASES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize(
+    ("phase", "signum"), CASES, ids=lambda v: getattr(v, "name", str(v).replace(" ", ""))
+)
 def test_a_signal_in_any_phase_stops_cleanly_and_the_resume_finishes_the_run(
     phase: str, signum: int, cluster: str, tmp_path: Path
 ) -> None:
