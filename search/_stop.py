@@ -135,9 +135,3 @@ def stopped(error: KeyboardInterrupt) -> KeyboardInterrupt:
     if isinstance(error, Stopped) or _ACTIVE is None or _ACTIVE.received is None:
         return error
     return Stopped(_ACTIVE.received)
-
-
-def check() -> None:
-    """Raise `Stopped` if a signal arrived (for loops that run with signals deferred)."""
-    if _ACTIVE is not None and _ACTIVE.received is not None:
-        raise Stopped(_ACTIVE.received)
