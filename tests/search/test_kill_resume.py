@@ -277,3 +277,22 @@ def test_a_resume_leaves_one_rank_1_winner_and_removes_earlier_sessions_winners(
     assert not (run / "cache" / "winners-staging").exists() or not any(
         (run / "cache" / "winners-staging").iterdir()
     )
+
+
+def test_the_stop_rule_holds_a_first_signal_in_a_deferred_block_and_a_second_stops_at_once():
+    from vitrank.search import Stopped, stop_rule
+    from vitrank.search._stop import deferred
+
+    asked: list[int] = []
+    with stop_rule():
+        with pytest.raises(Stopped) as held, deferred(on_signal=lambda: asked.append(1)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert asked == [1]  # held, and the block was asked to wind down
+        assert held.value.exit_code == 143  # raised when the block ended
+    with stop_rule():
+        with pytest.raises(Stopped) as second, deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal: at once
+            pytest.fail("the second signal did not stop the block")
+        assert second.value.exit_code == 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
