@@ -80,12 +80,14 @@ class RunDir:
     def foreign_entries(self) -> list[str]:
         """Names in the directory that a start of a search does not write before its study.
 
-        A start that failed before any trial leaves only run.yaml, the lock, the cache and
-        the baselines; anything else belongs to a finished run or to someone else.
+        A start that failed or was stopped before any trial leaves only run.yaml, the lock,
+        the cache, the baselines and (stopped) timings.json; anything else belongs to a
+        finished run or to someone else.
         """
         if not self.root.is_dir():
             return []
-        starting = {self.settings, self.lock_path, self.cache, self.baselines}
+        timings = self.root / "timings.json"
+        starting = {self.settings, self.lock_path, self.cache, self.baselines, timings}
         return sorted(p.name for p in self.root.iterdir() if p not in starting)
 
     def acquire(self) -> None:
