@@ -107,15 +107,22 @@ def start_cluster(num_cpus: int) -> tuple[int, str]:
     one, as Ray's socket paths must stay short; it names the processes `_stop_cluster` stops)."""
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent))
     assert ray_bin is not None
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    start = [
-        ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-        f"--num-cpus={num_cpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-    ]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    return port, temp_dir
+    failures = []
+    for _ in range(3):  # another Ray on the machine may take a port between pick and start
+        port = _free_port()
+        temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+        start = [
+            ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+            f"--ray-client-server-port={_free_port()}",  # not the shared default, 10001
+        ]  # fmt: skip
+        done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode == 0:
+            return port, temp_dir
+        failures.append((done.stdout + done.stderr)[-1500:])
+        _stop_cluster(temp_dir)
+    raise AssertionError("`ray start --head` failed three times:\n" + "\n---\n".join(failures))
 
 
 def _stop_cluster(temp_dir: str) -> None:
