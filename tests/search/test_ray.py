@@ -115,7 +115,6 @@ def start_cluster(num_cpus: int) -> tuple[int, str]:
         start = [
             ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
             f"--num-cpus={num_cpus}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
-            f"--ray-client-server-port={_free_port()}",  # not the shared default, 10001
         ]  # fmt: skip
         done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
         if done.returncode == 0:
