@@ -48,15 +48,13 @@ class _Rule:
         self.deferring: list[Callable[[], None] | None] = []
 
     def __call__(self, signum: int, frame: Any) -> None:
-        first = self.received is None
-        if first:
-            self.received = signum
-        if first and self.deferring and self.deferring[-1] is not None:
-            self.deferring[-1]()  # e.g. ask Optuna for no trial after this one
-            return
-        if first and self.deferring:
-            return
-        raise Stopped(signum)
+        if self.received is not None or not self.deferring:
+            self.received = self.received or signum
+            raise Stopped(signum)  # a second signal, or nothing holds the first
+        self.received = signum
+        wind_down = self.deferring[-1]
+        if wind_down is not None:
+            wind_down()  # e.g. ask Optuna for no trial after this one
 
     def install(self) -> None:
         for signum in SIGNALS:
