@@ -53,6 +53,12 @@ def validate_block(spec: BlockSpec, shape: BlockShape) -> None:
         op = operator(part, sub.op)
         why_not = op.unsupported(shape)
         _check(why_not is None, name, str(why_not))
+        foreign = [k for k, _ in sub.knobs if k not in op.knobs]
+        _check(
+            not foreign,
+            name,
+            f"{part} op {sub.op!r} has knobs {op.knobs}, but got {', '.join(foreign)}.",
+        )
         for knob, (low, high) in op.limits(shape).items():
             value = getattr(sub, knob)
             label = f"{part}.{knob}"

@@ -16,7 +16,7 @@ from typing import Any
 
 from vitrank.core.apply import validate_block
 from vitrank.core.files import atomic_write_text
-from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.spec import BlockSpec
 from vitrank.core.structure import Fingerprint
 
 SCHEMA_VERSION = 1
@@ -111,7 +111,7 @@ class CompressionConfig:
             "model_args": _plain(self.model_args),
             "svd": self.svd,
             "compensate": self.compensate,
-            "blocks": [dataclasses.asdict(b) for b in self.blocks],
+            "blocks": [b.to_dict() for b in self.blocks],
             "fingerprint": self.fingerprint.to_dict(),
             "provenance": _plain(self.provenance),
         }
@@ -137,16 +137,10 @@ class CompressionConfig:
             )
         try:
             fingerprint = Fingerprint.from_dict(data["fingerprint"])
-            blocks = tuple(
-                BlockSpec(
-                    attn=AttentionSpec(**b["attn"]),
-                    mlp=MlpSpec(**b["mlp"]),
-                    merge_ratio=float(b["merge_ratio"]),
-                )
-                for b in data["blocks"]
-            )
+            blocks = tuple(BlockSpec.from_dict(b) for b in data["blocks"])
         except (TypeError, KeyError, AttributeError) as error:
             raise ValueError(f"Damaged compression config: {error!r}.") from error
+        _check_knobs(blocks)
         return cls(
             model=data["model"],
             model_args=dict(data.get("model_args") or {}),
@@ -209,6 +203,24 @@ def _format(path: Path) -> str:
     if suffix in (".yaml", ".yml"):
         return "yaml"
     raise ValueError(f"A config file ends in .json, .yaml or .yml, but got {path.name!r}.")
+
+
+def _check_knobs(blocks: tuple[BlockSpec, ...]) -> None:
+    """Every knob a loaded config sets belongs to its part's operator."""
+    from vitrank.core.operators import OPERATORS
+
+    for i, block in enumerate(blocks):
+        for part, spec in (("attn", block.attn), ("mlp", block.mlp)):
+            key = f"{part}.{spec.op}"
+            if key not in OPERATORS:
+                continue  # an unknown operator is named by the check against the model
+            knobs = OPERATORS.get(key).knobs
+            foreign = [k for k, _ in spec.knobs if k not in knobs]
+            if foreign:
+                raise ValueError(
+                    f"Damaged compression config: blocks.{i}.{part} op {spec.op!r} has knobs "
+                    f"{list(knobs)}, but the file sets {foreign}."
+                )
 
 
 def _plain(value: Any) -> Any:

@@ -289,6 +289,16 @@ class FactorCache:
         table = factors.errors
         return table.sum(0) if table.ndim == 2 else table.clone()
 
+    def fractions(self, key: str, dense_at_zero: bool) -> list[float]:
+        """f[r] = discarded / total output energy at rank r (r = 0..max_rank); with
+        `dense_at_zero`, rank 0 discards nothing (a low-rank Linear at 0 stays dense)."""
+        errors = self.errors(key)
+        energy = float(errors[0])
+        fractions = (errors / energy).tolist() if energy > 0 else [0.0] * len(errors)
+        if dense_at_zero:
+            fractions[0] = 0.0
+        return fractions
+
     def energy(self, key: str) -> float:
         """Output energy at rank 0 (= error(key, 0))."""
         return self._factors(key).energy

@@ -12,7 +12,6 @@ those two files and nothing else.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from vitrank.core.files import atomic_write, atomic_write_text
-from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.spec import BlockSpec
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -107,18 +106,6 @@ def check_architecture(model: Any, model_args: Any, source: str | Path) -> None:
             )
 
 
-def spec_to_dict(spec: BlockSpec) -> dict[str, Any]:
-    return dataclasses.asdict(spec)
-
-
-def spec_from_dict(data: dict[str, Any]) -> BlockSpec:
-    return BlockSpec(
-        attn=AttentionSpec(**data["attn"]),
-        mlp=MlpSpec(**data["mlp"]),
-        merge_ratio=float(data["merge_ratio"]),
-    )
-
-
 def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as contiguous CPU tensors with no two sharing memory.
 
@@ -155,9 +142,7 @@ def save_model(model: nn.Module, directory: str | Path, meta: dict[str, Any]) ->
     # Refused now, not when the saved model is loaded again.
     check_architecture(meta["model"], meta["model_args"], f"the model to save in {directory}")
     meta = dict(meta)
-    meta["blocks"] = [
-        spec_to_dict(b) if isinstance(b, BlockSpec) else dict(b) for b in meta["blocks"]
-    ]
+    meta["blocks"] = [b.to_dict() if isinstance(b, BlockSpec) else dict(b) for b in meta["blocks"]]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = _unshared_state(model)
@@ -229,7 +214,7 @@ def load_model(
     meta = read_meta(directory)
     config_path = directory / CONFIG_FILE
     try:
-        specs = [spec_from_dict(b) for b in meta["blocks"]]
+        specs = [BlockSpec.from_dict(b) for b in meta["blocks"]]
     except (TypeError, KeyError, ValueError) as error:
         raise ValueError(f"{config_path} is damaged: bad block spec ({error!r}).") from error
     state = _read_state(directory / WEIGHTS_FILE)

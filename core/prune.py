@@ -61,6 +61,18 @@ def head_scores(
     return head_abs_mean.to(proj_weight.device).double() * norms
 
 
+def removed_fractions(scores: Tensor) -> list[float]:
+    """f[k] = share of the squared importance removed when the top k units are kept.
+
+    Squared, so that like a low-rank error it is a share of output energy."""
+    mass = scores.double().square().sort(descending=True).values
+    kept = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
+    total = float(kept[-1])
+    if total <= 0:
+        return [0.0] * len(kept)
+    return (1.0 - kept / total).clamp_min(0.0).tolist()
+
+
 def prune_mlp(
     fc1_weight: Tensor,
     fc1_bias: Tensor | None,

@@ -34,6 +34,12 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         return entry
 
+    def remove(self, name: str) -> T:
+        """Take an entry out again (a plugin unloaded, a test's own entry)."""
+        entry = self.get(name)
+        del self._entries[name]
+        return entry
+
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator form of `add`."""
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import abc
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from vitrank.core.operators import of
+from vitrank.core.operators import OPERATORS, TermContext, of
 from vitrank.core.registry import Registry
-from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec, merge_count
+from vitrank.core.spec import MERGE_FAMILY, BlockSpec, merge_count
 from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 from vitrank.evaluators._data import gather, progress_bar
 
@@ -113,45 +113,10 @@ def _check_factor_kind(config: CompressionConfig, factors: FactorCache) -> None:
 # -- spectral ---------------------------------------------------------------------------
 
 
-def _weighted(fractions: Iterable[float], weight: float) -> list[float]:
-    return [weight * f for f in fractions]
-
-
-def _rank_fractions(factors: FactorCache, key: str, zero_is_dense: bool) -> list[float]:
-    """f[r] = discarded / total output energy at rank r (r = 0..max_rank)."""
-    errors = factors.errors(key).double()
-    energy = float(errors[0])
-    fractions = (errors / energy).tolist() if energy > 0 else [0.0] * len(errors)
-    if zero_is_dense:
-        fractions[0] = 0.0  # lowrank rank 0 keeps the Linear dense
-    return fractions
-
-
-def _pruned_fractions(scores: Tensor) -> list[float]:
-    """f[k] = share of the squared importance removed when the top k units are kept.
-
-    Squared, so that like the spectral terms it is a share of output energy.
-    """
-    mass = scores.double().square().sort(descending=True).values
-    kept = torch.cat([mass.new_zeros(1), mass.cumsum(0)])
-    total = float(kept[-1])
-    if total <= 0:
-        return [0.0] * len(kept)
-    return (1.0 - kept / total).clamp_min(0.0).tolist()
-
-
-@dataclass
-class _BlockTables:
-    # Weighted fractions indexed by rank / kept count; None where the op is unavailable.
-    qkv: list[float]
-    proj: list[float]
-    qk: list[float] | None
-    vo: list[float]
-    fc1: list[float]
-    fc2: list[float]
-    heads: list[float] | None
-    hidden: list[float] | None
-    merge: float
+# Per block, the weighted table of every term the operators declare ("attn.qkv" -> the
+# weighted fractions indexed by knob value, or why it cannot be scored) and the weight of
+# token merging.
+_BlockTables = tuple[dict[str, list[float] | str], float]
 
 
 @register_proxy
@@ -197,32 +162,17 @@ class SpectralProxy(Proxy):
         shape: BlockShape | None,
         stats: CalibrationStats | None,
     ) -> _BlockTables:
-        def ranks(name: str, dense_at_zero: bool) -> list[float]:
-            fractions = _rank_fractions(self.factors, f"blocks.{i}.{name}", dense_at_zero)
-            return _weighted(fractions, self._weight(i, name))
-
-        heads = hidden = None
-        if teacher is not None and shape is not None and stats is not None:
-            from vitrank.core.prune import head_scores, mlp_unit_scores
-
-            block: Any = teacher.blocks[i]  # type: ignore[index]
-            head = head_scores(
-                block.attn.proj.weight, stats.head_abs_mean[i], shape.num_heads, shape.head_dim
-            )
-            unit = mlp_unit_scores(block.mlp.fc2.weight, stats.hidden_abs_mean[i])
-            heads = _weighted(_pruned_fractions(head), self._weight(i, "attn.heads"))
-            hidden = _weighted(_pruned_fractions(unit), self._weight(i, "mlp.hidden"))
-        return _BlockTables(
-            qkv=ranks("attn.qkv", True),
-            proj=ranks("attn.proj", True),
-            qk=None if i in self.factors.qk_norm_blocks else ranks("attn.qk", False),
-            vo=ranks("attn.vo", False),
-            fc1=ranks("mlp.fc1", True),
-            fc2=ranks("mlp.fc2", True),
-            heads=heads,
-            hidden=hidden,
-            merge=self._weight(i, "merge"),
-        )
+        """Every registered operator's terms of block i, each weighted by its sensitivity."""
+        block = teacher.blocks[i] if teacher is not None and shape is not None else None  # type: ignore[index]
+        ctx = TermContext(self.factors, i, block, shape, stats if block is not None else None)
+        tables: dict[str, list[float] | str] = {}
+        for key, op in OPERATORS.items():
+            part = key.split(".", 1)[0]
+            for term, table in op.proxy_tables(ctx).items():
+                weight = self._weight(i, f"{part}.{term}")
+                weighted = table if isinstance(table, str) else [weight * f for f in table]
+                tables[f"{part}.{term}"] = weighted
+        return tables, self._weight(i, "merge")
 
     @classmethod
     def from_inputs(cls, inputs: ProxyInputs) -> SpectralProxy:
@@ -252,28 +202,19 @@ class SpectralProxy(Proxy):
         tokens = fingerprint.num_tokens
         total = 0.0
         for i, spec in enumerate(specs):
-            tables = self._tables[i]
-            for part in (spec.attn, spec.mlp):
-                for table, value in of(part).proxy_terms(part):
-                    total += self._term(tables, table, i)[value]
+            tables, merge_weight = self._tables[i]
+            for name, part in (("attn", spec.attn), ("mlp", spec.mlp)):
+                for term, value in of(part).proxy_terms(part):
+                    table = tables[f"{name}.{term}"]
+                    if isinstance(table, str):
+                        raise ValueError(f"blocks.{i}: {table}")
+                    total += table[value]
             if spec.merge_ratio:
                 merged = merge_count(spec.merge_ratio, tokens, prefix)
                 if merged:
-                    total += tables.merge * merged / (tokens - prefix)
+                    total += merge_weight * merged / (tokens - prefix)
                     tokens -= merged
         return total
-
-    @staticmethod
-    def _term(tables: _BlockTables, name: str, index: int) -> list[float]:
-        table = getattr(tables, name)
-        if table is not None:
-            return table
-        if name == "qk":
-            raise ValueError(f"blocks.{index}: head-level factorization is off (qk_norm).")
-        raise ValueError(
-            f"blocks.{index}: the spectral proxy scores pruning by calibration importance, "
-            "so `teacher` and `stats` must be given to SpectralProxy."
-        )
 
 
 # -- logits -----------------------------------------------------------------------------
@@ -492,58 +433,20 @@ def _reference_terms(
     stats: CalibrationStats | None,
     reference: float,
     merge_ratio: float,
-) -> list[tuple[str, int, BlockSpec]]:
-    """(term key, block index, the block's spec compressing only that term)."""
+) -> list[tuple[str, int, BlockSpec, str]]:
+    """(term key, block index, the block's spec compressing only that term, the family of
+    the operator it belongs to): every registered operator's `reference_specs`, then merging."""
     shapes = inspect_vit(teacher).blocks
     terms = []
-
-    def rank(key: str) -> int:
-        return max(1, round(reference * factors.max_rank(key)))
-
     for i, shape in enumerate(shapes):
-        key = f"blocks.{i}"
-        dh = shape.head_dim
-        parts: list[tuple[str, AttentionSpec | MlpSpec | float]] = [
-            ("attn.qkv", AttentionSpec("lowrank", qkv_rank=rank(f"{key}.attn.qkv"))),
-            ("attn.proj", AttentionSpec("lowrank", proj_rank=rank(f"{key}.attn.proj"))),
-            ("attn.vo", AttentionSpec("heads", qk_rank=dh, vo_rank=rank(f"{key}.attn.vo"))),
-            ("mlp.fc1", MlpSpec("lowrank", fc1_rank=rank(f"{key}.mlp.fc1"))),
-            ("mlp.fc2", MlpSpec("lowrank", fc2_rank=rank(f"{key}.mlp.fc2"))),
-            ("merge", merge_ratio),
-        ]
-        if i not in factors.qk_norm_blocks:
-            parts.append(
-                ("attn.qk", AttentionSpec("heads", qk_rank=rank(f"{key}.attn.qk"), vo_rank=dh))
-            )
-        if stats is not None:
-            kept_heads = min(shape.num_heads - 1, max(1, round(reference * shape.num_heads)))
-            kept_hidden = min(shape.mlp_hidden - 1, max(1, round(reference * shape.mlp_hidden)))
-            if shape.num_heads > 1:
-                parts.append(("attn.heads", AttentionSpec("prune", heads_kept=kept_heads)))
-            parts.append(("mlp.hidden", MlpSpec("prune", hidden_kept=kept_hidden)))
-        for term, part in parts:
-            if isinstance(part, AttentionSpec):
-                spec = BlockSpec(attn=part)
-            elif isinstance(part, MlpSpec):
-                spec = BlockSpec(mlp=part)
-            else:
-                spec = BlockSpec(merge_ratio=part)
-            terms.append((f"{key}.{term}", i, spec))
+        ctx = TermContext(factors, i, teacher.blocks[i], shape, stats)  # type: ignore[index]
+        for key, op in OPERATORS.items():
+            part = key.split(".", 1)[0]
+            for term, spec in op.reference_specs(ctx, reference):
+                block = BlockSpec(attn=spec) if part == "attn" else BlockSpec(mlp=spec)  # type: ignore[arg-type]
+                terms.append((f"blocks.{i}.{part}.{term}", i, block, op.family))
+        terms.append((f"blocks.{i}.merge", i, BlockSpec(merge_ratio=merge_ratio), MERGE_FAMILY))
     return terms
-
-
-# The operator family whose configs discard each sensitivity term.
-_TERM_FAMILY = {
-    "qkv": "lowrank",
-    "proj": "lowrank",
-    "fc1": "lowrank",
-    "fc2": "lowrank",
-    "qk": "heads",
-    "vo": "heads",
-    "heads": "prune",
-    "hidden": "prune",
-    "merge": "tokens",
-}
 
 
 def measure_sensitivity(
@@ -574,9 +477,9 @@ def measure_sensitivity(
     sensitivity = {}
     terms = _reference_terms(teacher, factors, stats, reference, merge_ratio)
     if families is not None:  # only the terms a search over these families can score
-        terms = [t for t in terms if _TERM_FAMILY[t[0].rsplit(".", 1)[-1]] in families]
+        terms = [t for t in terms if t[3] in families]
     with progress_bar("sensitivity terms", len(terms), progress) as advance:
-        for term, index, spec in terms:
+        for term, index, spec, _ in terms:
             specs = [BlockSpec()] * depth
             specs[index] = spec
             fraction = unit.score_specs(specs, fingerprint)

@@ -24,14 +24,16 @@ from vitrank.evaluators.proxies import PROXIES
 from vitrank.search._engines import ENGINES
 from vitrank.search._samplers import check_sampler
 from vitrank.spaces import MERGE_FAMILY as _MERGE
-from vitrank.spaces import OPS, PARAMETRIZATIONS, SVD_KINDS
+from vitrank.spaces import PARAMETRIZATIONS, SVD_KINDS, search_families
 from vitrank.workloads import DIGITS, WORKLOADS
 
 COSTS = ("params", "flops", "latency_ms")
-DEFAULT_OPS = OPS
-# Token merging removes no parameters: under a parameter budget it can only cost accuracy,
-# so it is searched by default only against FLOPs or latency budgets.
-PARAMS_BUDGET_OPS = tuple(op for op in OPS if op != _MERGE)
+
+
+def default_ops(by_cost: bool) -> tuple[str, ...]:
+    """Every family against FLOPs or latency; token merging removes no parameters, so under
+    a parameter budget (it could only cost accuracy) it is left out."""
+    return tuple(op for op in search_families() if by_cost or op != _MERGE)
 
 
 def setting(
@@ -56,7 +58,7 @@ def setting(
 
 
 def _family_names() -> tuple[str, ...]:
-    return tuple(OPS)
+    return search_families()
 
 
 def _sampler_names() -> tuple[str, ...]:
@@ -244,7 +246,7 @@ class SearchSettings:
             self.budget_params = DEFAULT_BUDGET_PARAMS
         if self.ops is None:
             by_cost = self.budget_latency is not None or self.budget_flops is not None
-            self.ops = DEFAULT_OPS if by_cost else PARAMS_BUDGET_OPS
+            self.ops = default_ops(by_cost)
         elif isinstance(self.ops, str):
             self.ops = tuple(op.strip() for op in self.ops.split(",") if op.strip())
         else:

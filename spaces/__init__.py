@@ -42,11 +42,11 @@ from ._parametrize import (
 from ._space import (
     DEFAULT_MERGE_RATIOS,
     MERGE_FAMILY,
-    OPS,
     BlockChoices,
     SearchSpace,
     build_space,
     saving_ranks,
+    search_families,
 )
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
     "CONFIG_ATTR",
     "DEFAULT_MERGE_RATIOS",
     "MERGE_FAMILY",
-    "OPS",
+    "search_families",
     "PARAMETRIZATIONS",
     "SCHEMA_VERSION",
     "SVD_KINDS",

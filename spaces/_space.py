@@ -16,13 +16,17 @@ from torch import nn
 from vitrank.core.config import CompressionConfig
 from vitrank.core.operators import PARTS, families, operator, operator_names
 from vitrank.core.operators import saving_ranks as saving_ranks
-from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
+from vitrank.core.spec import MERGE_FAMILY, AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 
 from ._cost import count_flops, count_params, dense_flops, dense_params
 
-MERGE_FAMILY = "tokens"  # token merging: a knob of every block, not an operator
-OPS = (*families(), MERGE_FAMILY)
+
+def search_families() -> tuple[str, ...]:
+    """The families a search can switch on: every registered operator family, then merging."""
+    return (*families(), MERGE_FAMILY)
+
+
 DEFAULT_MERGE_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 
 
@@ -91,7 +95,7 @@ class SearchSpace:
     model_args: dict[str, Any] = field(compare=False)
     fingerprint: Fingerprint = field(repr=False)
     blocks: tuple[BlockChoices, ...] = field(repr=False)
-    ops: tuple[str, ...] = OPS
+    ops: tuple[str, ...] = field(default_factory=search_families)
     granularity: int = 8
     svd: str = "whitened"
     compensate: bool = False
@@ -255,7 +259,7 @@ def _block_choices(
 
 def build_space(
     model_or_fingerprint: nn.Module | Fingerprint,
-    ops: tuple[str, ...] | list[str] | str = OPS,
+    ops: tuple[str, ...] | list[str] | str | None = None,
     granularity: int = 8,
     merge_ratios: tuple[float, ...] = DEFAULT_MERGE_RATIOS,
     *,
@@ -266,16 +270,19 @@ def build_space(
 ) -> SearchSpace:
     """The search space of a timm ViT (or of its fingerprint).
 
-    `ops` picks the operator families searched (a subset of "lowrank", "heads", "tokens",
-    "prune", or a comma-separated string); dense is always a choice. `model_name` defaults to
+    `ops` picks the operator families searched (a subset of `search_families()`, or a
+    comma-separated string; default: all); dense is always a choice. `model_name` defaults to
     the timm name the model was created with (or the fingerprint's architecture).
     """
-    if isinstance(ops, str):
+    known = search_families()
+    if ops is None:
+        ops = known
+    elif isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
     ops = tuple(ops)
-    unknown = [o for o in ops if o not in OPS]
+    unknown = [o for o in ops if o not in known]
     if unknown:
-        raise ValueError(f"Unknown operator families {unknown}; known: {list(OPS)}.")
+        raise ValueError(f"Unknown operator families {unknown}; known: {list(known)}.")
     if not isinstance(granularity, int) or granularity < 1:
         raise ValueError(f"`granularity >= 1` must hold, but got {granularity=}.")
     for ratio in merge_ratios:

@@ -1,8 +1,9 @@
 """The operator registry: every way vitrank can build a block's attention or MLP.
 
 A new operator is one module here with an `Operator` subclass, plus its line below;
-`apply`, the cost models, the proxies, the reports and the local search read it from
-`OPERATORS` (keyed ``"attn.<name>"`` / ``"mlp.<name>"``).
+`apply`, the cost models, the search space, the spectral proxy and its sensitivity terms,
+the latency table, the reports, `--ops` and the local search read it from `OPERATORS`
+(keyed ``"attn.<name>"`` / ``"mlp.<name>"``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 from vitrank.core.registry import Registry
 
 from ._base import (
+    NEEDS_STATS,
     PARTS,
     AttentionCore,
     BuildContext,
     Linear,
     Operator,
     Spec,
+    TermContext,
     factorized,
     saving_ranks,
 )
@@ -78,7 +81,9 @@ __all__ = [
     "BuildContext",
     "Linear",
     "Operator",
+    "NEEDS_STATS",
     "Spec",
+    "TermContext",
     "factorized",
     "families",
     "head_rank_step",

@@ -95,6 +95,29 @@ class BuildContext:
         return self.stats
 
 
+@dataclass(frozen=True)
+class TermContext:
+    """What an operator's proxy terms may read for block `index`: the factor cache, and the
+    teacher's block, its shape and the calibration statistics where the proxy has them."""
+
+    factors: FactorCache
+    index: int
+    block: Any = None  # the teacher's block (timm Block)
+    shape: BlockShape | None = None
+    stats: CalibrationStats | None = None
+
+    def key(self, part: str, layer: str) -> str:
+        """The factor cache's key of one of the block's layers: "blocks.3.attn.qkv"."""
+        return f"blocks.{self.index}.{part}.{layer}"
+
+
+# Why a pruning term has no table: its units are scored on the teacher's calibration activations.
+NEEDS_STATS = (
+    "the spectral proxy scores pruning by calibration importance, so `teacher` and `stats` "
+    "must be given to SpectralProxy."
+)
+
+
 class Operator(abc.ABC):
     """One way to build a block part. Subclasses set the class attributes and three methods."""
 
@@ -131,7 +154,7 @@ class Operator(abc.ABC):
         return kind(self.name, **knobs)
 
     def values(self, spec: Spec) -> dict[str, int]:
-        return {knob: getattr(spec, knob) for knob in self.knobs}
+        return {knob: spec.knob(knob) for knob in self.knobs}
 
     def neighbours(self, spec: Spec, grids: dict[str, tuple[int, ...]], up: bool) -> list[Spec]:
         """Specs one grid step away on one knob, more costly (`up`) or less."""
@@ -139,7 +162,7 @@ class Operator(abc.ABC):
         for knob, grid in grids.items():
             index = grid.index(getattr(spec, knob)) + (1 if up else -1)
             if 0 <= index < len(grid):
-                out.append(replace(spec, **{knob: grid[index]}))  # type: ignore[arg-type]
+                out.append(spec.replace(**{knob: grid[index]}))
         return out
 
     # --- what it costs ----------------------------------------------------------------
@@ -156,8 +179,19 @@ class Operator(abc.ABC):
         return AttentionCore(shape.num_heads, shape.head_dim, shape.head_dim)
 
     def proxy_terms(self, spec: Spec) -> tuple[tuple[str, int], ...]:
-        """(table, value) pairs of the spectral proxy's per-layer error tables it reads."""
+        """(term, value) pairs: the spectral proxy adds each term's table at that value."""
         return ()
+
+    def proxy_tables(self, ctx: TermContext) -> dict[str, list[float] | str]:
+        """Per term of `proxy_terms`, the share of the layer's output energy discarded at
+        each knob value (indexed by value), or why the term cannot be scored here. The proxy
+        weighs term t of block i by the sensitivity of "blocks.{i}.{part}.{t}"."""
+        return {}
+
+    def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Spec]]:
+        """Per term, a spec discarding only that term at about `reference` of its full
+        size: what `measure_sensitivity` measures the term's weight with."""
+        return []
 
     def latency_specs(
         self, grids: dict[str, tuple[int, ...]], sample: Callable[[tuple[int, ...]], list[int]]
@@ -188,7 +222,7 @@ class Operator(abc.ABC):
 
     def brief(self, spec: Spec) -> str:
         """The operator and its knob values in a few characters: "lowrank 8/16"."""
-        values = "/".join(str(getattr(spec, knob)) for knob in self.knobs)
+        values = "/".join(str(spec.knob(knob)) for knob in self.knobs)
         return f"{self.name} {values}" if values else self.name
 
     def keep_ratio(self, spec: Spec, shape: BlockShape) -> float:

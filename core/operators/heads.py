@@ -9,7 +9,7 @@ from torch import nn
 from vitrank.core.attention import HeadFactorizedAttention
 from vitrank.core.structure import BlockShape
 
-from ._base import AttentionCore, BuildContext, Linear, Operator
+from ._base import AttentionCore, BuildContext, Linear, Operator, TermContext
 
 
 def head_rank_step(head_dim: int, granularity: int) -> int:
@@ -67,6 +67,24 @@ class HeadsOp(Operator):
 
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("qk", spec.qk_rank), ("vo", spec.vo_rank))
+
+    def proxy_tables(self, ctx: TermContext) -> dict[str, list[float] | str]:
+        vo = ctx.factors.fractions(ctx.key("attn", "vo"), False)
+        if ctx.index in ctx.factors.qk_norm_blocks:
+            return {"qk": "head-level factorization is off (qk_norm).", "vo": vo}
+        return {"qk": ctx.factors.fractions(ctx.key("attn", "qk"), False), "vo": vo}
+
+    def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Any]]:
+        assert ctx.shape is not None
+        full = ctx.shape.head_dim  # the other product at full rank: only one term discards
+
+        def rank(layer: str) -> int:
+            return max(1, round(reference * ctx.factors.max_rank(ctx.key("attn", layer))))
+
+        out = [("vo", self.spec(qk_rank=full, vo_rank=rank("vo")))]
+        if ctx.index not in ctx.factors.qk_norm_blocks:
+            out.append(("qk", self.spec(qk_rank=rank("qk"), vo_rank=full)))
+        return out
 
     def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
         return [teacher_part.qkv, teacher_part.proj]

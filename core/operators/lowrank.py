@@ -8,7 +8,7 @@ from torch import nn
 from vitrank.core.attention import LowRankAttention
 from vitrank.core.structure import BlockShape
 
-from ._base import BuildContext, Linear, Operator, factorized, saving_ranks
+from ._base import BuildContext, Linear, Operator, TermContext, factorized, saving_ranks
 
 
 class _LowRankPair(Operator):
@@ -41,6 +41,16 @@ class _LowRankPair(Operator):
 
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return tuple((name, getattr(spec, f"{name}_rank")) for name in self.names)
+
+    def proxy_tables(self, ctx: TermContext) -> dict[str, list[float] | str]:
+        return {n: ctx.factors.fractions(ctx.key(self.part, n), True) for n in self.names}
+
+    def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Any]]:
+        out = []
+        for name in self.names:
+            rank = max(1, round(reference * ctx.factors.max_rank(ctx.key(self.part, name))))
+            out.append((name, self.spec(**{f"{name}_rank": rank})))
+        return out
 
     def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
         return [getattr(teacher_part, n) for n in self.names if getattr(spec, f"{n}_rank")]

@@ -10,7 +10,7 @@ from vitrank.core.attention import DenseAttention
 from vitrank.core.lowrank import empty_linear, linear_from
 from vitrank.core.structure import BlockShape
 
-from ._base import AttentionCore, BuildContext, Linear, Operator
+from ._base import NEEDS_STATS, AttentionCore, BuildContext, Linear, Operator, TermContext
 
 
 class PruneHeadsOp(Operator):
@@ -38,6 +38,24 @@ class PruneHeadsOp(Operator):
 
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("heads", spec.heads_kept),)
+
+    def proxy_tables(self, ctx: TermContext) -> dict[str, list[float] | str]:
+        if ctx.block is None or ctx.shape is None or ctx.stats is None:
+            return {"heads": NEEDS_STATS}
+        from vitrank.core.prune import head_scores, removed_fractions
+
+        scores = head_scores(
+            ctx.block.attn.proj.weight, ctx.stats.head_abs_mean[ctx.index],
+            ctx.shape.num_heads, ctx.shape.head_dim,
+        )  # fmt: skip
+        return {"heads": removed_fractions(scores)}
+
+    def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Any]]:
+        assert ctx.shape is not None
+        heads = ctx.shape.num_heads
+        if ctx.stats is None or heads == 1:
+            return []
+        return [("heads", self.spec(heads_kept=_kept(reference, heads)))]
 
     def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
         return [teacher_part.qkv, teacher_part.proj]
@@ -110,6 +128,20 @@ class PruneMlpOp(Operator):
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("hidden", spec.hidden_kept),)
 
+    def proxy_tables(self, ctx: TermContext) -> dict[str, list[float] | str]:
+        if ctx.block is None or ctx.stats is None:
+            return {"hidden": NEEDS_STATS}
+        from vitrank.core.prune import mlp_unit_scores, removed_fractions
+
+        scores = mlp_unit_scores(ctx.block.mlp.fc2.weight, ctx.stats.hidden_abs_mean[ctx.index])
+        return {"hidden": removed_fractions(scores)}
+
+    def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Any]]:
+        assert ctx.shape is not None
+        if ctx.stats is None:
+            return []
+        return [("hidden", self.spec(hidden_kept=_kept(reference, ctx.shape.mlp_hidden)))]
+
     def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
         return [teacher_part.fc1, teacher_part.fc2]
 
@@ -141,3 +173,8 @@ class PruneMlpOp(Operator):
 
     def keep_ratio(self, spec: Any, shape: BlockShape) -> float:
         return spec.hidden_kept / shape.mlp_hidden
+
+
+def _kept(reference: float, units: int) -> int:
+    """Units kept at the reference level: at least one, at least one removed."""
+    return min(units - 1, max(1, round(reference * units)))

@@ -14,7 +14,11 @@ from vitrank.spaces import count_params as config_params
 import vitrank
 
 SPECS = (
-    BlockSpec(AttentionSpec("heads", qk_rank=4, vo_rank=6), MlpSpec("lowrank", 10, 12), 0.25),
+    BlockSpec(
+        AttentionSpec("heads", qk_rank=4, vo_rank=6),
+        MlpSpec("lowrank", fc1_rank=10, fc2_rank=12),
+        0.25,
+    ),
     BlockSpec(AttentionSpec("prune", heads_kept=2), MlpSpec("prune", hidden_kept=48)),
 )
 
@@ -74,7 +78,7 @@ def test_reusing_a_factor_cache(teacher_and_stats):
 
 def test_whitened_factors_need_statistics(teacher_and_stats):
     teacher, _ = teacher_and_stats
-    blocks = (BlockSpec(mlp=MlpSpec("lowrank", 8, 8)), BlockSpec())
+    blocks = (BlockSpec(mlp=MlpSpec("lowrank", fc1_rank=8, fc2_rank=8)), BlockSpec())
     with pytest.raises(ValueError, match=r"svd='whitened'.*`stats` must be given"):
         vitrank.compress(teacher, _config(blocks=blocks))
     plain = vitrank.compress(teacher, _config(blocks=blocks, svd="plain"))

@@ -121,7 +121,10 @@ def test_low_ranks_and_pruning_shrink_the_model_as_counted():
     fp = inspect_vit(teacher)
     specs = [
         BlockSpec(AttentionSpec("heads", qk_rank=3, vo_rank=5), MlpSpec("prune", hidden_kept=40)),
-        BlockSpec(AttentionSpec("lowrank", qkv_rank=6, proj_rank=0), MlpSpec("lowrank", 0, 7)),
+        BlockSpec(
+            AttentionSpec("lowrank", qkv_rank=6, proj_rank=0),
+            MlpSpec("lowrank", fc1_rank=0, fc2_rank=7),
+        ),
     ]
     student = apply_specs(teacher, specs, FactorCache(teacher, stats), stats)
     assert count_params(student) == expected_params(fp, specs) < count_params(teacher)
@@ -141,7 +144,10 @@ def test_param_count_agrees_with_the_config_cost_model():
     stats = calibration(teacher)
     fp = inspect_vit(teacher)
     specs = (
-        BlockSpec(AttentionSpec("heads", qk_rank=2, vo_rank=4), MlpSpec("lowrank", 9, 11)),
+        BlockSpec(
+            AttentionSpec("heads", qk_rank=2, vo_rank=4),
+            MlpSpec("lowrank", fc1_rank=9, fc2_rank=11),
+        ),
         BlockSpec(AttentionSpec("prune", heads_kept=2), MlpSpec("prune", hidden_kept=17), 0.3),
     )
     config = spaces.CompressionConfig("deit_tiny_distilled_patch16_224", {}, fp, specs)
@@ -197,7 +203,7 @@ def test_heads_refused_with_qk_norm():
 def test_missing_factors_or_stats_are_refused():
     teacher = build("vit")
     fp = inspect_vit(teacher)
-    lowrank = _specs_with(fp, 1, mlp=MlpSpec("lowrank", 4, 4))
+    lowrank = _specs_with(fp, 1, mlp=MlpSpec("lowrank", fc1_rank=4, fc2_rank=4))
     with pytest.raises(ValueError, match=r"blocks.1: .*factors=None"):
         apply_specs(teacher, lowrank, None)
     pruned = _specs_with(fp, 0, attn=AttentionSpec("prune", heads_kept=2))
@@ -214,8 +220,14 @@ def test_building_a_block_takes_milliseconds():
     cache = FactorCache(teacher, None)
     fp = inspect_vit(teacher)
     specs = [
-        BlockSpec(AttentionSpec("heads", qk_rank=16, vo_rank=24), MlpSpec("lowrank", 48, 64)),
-        BlockSpec(AttentionSpec("lowrank", qkv_rank=64, proj_rank=32), MlpSpec("lowrank", 32, 0)),
+        BlockSpec(
+            AttentionSpec("heads", qk_rank=16, vo_rank=24),
+            MlpSpec("lowrank", fc1_rank=48, fc2_rank=64),
+        ),
+        BlockSpec(
+            AttentionSpec("lowrank", qkv_rank=64, proj_rank=32),
+            MlpSpec("lowrank", fc1_rank=32, fc2_rank=0),
+        ),
     ]
     assert len(specs) == len(fp.blocks)
     best = float("inf")

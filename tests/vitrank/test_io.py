@@ -7,7 +7,7 @@ import torch
 from _compress_cases import VARIANTS, build, calibration, images, model_args
 from vitrank.core.apply import apply_specs
 from vitrank.core.factorize import FactorCache
-from vitrank.core.io import load_model, save_model, spec_from_dict, spec_to_dict
+from vitrank.core.io import load_model, save_model
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 
 
@@ -16,7 +16,9 @@ def _specs(name: str) -> list[BlockSpec]:
     attn = lowrank if name == "qk_norm" else AttentionSpec("heads", qk_rank=3, vo_rank=5)
     return [
         BlockSpec(attn, MlpSpec("prune", hidden_kept=50), 0.3),
-        BlockSpec(AttentionSpec("prune", heads_kept=2), MlpSpec("lowrank", 7, 0), 0.25),
+        BlockSpec(
+            AttentionSpec("prune", heads_kept=2), MlpSpec("lowrank", fc1_rank=7, fc2_rank=0), 0.25
+        ),
     ]
 
 
@@ -39,12 +41,14 @@ def test_save_then_load_gives_identical_logits(tmp_path, name):
     x = images()
     assert torch.equal(loaded(x), model(x))
     assert read["note"] == "kept"
-    assert [spec_from_dict(b) for b in read["blocks"]] == meta["blocks"]
+    assert [BlockSpec.from_dict(b) for b in read["blocks"]] == meta["blocks"]
 
 
 def test_spec_dicts_round_trip():
-    spec = BlockSpec(AttentionSpec("heads", qk_rank=2, vo_rank=3), MlpSpec("prune", 0, 0, 9), 0.5)
-    assert spec_from_dict(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+    spec = BlockSpec(
+        AttentionSpec("heads", qk_rank=2, vo_rank=3), MlpSpec("prune", hidden_kept=9), 0.5
+    )
+    assert BlockSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
 
 
 def test_shared_tensors_are_saved_and_loaded(tmp_path):

@@ -86,11 +86,14 @@ def positive_int(text: str) -> int:
 
 
 def add_ops(parser: argparse.ArgumentParser) -> None:
+    from vitrank.spaces import search_families
+
     parser.add_argument(
         "--ops",
         default=None,
-        help="operator families to search, comma separated: lowrank,heads,tokens,prune "
-        "(default: all for FLOPs/latency budgets; lowrank,heads,prune for a params budget)",
+        help="operator families to search, comma separated, of "
+        f"{','.join(search_families())} (default: all for FLOPs/latency budgets; all but "
+        "tokens for a params budget)",
     )
     parser.add_argument(
         "--granularity",

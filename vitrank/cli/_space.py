@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vitrank.core.spec import BlockSpec
     from vitrank.core.structure import inspect_vit
-    from vitrank.spaces import OPS, block_params, build_space
+    from vitrank.spaces import block_params, build_space
 
     workload = workload_from_args(args)
     fp = inspect_vit(workload.model, workload.model_name)
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     console.print("biases: q = qkv, p = proj, f = fc1, F = fc2 (- = none)")
     space = build_space(
         workload.model,
-        ops=args.ops or OPS,
+        ops=args.ops or None,
         granularity=args.granularity or 8,
         model_name=workload.model_name,
         model_args=dict(workload.model_args),
