@@ -125,6 +125,7 @@ def evaluate_picks(
     from vitrank.evaluators import correct_predictions, mcnemar
     from vitrank.search import finetune_candidate
     from vitrank.search._build import build_candidate
+    from vitrank.search._fidelity import _selection, selection_signals
     from vitrank.search._problem import problem
     from vitrank.spaces import CompressionConfig
 
@@ -138,13 +139,15 @@ def evaluate_picks(
             config = CompressionConfig.from_json(row["config"])
             model = build_candidate(current, workload, row, args.compensate)
             before_hits = correct_predictions(model, workload.val, progress=False)
+            data = _selection(current, workload)
+            built = {n: m.value for n, m in selection_signals(model, data, current.device).items()}
+            rung1 = _rung1_signals(current, workload, row) if args.every_config else None
             started = time.perf_counter()
             result = finetune_candidate(current, workload, model, args.epochs, progress=False)
             hits[number] = {
                 "before": before_hits,
                 "after": correct_predictions(model, workload.val, progress=False),
             }
-            rung1 = row.get("rung1_accuracy")
             done[number] = {
                 "trial": number,
                 # pandas gives NaN where a trial replays no baseline.
@@ -152,7 +155,13 @@ def evaluate_picks(
                 "svd": config.svd,
                 "compensated": bool(args.compensate),
                 "proxy": float(row["proxy"]),
-                "rung1_accuracy": None if rung1 is None or rung1 != rung1 else float(rung1),
+                # every signal on the selection images: as built, after rung 1's short
+                # distillation (every config with --every-config, else the promoted ones)
+                # and after the fine-tuning
+                **{f"built_{n}": v for n, v in built.items()},
+                **{f"rung1_{n}": _value(row, f"rung1_{n}", rung1, n) for n in built},
+                **{f"after_{n}": v for n, v in result["selection_signals"].items()},
+                "selection_se_after": result["selection_se"],
                 "params": int(row["params"]),
                 "params_fraction": float(row["params"]) / current.space.dense_params,
                 "ops": sorted({f"{b.attn.op}/{b.mlp.op}" for b in config.blocks}),
@@ -190,6 +199,24 @@ def evaluate_picks(
             out[f"baseline {name}"] = {"skipped": reason}
     winner_hits = hits[winner["trial"]]["after"] if winner is not None else None
     return out, float(current.space.dense_params), winner_hits
+
+
+def _rung1_signals(current: Any, workload: Any, row: dict[str, Any]) -> dict[str, float]:
+    """Every signal after rung 1's whole short distillation of one config (as the search
+    runs it for a promoted candidate)."""
+    from vitrank.search._fidelity import RUNG_REPORTS, Candidate
+
+    candidate = Candidate(current, workload, row)
+    candidate.run_to(RUNG_REPORTS)
+    return dict(candidate.record()["signals"])
+
+
+def _value(row: dict[str, Any], key: str, measured: dict[str, float] | None, name: str) -> Any:
+    """A rung-1 signal: measured here, else the search's own (None where it has none)."""
+    if measured is not None:
+        return measured[name]
+    value = row.get(key)
+    return None if value is None or value != value else float(value)
 
 
 def teacher_reference(
@@ -245,28 +272,24 @@ def teacher_reference(
 def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
     """The rungs' Kendall τ against the fine-tuned accuracy over the distinct picks, and the
     selection times (rungs.json) of the ladder beside the proxy alone."""
+    from vitrank.evaluators.signals import signal_names
     from vitrank.search._fidelity import rank_agreement
 
     distinct = {c["trial"]: c for c in configs.values() if "accuracy_after" in c}
-    # rung 1's top-1 on the selection images (τ-b counts its ties)
-    rows = [
-        {"proxy": c["proxy"], "rung1_score": c["rung1_accuracy"], "final": c["accuracy_after"]}
-        for c in distinct.values()
-    ]
     rungs = json.loads((run / "rungs.json").read_text()) if (run / "rungs.json").exists() else {}
     finals = sorted((c["accuracy_after"] for c in distinct.values()), reverse=True)
     winner = configs.get("vitrank winner")
+    # Every signal on the selection images as built, after rung 1 and after the
+    # fine-tuning, the proxy and the validation accuracy as built (τ-b counts ties).
+    signals = [("proxy", "proxy", -1.0), ("accuracy_before", "accuracy_before", 1.0)]
+    signals += [
+        (f"{stage}_{name}", f"{stage}_{name}", 1.0)
+        for stage in ("built", "rung1", "after")
+        for name in signal_names()
+    ]
     return {
-        "kendall_tau_vs_finetuned": rank_agreement(rows, final="final"),
-        # What else might predict the fine-tuned order: the accuracy as built (validation)
-        # and the selection images' accuracy after the same fine-tuning (rung 2's signal).
-        "kendall_tau_other_signals": rank_agreement(
-            list(distinct.values()),
-            final="accuracy_after",
-            signals=[
-                ("accuracy_before", "accuracy_before", 1.0),
-                ("selection_accuracy_after", "selection_accuracy_after", 1.0),
-            ],
+        "kendall_tau_vs_finetuned": rank_agreement(
+            list(distinct.values()), final="accuracy_after", signals=signals
         ),
         "configs_finetuned": len(distinct),
         "finetuned_range_points": round(100 * (finals[0] - finals[-1]), 2) if finals else None,
@@ -305,12 +328,12 @@ def full_rung2(configs: dict[str, Any], images: int) -> dict[str, Any] | None:
     from vitrank.search._fidelity import by_evidence
 
     tuned = [
-        {**c, "number": c["trial"], "score": c.get("selection_score_after", c[SELECTED])}
-        for c in {c["trial"]: c for c in configs.values() if SELECTED in c}.values()
+        {**c, "number": c["trial"]}
+        for c in {c["trial"]: c for c in configs.values() if "selection_se_after" in c}.values()
     ]
     if not tuned:
         return None
-    best = by_evidence(tuned, SELECTED, "score", images)[0]
+    best = by_evidence(tuned, "selection_score_after", "selection_se_after")[0]
     return {
         "trial": best["trial"],
         "baseline": best["baseline"],
@@ -500,6 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compensate", action="store_true", help="compensate before tuning")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs here")
+    parser.add_argument(
+        "--name", default=None, help="the result file's name (default: from the settings)"
+    )
     parser.add_argument("--quick", action="store_true", help="one seed, 20 trials, 1 epoch")
     parser.add_argument(
         "--every-config",
@@ -596,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
     result["noise_floor"] = noise_floor(result["runs"])
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_at_end"] = os.getloadavg()
-    name = result_name(args.workload, args.lr, set(budgets), args.every_config)
+    name = args.name or result_name(args.workload, args.lr, set(budgets), args.every_config)
     print(f"wrote {write_result(name, result, args.out_dir)}")
 
 

@@ -510,17 +510,20 @@ def heldout_batch(
     num_train = len(train)
     if not isinstance(calib, Subset) or calib.dataset is not train:
         raise ValueError("`workload.calib` must be a Subset of `workload.train`.")
-    excluded = set(int(i) for i in calib.indices)
+    return gather(train, heldout_indices(num_train, calib.indices, size, seed))
+
+
+def heldout_indices(num_train: int, calib_indices: Any, size: int, seed: int) -> np.ndarray:
+    """The training indices `heldout_batch` takes: a seeded choice of `size` of the images
+    not in `calib_indices`, ascending."""
+    excluded = set(int(i) for i in calib_indices)
     remaining = np.array([i for i in range(num_train) if i not in excluded])
     if len(remaining) == 0:
         raise ValueError(
             f"every one of the {num_train} training images is a calibration image; use a "
             "smaller calib_size to leave held-out images for the proxy."
         )
-    chosen = np.sort(
-        np.random.default_rng(seed).permutation(remaining)[: min(size, len(remaining))]
-    )
-    return gather(train, chosen)
+    return np.sort(np.random.default_rng(seed).permutation(remaining)[: min(size, len(remaining))])
 
 
 __all__ = [
@@ -532,6 +535,7 @@ __all__ = [
     "create_proxy",
     "get_proxy",
     "heldout_batch",
+    "heldout_indices",
     "measure_sensitivity",
     "proxy_names",
     "register_proxy",

@@ -338,13 +338,19 @@ def ladder_rows(run: RunData) -> Table | None:
     promoted = promoted.sort_values(
         ["rung1_units", "rung1_score", "proxy"], ascending=[False, False, True]
     )
+    from vitrank.evaluators.signals import SIGNALS
+    from vitrank.search import rung_signals
+
+    # One column per rung and registered signal (of the ones this run recorded).
+    columns = [(n, key) for n, key, _ in rung_signals()[1:] if key in promoted.columns]
+    signal = next((s for s in promoted.get("rung1_signal", []) if isinstance(s, str)), None)
     header = [
         "trial",
         "baseline",
         "params",
         "proxy (rung 0)",
-        "rung 1: selection accuracy (milestones)",
-        "rung 2: selection accuracy",
+        "rung-1 milestones",
+        *(f"{name}{' (ranks)' if name.endswith(f' {signal}') else ''}" for name, _ in columns),
         "final accuracy (validation)",
     ]
     rows = []
@@ -356,15 +362,14 @@ def ladder_rows(run: RunData) -> Table | None:
                 record["baseline"] if isinstance(record.get("baseline"), str) else "–",
                 _number(record.get("params")),
                 _number(record.get("proxy"), "float"),
-                _number(record.get("rung1_accuracy"), "percent")
-                + (f" ({int(units)})" if units == units and units is not None else ""),
-                _number(record.get("rung2_selection_accuracy"), "percent"),
+                str(int(units)) if units == units and units is not None else "–",
+                *(_signal_cell(record.get(key), key.split("_", 1)[1]) for _, key in columns),
                 _number(record.get("final_accuracy"), "percent"),
             ]
         )
     rungs = _rungs_file(run)
     parts = []
-    for rung, label in (("proxy", "proxy"), ("rung1", "rung 1")):
+    for rung, label in [("proxy", "proxy"), *((n, n) for n, _ in columns)]:
         figure = (rungs.get("agreement") or {}).get(rung) or {}
         tau, count = figure.get("tau"), figure.get("count", 0)
         if isinstance(tau, (int, float)) and math.isfinite(tau):
@@ -382,13 +387,26 @@ def ladder_rows(run: RunData) -> Table | None:
             f"with rungs 1 and 2, {seconds.get('multi_fidelity_selection', math.nan):.1f} s "
             f"(rung 1 {seconds.get('rung1', math.nan):.1f} s, rung 2 {seconds.get('rung2', math.nan):.1f} s)"
         )
+    described = "; ".join(f"{name}: {s.description}" for name, s in SIGNALS.items())
     note = (
         "Rung 1 distils each candidate briefly, halving the field at each milestone; rung 2 "
-        "fine-tunes the best K in full. Selection accuracy is top-1 on training images no "
-        "distillation uses (never the validation split); equal accuracies are ordered by the "
-        "KL divergence from the teacher there. " + "; ".join(parts) + "."
+        "fine-tunes the best K in full. Every signal is measured on the selection images: "
+        "training images no other phase reads and no distillation trains on (never the "
+        f"validation split) ({described}). The rungs rank by {signal or 'one of them'}, and "
+        "change the proxy's order only where it differs beyond two standard errors. "
+        + "; ".join(parts)
+        + "."
     )
     return Table("Fidelity ladder: proxy, short distillation, fine-tuning", header, rows, note)
+
+
+def _signal_cell(value: Any, signal: str) -> str:
+    """A signal's value: a percentage for a share of images, else the number (KL: nats)."""
+    from vitrank.evaluators.signals import SIGNALS
+
+    if signal in SIGNALS and SIGNALS.get(signal).binary:
+        return _number(value, "percent")
+    return _number(value, "float")
 
 
 def _rungs_file(run: RunData) -> dict[str, Any]:

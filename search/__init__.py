@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vitrank.search._build import build_candidate
 from vitrank.search._engines import ENGINES, EngineJob, run_engine
-from vitrank.search._fidelity import milestones, promotion_pool, rank_agreement
+from vitrank.search._fidelity import milestones, promotion_pool, rank_agreement, rung_signals
 from vitrank.search._finish import finetune_winners
 from vitrank.search._pareto import pareto_front, pick_winners
 from vitrank.search._run import RESUMABLE, read_trials, resolve_run, run_search
@@ -44,6 +44,7 @@ __all__ = [
     "pick_winners",
     "promotion_pool",
     "rank_agreement",
+    "rung_signals",
     "read_trials",
     "resolve_run",
     "resolve_settings",

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from vitrank.core.files import atomic_write
 from vitrank.evaluators import RECIPE, Recipe, gather
+from vitrank.evaluators.signals import Measured
 from vitrank.search._pareto import pick_winners
 from vitrank.search._rundir import RunDir, atomic_write_json
 from vitrank.search._table import RUNG1_ATTR, front_rows, rung_key
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 # RUNG2_ATTR: {"selection_score", "accuracy", "epochs", "rank"} of a fine-tuned winner.
 RUNG_REPORTS = 4  # selection evaluations in a rung-1 distillation: the milestones 1, 2, 4
 REDUCTION = 2  # successive halving keeps 1 in REDUCTION at each milestone
-SELECTION_MAX = 2000  # selection images, at most (a fifth of the training images otherwise)
-SELECTION_MIN = 64
 BATCH_SIZE = 64
 
 
@@ -110,35 +109,27 @@ def rung1_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for units in sorted({int(r["rung1_units"]) for r in done}, reverse=True):
         group = [r for r in done if int(r["rung1_units"]) == units]
-        images = max(int(r.get("rung1_images") or 0) for r in group)
-        out += by_evidence(group, "rung1_accuracy", "rung1_score", images)
+        out += by_evidence(group, "rung1_score", "rung1_se")
     return out
 
 
-def noise_margin(accuracy: float, images: int) -> float:
-    """Two standard errors of a top-1 measured on `images` images (at least one image's
-    worth of variance, so a perfect score has a margin too)."""
-    if images <= 0:
-        return 0.0
-    variance = max(accuracy * (1.0 - accuracy), 1.0 / images)
-    return 2.0 * math.sqrt(variance / images)
+def by_evidence(rows: list[dict[str, Any]], score: str, se: str) -> list[dict[str, Any]]:
+    """Rows best first: the ones the best by `score` does not beat beyond its noise (two
+    standard errors of the difference, `Measured.beats`) are ranked by the proxy (the
+    lower-variance signal), the others after them by `score`.
 
-
-def by_evidence(
-    rows: list[dict[str, Any]], accuracy: str, score: str, images: int
-) -> list[dict[str, Any]]:
-    """Rows best first: the ones whose accuracy is within the noise margin of the best are
-    ranked by the proxy (the lower-variance signal), the others after them by accuracy.
-
-    A short distillation measured on a few thousand images tells candidates apart only when
-    they differ by more than its noise; within it, the proxy's order stands.
+    A rung measured on a few thousand images tells candidates apart only where they differ
+    by more than its noise; within it, the proxy's order stands.
     """
     if not rows:
         return []
-    best = max(float(r[accuracy]) for r in rows)
-    margin = noise_margin(best, images)
-    close = [r for r in rows if best - float(r[accuracy]) <= margin]
-    rest = [r for r in rows if best - float(r[accuracy]) > margin]
+
+    def value(row: dict[str, Any]) -> Measured:
+        return Measured(float(row[score]), float(row.get(se) or 0.0), 0)
+
+    best = value(max(rows, key=lambda r: float(r[score])))
+    close = [r for r in rows if not best.beats(value(r))]
+    rest = [r for r in rows if best.beats(value(r))]
     close.sort(key=lambda r: (r["proxy"], r["number"]))
     rest.sort(key=lambda r: (-float(r[score]), r["proxy"], r["number"]))
     return close + rest
@@ -159,21 +150,34 @@ class SelectionData:
 
 
 def selection_data(problem: Problem, workload: Workload) -> SelectionData:
-    """A seeded choice of training images for selection, disjoint from the calibration
-    images; the distillation trains on every other training image (calibration included)."""
+    """The selection split: a seeded choice of training images that no other phase reads,
+    neither the calibration (whose first images compensation refines on) nor the proxy's
+    held-out batch (whose first images measure the sensitivity), and that no distillation
+    trains on; the distillation trains on every other training image."""
     from torch.utils.data import Subset
+    from vitrank.evaluators.proxies import heldout_indices
+    from vitrank.search._problem import selection_size
     from vitrank.workloads import calibration_indices
 
     train = workload.train
     total = len(train)  # type: ignore[arg-type]
+    seed = problem.settings.seed
     calib = problem.sizes.calib if problem.sizes else len(workload.calib)  # type: ignore[arg-type]
-    excluded = set(calibration_indices(total, calib, problem.settings.seed).tolist())
-    remaining = np.array([i for i in range(total) if i not in excluded])
-    size = min(SELECTION_MAX, max(SELECTION_MIN, total // 5), len(remaining) // 2)
+    calibration = calibration_indices(total, calib, seed)
+    excluded = set(calibration.tolist())
+    sizes = problem.sizes
+    if sizes is not None and sizes.selection is not None:
+        excluded |= set(heldout_indices(total, calibration, sizes.heldout, seed).tolist())
+        remaining = np.array([i for i in range(total) if i not in excluded])
+        size = min(sizes.selection, len(remaining))
+    else:  # a run of an older version: selection images from what calibration leaves
+        remaining = np.array([i for i in range(total) if i not in excluded])
+        size = min(selection_size(total), len(remaining) // 2)
     if size < 1:
         raise ValueError(
             f"the {total} training images leave none for selection after the {calib} "
-            "calibration images; use a smaller --calib-size."
+            "calibration and the proxy's held-out images; use a smaller --calib-size or "
+            "--heldout-size."
         )
     rng = np.random.default_rng(problem.settings.seed + 7919)
     chosen = sorted(int(i) for i in rng.permutation(remaining)[:size])
@@ -205,38 +209,24 @@ def limited(dataset: Dataset, count: int | None, seed: int) -> Dataset:
     return Subset(dataset, sorted(order[:count].tolist()))
 
 
-def selection_score(model: nn.Module, data: SelectionData, device: torch.device) -> float:
-    """The one number rungs 1 and 2 compare: top-1 on the selection images, ties broken by
-    the KL divergence from the teacher there.
-
-    score = accuracy + 1 / (2 n (1 + KL)) over n images: the added term is below half an
-    image's worth of accuracy, so it only orders equal accuracies (which are common where
-    the teacher knows its training images by heart, as on digits), lower KL first.
-    """
-    import torch.nn.functional as F
+def selection_signals(
+    model: nn.Module, data: SelectionData, device: torch.device
+) -> dict[str, Measured]:
+    """Every registered signal of `model` on the selection images (one forward pass)."""
+    from vitrank.evaluators.signals import measure_signals
 
     logits, labels = _logits(model, data.images, data.labels, device)
-    accuracy = float((logits.argmax(-1) == labels).double().mean())
-    kl = float(
-        F.kl_div(
-            F.log_softmax(logits.double(), -1),
-            F.log_softmax(data.teacher_logits.double(), -1),
-            reduction="batchmean",
-            log_target=True,
-        )
-    )
-    return accuracy + 1.0 / (2 * len(data.labels) * (1.0 + max(kl, 0.0)))
+    return measure_signals(logits, data.teacher_logits, labels)
 
 
-def score_accuracy(score: float, images: int) -> float:
-    """The top-1 part of a `selection_score` measured on `images` images."""
-    return math.floor(score * images + 1e-9) / images if score == score else score
+def plain(signals: dict[str, Measured]) -> dict[str, list[float]]:
+    """Measured signals as JSON: name -> [value, standard error]."""
+    return {name: [m.value, m.se] for name, m in signals.items()}
 
 
-def selection_correct(model: nn.Module, data: SelectionData, device: torch.device) -> Tensor:
-    """Whether `model` gets each selection image right (what rung 2 picks its epoch by)."""
-    logits, labels = _logits(model, data.images, data.labels, device)
-    return logits.argmax(-1) == labels
+def measured(values: dict[str, Any], images: int) -> dict[str, Measured]:
+    """`plain`'s output read back."""
+    return {name: Measured(float(v[0]), float(v[1]), images) for name, v in values.items()}
 
 
 # -- one distillation, in milestones ---------------------------------------------------
@@ -393,34 +383,49 @@ class Candidate:
             model, current.teacher, train, settings.rung_epochs, seed=settings.seed,
             lr=settings.finetune_lr, alpha=settings.finetune_alpha, device=self.device,
         )  # fmt: skip
-        self.curve: list[float] = []
+        self.signal = settings.ladder_signal
+        images = len(self.data.labels)
+        # Every signal at each milestone (name -> [value, standard error]); the ladder's
+        # decides, the others are recorded beside it.
+        self.curve: list[dict[str, list[float]]] = []
         self.seconds = 0.0
         state = _load_checkpoint(_checkpoint_path(self.run, self.number))
-        if state is not None:
+        if state is not None and isinstance(state.get("initial"), dict):
             self.distillation.load_state_dict(state["distillation"])
-            self.curve = [float(x) for x in state["curve"]]
+            self.curve = list(state["curve"])
             self.seconds = float(state["seconds"])
-            self.initial = float(state["initial"])
-        else:
-            self.initial = selection_score(model, self.data, self.device)
+            self.initial = dict(state["initial"])
+        else:  # none yet, or one of an older kind: start over
+            self.initial = plain(selection_signals(model, self.data, self.device))
+        self._images = images
 
     @property
     def units(self) -> int:
         return len(self.curve)
 
+    def _best(self, unit: int) -> dict[str, list[float]]:
+        """Every signal at the best milestone up to `unit` by the ladder's signal, the model
+        as built included (a distillation that hurts never ranks a candidate below what it
+        was); of equal ones the latest (the most distilled)."""
+        points = [self.initial, *self.curve[:unit]]
+        best = points[0]
+        for point in points:
+            if point[self.signal][0] >= best[self.signal][0]:
+                best = point
+        return best
+
     def best(self, unit: int) -> float:
-        """The selection score of the best milestone up to `unit`, the model as built
-        included (a distillation that hurts never ranks a candidate below what it was):
-        the highest accuracy, and of equal ones the latest (the most distilled)."""
-        return _running_best([self.initial, *self.curve[:unit]], len(self.data.labels))[-1]
+        """The ladder's signal at the best milestone up to `unit` (`_best`)."""
+        return float(self._best(unit)[self.signal][0])
 
     def run_to(self, unit: int) -> float:
-        """Distil to milestone `unit`, scoring (and saving) at each one on the way; the best
-        selection score so far (`best`)."""
+        """Distil to milestone `unit`, measuring (and saving) at each one on the way; the
+        best value of the ladder's signal so far (`best`)."""
         while len(self.curve) < unit:
             began = time.perf_counter()
             self.distillation.run_to(len(self.curve) + 1)
-            self.curve.append(selection_score(self.distillation.student, self.data, self.device))
+            student = self.distillation.student
+            self.curve.append(plain(selection_signals(student, self.data, self.device)))
             self.seconds += time.perf_counter() - began
             state = {
                 "distillation": self.distillation.state_dict(),
@@ -432,15 +437,18 @@ class Candidate:
         return self.best(unit)
 
     def record(self) -> dict[str, Any]:
-        best = self.best(len(self.curve))
+        best = self._best(len(self.curve))
         return {
-            "score": best,
-            "accuracy": score_accuracy(best, len(self.data.labels)),
-            "initial": self.initial,
-            "images": len(self.data.labels),
+            "signal": self.signal,
+            "score": float(best[self.signal][0]),
+            "se": float(best[self.signal][1]),
+            "signals": {name: float(v[0]) for name, v in best.items()},
+            "accuracy": float(best["accuracy"][0]),
+            "initial": float(self.initial[self.signal][0]),
+            "images": self._images,
             "units": len(self.curve),
             "of_units": self.distillation.units,
-            "curve": self.curve,
+            "curve": [float(point[self.signal][0]) for point in self.curve],
             "seconds": round(self.seconds, 3),
             "steps": self.distillation.step,
         }
@@ -493,22 +501,20 @@ def run_rung1(
         _rung1_halving(current, workload, study, storage, todo, rows)
 
 
-def _running_best(scores: list[float], images: int) -> list[float]:
-    """After each entry, the score of the best one so far: the highest accuracy, and of
-    equal ones the latest (the most distilled)."""
+def _running_best(scores: list[float]) -> list[float]:
+    """After each entry, the best one so far."""
     out, best = [], scores[0]
     for value in scores:
-        if score_accuracy(value, images) >= score_accuracy(best, images):
-            best = value
+        best = max(best, value)
         out.append(best)
     return out
 
 
-def _prior_curves(rows: list[dict[str, Any]], images: int) -> list[list[float]]:
+def _prior_curves(rows: list[dict[str, Any]]) -> list[list[float]]:
     """The curves of candidates done in an earlier session (they count in the halving):
     entry u - 1 is what `Candidate.best(u)` gave at milestone u."""
     return [
-        _running_best([float(r["rung1_initial"]), *map(float, r["rung1_curve"])], images)[1:]
+        _running_best([float(r["rung1_initial"]), *map(float, r["rung1_curve"])])[1:]
         for r in rows
         if r.get("rung1_curve") is not None and r.get("rung1_initial") is not None
     ]
@@ -530,7 +536,7 @@ def _rung1_halving(
     """Synchronous successive halving in this process, one candidate at a time."""
     from vitrank.core.progress import progress
 
-    prior = _prior_curves(rows, len(_selection(current, workload).labels))
+    prior = _prior_curves(rows)
     steps = milestones()
     alive = list(todo)
     running: dict[int, Candidate] = {}  # candidates kept in memory between milestones
@@ -549,10 +555,10 @@ def _rung1_halving(
                     running[number] = candidate
             if unit == steps[-1]:
                 break
-            # Rank this milestone's accuracies with the earlier sessions' at the same one.
+            # Rank this milestone's values with the earlier sessions' at the same one.
             others = [c[unit - 1] for c in prior if len(c) >= unit]
             keep = _survivors(total, position)
-            # Ties (a selection accuracy saturates on easy data) go to the better proxy.
+            # Ties (an accuracy saturates on easy data) go to the better proxy.
             ranked = sorted(
                 alive, key=lambda r: (-scores[int(r["number"])], r["proxy"], r["number"])
             )
@@ -656,13 +662,22 @@ def _rung1_ray(
 # -- agreement between rungs -----------------------------------------------------------
 
 
-RUNG_SIGNALS = (("proxy", "proxy", -1.0), ("rung1", "rung1_score", 1.0))  # (name, key, sign)
+def rung_signals() -> list[tuple[str, str, float]]:
+    """(name, trials-table column, sign) of what each rung ranks by: the proxy (lower is
+    better), then every registered signal at rung 1 and after rung 2."""
+    from vitrank.evaluators.signals import signal_names
+
+    return [
+        ("proxy", "proxy", -1.0),
+        *((f"rung1 {name}", f"rung1_{name}", 1.0) for name in signal_names()),
+        *((f"rung2 {name}", f"rung2_{name}", 1.0) for name in signal_names()),
+    ]
 
 
 def rank_agreement(
     rows: Sequence[dict[str, Any]],
     final: str = "final_accuracy",
-    signals: Sequence[tuple[str, str, float]] = RUNG_SIGNALS,
+    signals: Sequence[tuple[str, str, float]] | None = None,
 ) -> dict[str, Any]:
     """Kendall τ-b (and its p-value) of each signal against `final` over the rows that have
     both (`evaluators.rank_fidelity`); a signal's sign is -1 where lower is better (the
@@ -670,7 +685,7 @@ def rank_agreement(
     from vitrank.evaluators import rank_fidelity
 
     out: dict[str, Any] = {}
-    for name, key, sign in signals:
+    for name, key, sign in rung_signals() if signals is None else signals:
         pairs = [
             (float(r[key]), float(r[final]))
             for r in rows
@@ -696,9 +711,10 @@ def write_rungs(run: RunDir, rows: list[dict[str, Any]], seconds: dict[str, floa
                     "params": r["params"],
                     "cost": r["cost"],
                     "proxy": r["proxy"],
+                    "rung1_signal": r.get("rung1_signal"),
                     "rung1_score": r["rung1_score"],
-                    "rung1_accuracy": r["rung1_accuracy"],
                     "rung1_units": r["rung1_units"],
+                    **{key: r.get(key) for _, key, _ in rung_signals()[1:]},
                     "rung2_selection_score": r.get("rung2_selection_score"),
                     "final_accuracy": r.get("final_accuracy"),
                 }

@@ -54,6 +54,8 @@ CPU_SENSITIVITY_FLOPS = 1.5e12
 # backward of the student, forward of the teacher: ~4 forwards an image), on a CPU also
 # bounded by CPU_RUNG_FLOPS.
 RUNG_IMAGES = 2048
+SELECTION_MAX = 2000  # selection images, at most (a fifth of the training images otherwise)
+SELECTION_MIN = 64
 CPU_RUNG_FLOPS = 4e12
 SENSITIVITY_TERMS_PER_BLOCK = 8
 # Calibration tokens a CPU run aims at (256 images of 50 tokens): several times the widest
@@ -71,15 +73,24 @@ class DataSizes:
     chosen: bool  # False when the settings gave them
     compensation: int = 64  # the first calibration images, for the winners' compensation
     rung: int = RUNG_IMAGES  # distillation images per rung-1 epoch
+    # Training images only the ladder's signals read (disjoint from all the above and
+    # from every distillation); None: chosen from what is left (runs of older versions).
+    selection: int | None = None
 
     def describe(self, model: str, device: torch.device) -> str:
         how = f"chosen for {model} on {device}" if self.chosen else "as set"
+        selection = "" if self.selection is None else f"{self.selection} for selection, "
         return (
             f"images: {self.calib} for calibration, {self.heldout} held out for the proxy, "
             f"{self.sensitivity} for sensitivity and baselines, {self.compensation} for "
-            f"compensation, {self.rung} per rung-1 epoch ({how}; --calib-size, "
+            f"compensation, {selection}{self.rung} per rung-1 epoch ({how}; --calib-size, "
             "--heldout-size, --rung-images to change)"
         )
+
+
+def selection_size(num_train: int) -> int:
+    """Selection images for a training split of `num_train` (a fifth, within bounds)."""
+    return min(SELECTION_MAX, max(SELECTION_MIN, num_train // 5))
 
 
 def data_sizes(
@@ -111,10 +122,20 @@ def data_sizes(
     rung = settings.rung_images or RUNG_IMAGES
     if device.type == "cpu" and settings.rung_images is None:
         rung = int(min(RUNG_IMAGES, max(64, CPU_RUNG_FLOPS // (4 * per_image))))
+    heldout = heldout or auto_heldout
+    selection = None
+    if num_train is not None:
+        # The selection split comes out of what calibration leaves; on a small training
+        # split the proxy's held-out batch gives way to it (at most a third of the rest).
+        rest = max(num_train - calib, 0)
+        selection = min(selection_size(num_train), rest // 3)
+        heldout = min(heldout, rest - selection)
+        sensitivity = min(sensitivity, heldout)
     return DataSizes(
         rung=rung,
+        selection=selection,
         calib=calib,
-        heldout=heldout or auto_heldout,
+        heldout=heldout,
         sensitivity=sensitivity,
         chosen=None in (settings.calib_size, settings.heldout_size, settings.rung_images),
         compensation=min(compensation, sensitivity, calib),

@@ -61,6 +61,12 @@ def _family_names() -> tuple[str, ...]:
     return search_families()
 
 
+def _signal_names() -> tuple[str, ...]:
+    from vitrank.evaluators.signals import signal_names
+
+    return signal_names()
+
+
 def _sampler_names() -> tuple[str, ...]:
     from vitrank.search._samplers import SAMPLERS
 
@@ -190,6 +196,12 @@ class SearchSettings:
     rung_epochs: float = setting(
         1.0, "rung 1: epochs of the short distillation", group=LADDER, metavar="E"
     )
+    # What rungs 1 and 2 rank by, on the selection images (evaluators.signals); a rung
+    # changes the proxy's order only where this signal differs beyond its noise.
+    ladder_signal: str = setting(
+        "kl", "the signal rungs 1 and 2 rank by on the selection images, of %(choices)s",
+        group=LADDER, metavar="NAME", choices=_signal_names, strict=True,
+    )  # fmt: skip
     # Distillation images per rung-1 epoch (a seeded subset); None: 2048, fewer for
     # DeiT-sized models on a CPU (cache/sizes.json says what was chosen).
     rung_images: int | None = setting(
@@ -294,6 +306,9 @@ class SearchSettings:
             raise ValueError(f"`promote >= 0` must hold (0: no rung 1), but got {self.promote=}.")
         if not self.rung_epochs > 0:
             raise ValueError(f"`rung_epochs > 0` must hold, but got {self.rung_epochs=}.")
+        from vitrank.evaluators.signals import SIGNALS
+
+        SIGNALS.check(self.ladder_signal)
         for name in ("rung_images", "finetune_images"):
             value = getattr(self, name)
             if value is not None and value < 1:

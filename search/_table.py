@@ -10,6 +10,7 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
+from vitrank.evaluators.signals import signal_names
 from vitrank.search._engines import INTERRUPTED_ATTR, METRICS_ATTR, VIOLATION_ATTR
 from vitrank.search._pareto import pareto_front
 from vitrank.search._rundir import RunDir, atomic_write_bytes, atomic_write_json
@@ -78,7 +79,9 @@ def trial_rows(
         # The fidelity ladder (search._fidelity): None where a trial did not get that far.
         rung1 = rungs.get((RUNG1_ATTR, t.number), {})
         rung2 = rungs.get((RUNG2_ATTR, t.number), {})
+        row["rung1_signal"] = rung1.get("signal")
         row["rung1_score"] = rung1.get("score")
+        row["rung1_se"] = rung1.get("se")
         row["rung1_accuracy"] = rung1.get("accuracy")
         row["rung1_units"] = rung1.get("units")
         row["rung1_images"] = rung1.get("images")
@@ -86,6 +89,10 @@ def trial_rows(
         row["rung1_initial"] = rung1.get("initial")
         row["rung2_selection_score"] = rung2.get("selection_score")
         row["rung2_selection_accuracy"] = rung2.get("selection_accuracy")
+        # Every registered signal, rung 1's at its best milestone and rung 2's after it.
+        for name in signal_names():
+            row[f"rung1_{name}"] = (rung1.get("signals") or {}).get(name)
+            row[f"rung2_{name}"] = (rung2.get("signals") or {}).get(name)
         row["final_accuracy"] = rung2.get("accuracy")
         rows.append(row)
     return rows

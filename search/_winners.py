@@ -49,19 +49,20 @@ def finetune_candidate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Rung 2: distil `model` in place for `epochs` on the distillation images and keep
-    the last epoch, unless an earlier one (the model as built included) is more accurate on
-    the selection images beyond chance (finetune's keep="last-unless-worse"); then score it
-    there (`selection_score`, what ranks the winners) and measure it on the validation
-    split.
+    the epoch, the model as built included, that the ladder's signal on the selection
+    images rates best (of equal ones the latest: finetune's keep="latest-best"), so the
+    model handed out is never worse by it than as built; then measure every signal there
+    (`selection_score` is the ladder's, what ranks the winners) and the validation split.
 
     The same for every config a comparison fine-tunes (benchmarks/quality.py uses it):
     the seed, learning rate and images are the run's. `train_images` distils on a seeded
     subset of that many distillation images instead (default: the run's `finetune_images`).
     """
     from vitrank.evaluators import finetune
-    from vitrank.search._fidelity import _selection, limited, selection_correct, selection_score
+    from vitrank.search._fidelity import _selection, limited, selection_signals
 
     settings = problem.settings
+    signal = settings.ladder_signal
     data = _selection(problem, workload)
     train = limited(data.train, train_images or settings.finetune_images, settings.seed)
     result = finetune(
@@ -75,12 +76,16 @@ def finetune_candidate(
         seed=settings.seed,
         device=str(problem.device),
         progress=progress,
-        keep="last-unless-worse",
-        score=lambda student: selection_correct(student, data, problem.device),
+        keep="latest-best",
+        score=lambda student: selection_signals(student, data, problem.device)[signal].value,
     )
+    after = selection_signals(model, data, problem.device)
     return {
-        "selection_score": selection_score(model, data, problem.device),
-        "selection_accuracy": float(result.best_accuracy),
+        "selection_signal": signal,
+        "selection_score": after[signal].value,
+        "selection_se": after[signal].se,
+        "selection_signals": {name: m.value for name, m in after.items()},
+        "selection_accuracy": after["accuracy"].value,
         "finetuned_accuracy": validation_accuracy(model, workload, str(problem.device)),
         "best_epoch": int(result.best_epoch),
         "finetune_history": result.history,
@@ -332,19 +337,13 @@ def _settle_others(run: RunDir, kept: list[Path], *, remove: bool, log: Any) -> 
 
 
 def _rung2_order(problem: Problem, workload: Workload, metrics: list[dict[str, Any]]) -> list[int]:
-    from vitrank.search._fidelity import _selection, by_evidence
+    from vitrank.search._fidelity import by_evidence
 
-    tuned = [
-        {**m, "index": i} for i, m in enumerate(metrics) if m.get("selection_accuracy") is not None
-    ]
+    tuned = [{**m, "index": i} for i, m in enumerate(metrics) if m.get("selection_se") is not None]
     if not tuned:
         return list(range(len(metrics)))
-    images = len(_selection(problem, workload).labels)
     ranked = by_evidence(
-        [{**m, "proxy": m.get("proxy") or 0.0} for m in tuned],
-        "selection_accuracy",
-        "selection_score",
-        images,
+        [{**m, "proxy": m.get("proxy") or 0.0} for m in tuned], "selection_score", "selection_se"
     )
     first = [int(m["index"]) for m in ranked]
     return first + [i for i in range(len(metrics)) if i not in first]
@@ -359,7 +358,7 @@ def _finished(directory: Path, epochs: int) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except ValueError:
         return None
-    done = "selection_score" in metrics and metrics.get("finetune_epochs") == epochs
+    done = "selection_se" in metrics and metrics.get("finetune_epochs") == epochs
     return metrics if done else None
 
 
@@ -398,6 +397,7 @@ def _record_rung2(problem: Problem, winners: list[dict[str, Any]]) -> None:
         record = {
             "selection_score": metrics["selection_score"],
             "selection_accuracy": metrics["selection_accuracy"],
+            "signals": metrics.get("selection_signals"),
             "accuracy": metrics["finetuned_accuracy"],
             "epochs": metrics.get("finetune_epochs"),
             "rank": metrics.get("rank"),

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from vitrank.evaluators.signals import SIGNALS, Measured, measure_signals
 from vitrank.search import (
     SearchSettings,
     milestones,
@@ -24,7 +25,7 @@ from vitrank.search import (
     resolve_run,
     run_search,
 )
-from vitrank.search._fidelity import Distillation, by_evidence, noise_margin
+from vitrank.search._fidelity import Distillation, by_evidence
 
 from tests.conftest import make_tiny_vit
 from tests.search.conftest import TINY_ARCH, TINY_ARGS, tiny_settings, tiny_workload
@@ -65,33 +66,60 @@ def test_promotion_pool_takes_the_best_the_front_and_every_feasible_baseline():
 
 def test_rank_agreement_is_kendall_tau_of_each_rung_against_the_final_accuracy():
     rows = [
-        {"proxy": 0.1, "rung1_score": 0.9, "final_accuracy": 0.95},
-        {"proxy": 0.2, "rung1_score": 0.8, "final_accuracy": 0.90},
-        {"proxy": 0.3, "rung1_score": 0.85, "final_accuracy": 0.80},
-        {"proxy": 0.4, "rung1_score": 0.7, "final_accuracy": None},
+        {"proxy": 0.1, "rung1_kl": -0.1, "final_accuracy": 0.95},
+        {"proxy": 0.2, "rung1_kl": -0.2, "final_accuracy": 0.90},
+        {"proxy": 0.3, "rung1_kl": -0.15, "final_accuracy": 0.80},
+        {"proxy": 0.4, "rung1_kl": -0.3, "final_accuracy": None},
     ]
     agreement = rank_agreement(rows)
     assert agreement["proxy"]["tau"] == pytest.approx(1.0)  # lower proxy: better
     assert agreement["proxy"]["count"] == 3 and 0 < agreement["proxy"]["p"] <= 1
-    assert agreement["rung1"]["tau"] == pytest.approx(1 / 3)
+    assert agreement["rung1 kl"]["tau"] == pytest.approx(1 / 3)
+    # every registered signal at both rungs has its entry (none measured here)
+    assert {f"rung{k} {n}" for k in (1, 2) for n in SIGNALS.names()} <= set(agreement)
+    assert agreement["rung2 accuracy"]["count"] == 0
     assert math.isnan(rank_agreement(rows[:2])["proxy"]["tau"])
     # Any other signal, e.g. the accuracy as built (higher is better).
     built = rank_agreement(
-        [{**r, "built": r["rung1_score"]} for r in rows], signals=[("built", "built", 1.0)]
+        [{**r, "built": r["rung1_kl"]} for r in rows], signals=[("built", "built", 1.0)]
     )
     assert set(built) == {"built"} and built["built"]["tau"] == pytest.approx(1 / 3)
 
 
-def test_accuracies_within_their_noise_are_ranked_by_the_proxy():
-    rows = [
-        {"number": 1, "proxy": 0.3, "acc": 1.000, "score": 1.0},
-        {"number": 2, "proxy": 0.1, "acc": 0.990, "score": 0.99},  # 1 image of 100 below
-        {"number": 3, "proxy": 0.2, "acc": 0.900, "score": 0.9},  # clearly worse
-    ]
-    assert noise_margin(1.0, 100) == pytest.approx(0.02)
-    assert [r["number"] for r in by_evidence(rows, "acc", "score", 100)] == [2, 1, 3]
+def test_signals_within_their_noise_are_ranked_by_the_proxy():
+    def rows(images: int) -> list[dict]:
+        out = []
+        for number, proxy, accuracy in ((1, 0.3, 1.0), (2, 0.1, 0.99), (3, 0.2, 0.9)):
+            correct = torch.zeros(images)
+            correct[: round(accuracy * images)] = 1
+            labels = torch.zeros(images, dtype=torch.long)
+            logits = torch.stack([correct, 1 - correct], 1)  # right where `correct`
+            m = SIGNALS.get("accuracy").measure(logits, logits, labels)
+            out.append({"number": number, "proxy": proxy, "score": m.value, "se": m.se})
+        return out
+
+    # one image of 100 below a perfect score is within its noise: the proxy's order stands
+    assert [r["number"] for r in by_evidence(rows(100), "score", "se")] == [2, 1, 3]
     # with 10,000 images one point of accuracy is far beyond the noise
-    assert [r["number"] for r in by_evidence(rows, "acc", "score", 10_000)] == [1, 2, 3]
+    assert [r["number"] for r in by_evidence(rows(10_000), "score", "se")] == [1, 2, 3]
+
+
+def test_signals_measure_kl_agreement_and_accuracy_per_image():
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 1.0]])
+    student = torch.tensor([[2.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    got = measure_signals(student, teacher, labels)
+    assert list(got) == list(SIGNALS.names())
+    assert got["agreement"].value == pytest.approx(0.75)
+    assert got["accuracy"].value == pytest.approx(1.0)
+    p = torch.softmax(teacher, -1)
+    kl = (p * (p.log() - torch.log_softmax(student, -1))).sum(-1)
+    assert got["kl"].value == pytest.approx(-float(kl.mean()))
+    assert got["kl"].se == pytest.approx(float(kl.std(unbiased=False)) / 2)
+    # a perfect binary score keeps one image's worth of noise
+    assert got["accuracy"].se == pytest.approx(0.25)
+    assert Measured(0.9, 0.01, 100).beats(Measured(0.8, 0.01, 100))
+    assert not Measured(0.81, 0.01, 100).beats(Measured(0.8, 0.01, 100))
 
 
 def _distillation(seed: int = 0) -> tuple[Distillation, torch.nn.Module]:
@@ -174,20 +202,29 @@ def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
         assert metrics["rung1_accuracy"] == pytest.approx(
             float(table.loc[table["number"] == metrics["number"], "rung1_accuracy"].iloc[0])
         )
-        assert metrics["selection_accuracy"] <= metrics["selection_score"]
+        signal = metrics["selection_signal"]
+        assert signal == "kl" and metrics["selection_score"] == metrics["selection_signals"][signal]
+        assert metrics["selection_accuracy"] == metrics["selection_signals"]["accuracy"]
+        # the epoch handed out is never worse by the ladder's signal than the model as built
+        history = metrics["finetune_history"]
+        assert metrics["selection_score"] >= history[0]["val_accuracy"] - 1e-12
     assert sorted(ranks) == [1, 2]
-    # rank 1: more accurate on the selection images beyond their noise, else the better proxy
+    # rank 1: better by the ladder's signal beyond its noise, else the better proxy
     first, second = ranks[1], ranks[2]
-    images = int(promoted["rung1_images"].max())
-    gap = first["selection_accuracy"] - second["selection_accuracy"]
-    if abs(gap) <= noise_margin(
-        max(first["selection_accuracy"], second["selection_accuracy"]), images
-    ):
-        assert first["proxy"] <= second["proxy"]
+    a = Measured(first["selection_score"], first["selection_se"], 0)
+    b = Measured(second["selection_score"], second["selection_se"], 0)
+    if a.beats(b) or b.beats(a):
+        assert a.beats(b)
     else:
-        assert gap > 0
+        assert first["proxy"] <= second["proxy"]
+    # every registered signal is a column of the trials table, at both rungs
+    for name in SIGNALS.names():
+        assert promoted[f"rung1_{name}"].notna().all()
+        assert table[f"rung2_{name}"].notna().sum() == 2
     rungs = json.loads((run / "rungs.json").read_text())
-    assert {"proxy", "rung1"} == set(rungs["agreement"])
+    assert {"proxy", *(f"rung{k} {n}" for k in (1, 2) for n in SIGNALS.names())} == set(
+        rungs["agreement"]
+    )
     seconds = rungs["seconds"]
     assert seconds["multi_fidelity_selection"] == pytest.approx(
         seconds["proxy_selection"] + seconds["rung1"] + seconds["rung2"], abs=0.01
@@ -215,7 +252,7 @@ def _check_report(run: Path) -> None:
     paths = reports.build(run)
     page = paths.html.read_text()
     assert "<pre>" not in page and page.count("<table>") >= 2
-    assert "Fidelity ladder" in page and "Kendall τ of the rung 1" in page
+    assert "Fidelity ladder" in page and "Kendall τ of the rung1 kl" in page
     assert "selection by the proxy alone took" in page
     assert "Accuracy vs params" in page
     summary = paths.summary.read_text()
