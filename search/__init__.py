@@ -7,6 +7,11 @@ samplers and baselines are looked up by name in `ENGINES`, `SAMPLERS` and `BASEL
 
 from __future__ import annotations
 
+import importlib as _importlib
+import sys as _sys
+import types as _types
+from typing import Any
+
 from vitrank.search._build import build_candidate
 from vitrank.search._engines import ENGINES, EngineJob, run_engine
 from vitrank.search._fidelity import milestones, promotion_pool, rank_agreement, rung_signals
@@ -53,3 +58,14 @@ __all__ = [
     "run_search",
     "stop_rule",
 ]
+
+
+class _SearchPackage(_types.ModuleType):
+    """`vitrank.search` is this package and, called, the search itself (`vitrank.api.search`,
+    the façade's function of the same name, which also writes the report)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _importlib.import_module("vitrank.api").search(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _SearchPackage

@@ -124,3 +124,17 @@ def test_load_refuses_a_config_that_does_not_fit_its_architecture(tmp_path, teac
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"config.json: .*num_tokens: 17 != 26"):
         vitrank.load(tmp_path)
+
+
+def test_vitrank_search_is_the_search_even_once_the_package_is_imported(monkeypatch):
+    """`vitrank.search` names the package `vitrank.search` too: called, it is the API's
+    search, however it was reached."""
+    import vitrank
+    import vitrank.api
+    import vitrank.search as package
+
+    calls = []
+    monkeypatch.setattr(vitrank.api, "search", lambda *a, **k: calls.append((a, k)) or "run")
+    assert vitrank.search is package and package.SearchSettings is not None
+    assert vitrank.search("run.yaml", trials=3) == "run"
+    assert calls == [(("run.yaml",), {"trials": 3})]
