@@ -188,6 +188,7 @@ def build(run_dir: str | Path, out: str | Path | None = None) -> ReportPaths:
                 teacher_costs(run),
                 budget_limit(run, x),
                 f"{run.name}: accuracy vs {x}",
+                baselines=_baseline_points(run),
             )
             figures.append((f"Accuracy vs {x}: as built, after rung 1 and fine-tuned", figure))
     trace = _data.hypervolume_over_trials(run.trials, (score, cost))
@@ -260,6 +261,7 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
         "latency ms (predicted)",
         "speed-up (predicted)",
         "proxy",
+        "McNemar p vs the winner",
     ]
 
     def ratio(base: Any, value: Any) -> str:
@@ -284,6 +286,7 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
             _number(predicted, "ms"),
             ratio(teacher.get("latency_ms"), predicted),
             _number(record.get("proxy"), "float"),
+            record.get("versus", "–"),
         ]
 
     rows = [
@@ -315,18 +318,56 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
         origin = f", baseline {baseline}" if isinstance(baseline, str) and baseline else ""
         name = f"{record['label']} (trial {record.get('number')}{origin}, {record['id']})"
         rows.append(row(name, record))
+    compared = {e["baseline"]: e for e in run.pareto.get("baselines") or []}
     if "baseline" in run.trials.columns:
         baselines = run.trials[run.trials["baseline"].fillna("").astype(str) != ""]
-        for record in baselines.to_dict("records"):
+        for record in baselines.drop_duplicates("baseline").to_dict("records"):
             feasible = "" if record.get("feasible") else ", infeasible"
             name = f"baseline {record['baseline']} (trial {record['number']}{feasible})"
-            rows.append(row(name, dict(record, predicted_ms=record.get("latency_ms"))))
+            measured = compared.get(record["baseline"], {})
+            record = dict(
+                record,
+                predicted_ms=record.get("latency_ms"),
+                accuracy=measured.get("accuracy_finetuned"),
+                initial_accuracy=measured.get("accuracy_built"),
+                versus=_versus_cell(measured),
+            )
+            rows.append(row(name, record))
     note = (
-        "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it). "
+        "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it; a "
+        "baseline is fine-tuned as the winner was with --finetune-baselines). McNemar's exact "
+        "p compares a baseline with the winner image by image, as built (and fine-tuned); "
+        "(+) where the baseline is right more often, (−) where the winner is. "
         "Measured latency is each model's own timing at the run's batch on its device, the "
         "teacher's included; predicted latency comes from the run's latency table."
     )
     return Table("Winners, teacher and baselines", header, rows, note)
+
+
+def _baseline_points(run: RunData) -> list[dict[str, Any]]:
+    """The compared baselines (pareto.json) with their trial's costs (the trials table)."""
+    compared = run.pareto.get("baselines") or []
+    if not compared or "number" not in run.trials.columns:
+        return []
+    trials = run.trials.set_index("number")
+    out = []
+    for entry in compared:
+        costs = trials.loc[entry["trial"]] if entry["trial"] in trials.index else {}
+        out.append(
+            {**{k: costs.get(k) for k in ("params", "flops", "latency_ms")}, **entry}  # type: ignore[union-attr]
+        )
+    return out
+
+
+def _versus_cell(measured: dict[str, Any]) -> str:
+    """McNemar's p of a baseline against the winner: as built, then after fine-tuning."""
+    parts = []
+    for stage in ("built", "finetuned"):
+        test = measured.get(f"vs_winner_{stage}")
+        if test:
+            sign = "+" if test["baseline_only_right"] > test["winner_only_right"] else "−"
+            parts.append(f"{stage} {test['mcnemar_p']:.2g} ({sign})")
+    return ", ".join(parts) or "–"
 
 
 def ladder_rows(run: RunData) -> Table | None:

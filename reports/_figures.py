@@ -259,12 +259,30 @@ def accuracy_front_figure(
     teacher: dict,
     budget: float | None,
     title: str,
+    baselines: list[dict] | None = None,
 ) -> go.Figure:
     """Accuracy against cost: rung-1 candidates (selection accuracy), each winner as built
-    and fine-tuned (validation accuracy, joined by a line), the teacher and the budget."""
+    and fine-tuned (validation accuracy, joined by a line), each baseline as built (and
+    fine-tuned), the teacher and the budget."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
+    for stage, key, symbol in (
+        ("as built", "accuracy_built", "x"),
+        ("fine-tuned", "accuracy_finetuned", "diamond"),
+    ):
+        points = [b for b in baselines or [] if b.get(key) is not None and b.get(cost) is not None]
+        if points:
+            figure.add_trace(
+                go.Scatter(
+                    x=[b[cost] for b in points],
+                    y=[b[key] for b in points],
+                    mode="markers",
+                    name=f"baselines {stage}",
+                    marker={"color": "#444", "size": 9, "symbol": symbol},
+                    text=[f"baseline {b['baseline']}" for b in points],
+                )
+            )
     if len(candidates):  # type: ignore[arg-type]
         figure.add_trace(
             go.Scatter(

@@ -436,7 +436,8 @@ def _search(
     console: Any,
     watch: Stopwatch,
 ) -> None:
-    """The stages: prepare, explore (the trials), rung 1, winners (rung 2), finish."""
+    """The stages: prepare, explore (the trials), rung 1, winners (rung 2), the baselines
+    against the winner, finish."""
     if settings.resume and run.study_db.exists():
         _check_study(run)
     if not settings.resume and not run.study_db.exists() and run.cache.exists():
@@ -465,6 +466,18 @@ def _search(
             explored.rows = write_trials(run, open_study(explored.job), settings.objective_names[1])
         else:
             log("no feasible trial: no winners saved (raise the budget or run more trials).")
+    with watch.phase("baselines_compared"):
+        if explored.front and settings.baselines:
+            from vitrank.search._compare import compare_baselines
+
+            compare_baselines(
+                current,
+                workload,
+                explored.rows,
+                finetune=settings.finetune_baselines,
+                epochs=settings.finetune_epochs,
+                log=log,
+            )
     _write_timings(run, watch.seconds, open_study(explored.job), str(current.device))
     if explored.front and settings.promote > 0:
         from vitrank.search._fidelity import write_rungs

@@ -216,6 +216,12 @@ class SearchSettings:
     )  # fmt: skip
     finetune_epochs: int = setting(1, "rung 2: epochs of fine-tuning", group=LADDER,
                                    metavar="E")  # fmt: skip
+    # Every feasible baseline is measured against the winner on the validation split as
+    # built (search._compare); this also fine-tunes each one as the winner was.
+    finetune_baselines: bool = setting(
+        False, "fine-tune every feasible baseline as the winner is and compare them after "
+        "fine-tuning too (each is always compared as built)", group=LADDER,
+    )  # fmt: skip
     finetune_images: int | None = setting(
         None, "rung 2: distil on a seeded subset of N training images per epoch (default: "
         "all)", group=LADDER, metavar="N",

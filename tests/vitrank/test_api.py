@@ -129,9 +129,10 @@ def test_load_refuses_a_config_that_does_not_fit_its_architecture(tmp_path, teac
 def test_vitrank_search_is_the_search_even_once_the_package_is_imported(monkeypatch):
     """`vitrank.search` names the package `vitrank.search` too: called, it is the API's
     search, however it was reached."""
+    import vitrank.search as package
+
     import vitrank
     import vitrank.api
-    import vitrank.search as package
 
     calls = []
     monkeypatch.setattr(vitrank.api, "search", lambda *a, **k: calls.append((a, k)) or "run")
