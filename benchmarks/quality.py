@@ -60,10 +60,11 @@ def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, 
     every baseline, rung 2 (the same fine-tuning every pick gets here) over the best K."""
     import vitrank
 
+    kind, value = budget_kind(budget)
     return vitrank.search(
         workload=workload,
         out=str(out),
-        budget_params=budget,
+        **{f"budget_{kind}": value if kind == "params" else float(value)},
         engine=args.engine,
         trials=args.trials,
         parametrization=args.parametrization,
@@ -79,6 +80,20 @@ def search_run(workload: Any, budget: str, out: Path, args: argparse.Namespace, 
         compensate=args.compensate,
         report=True,
     )
+
+
+def budget_kind(budget: str) -> tuple[str, str]:
+    """("params", "0.25") for "0.25" (a fraction of the parameters), ("flops", "0.5") for
+    "flops:0.5" (a fraction of the FLOPs)."""
+    kind, _, value = budget.rpartition(":")
+    if kind not in ("", "params", "flops"):
+        raise SystemExit(f"budget {budget!r}: give a fraction (params) or flops:FRACTION")
+    return kind or "params", value
+
+
+def _budget_order(budget: str) -> tuple[str, float]:
+    kind, value = budget_kind(budget)
+    return kind, -float(value)
 
 
 def picks(run: Path, every: bool = False) -> dict[str, dict[str, Any]]:
@@ -299,6 +314,9 @@ def ladder_figures(run: Path, configs: dict[str, Any]) -> dict[str, Any]:
         else 1 + sum(a > winner["accuracy_after"] for a in finals),
         "selection_seconds": rungs.get("seconds"),
         "winner_beats_every_baseline": _beats(configs),
+        "winner_beats_every_baseline_built": _beats(configs, "accuracy_before"),
+        "lead_over_best_baseline": lead_over_best_baseline(configs),
+        "lead_over_best_baseline_built": lead_over_best_baseline(configs, "accuracy_before"),
         "baselines_significantly_better": significantly_better(configs),
         "full_rung2": full_rung2(configs, selection_images(run)),
     }
@@ -449,7 +467,7 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
     settings = {
         **first["settings"],  # the same in every part but for these:
         "seeds": ",".join(map(str, seeds)),
-        "budgets": ",".join(sorted(budgets, key=float, reverse=True)),
+        "budgets": ",".join(sorted(budgets, key=_budget_order)),
     }
     result = {
         **{k: first[k] for k in ("workload", "teacher_accuracy", "val_images")},
@@ -479,37 +497,45 @@ def result_name(workload: str, lr: float, budgets: set[str], every: bool = False
     if lr != DEFAULT_LR:
         name += f"_lr{lr:g}"
     if budgets != set(DEFAULT_BUDGETS.split(",")):
-        name += "_budgets" + "-".join(sorted(budgets, key=float, reverse=True))
+        name += "_budgets" + "-".join(sorted(budgets, key=_budget_order)).replace(":", "")
     return name + ("_every" if every else "")
 
 
-def baseline_accuracies(configs: dict[str, Any]) -> list[float]:
-    """The fine-tuned validation accuracy of every baseline a run compared (the bar)."""
-    return [
-        c["accuracy_after"]
-        for label, c in configs.items()
-        if label.startswith("baseline ") and "accuracy_after" in c
-    ]
+def baseline_accuracies(configs: dict[str, Any], key: str = "accuracy_after") -> list[float]:
+    """The fine-tuned (or, `key="accuracy_before"`, as built) validation accuracy of every
+    baseline a run compared (the bar)."""
+    return [c[key] for label, c in configs.items() if label.startswith("baseline ") and key in c]
 
 
-def meets_bar(accuracy: float, configs: dict[str, Any]) -> bool | None:
-    """Whether a fine-tuned `accuracy` is at least every baseline's of the run (the bar);
-    None where the run has no baseline to compare with."""
-    baselines = baseline_accuracies(configs)
+def meets_bar(accuracy: float, configs: dict[str, Any], key: str = "accuracy_after") -> bool | None:
+    """Whether an `accuracy` is at least every baseline's of the run at the same stage (the
+    bar); None where the run has no baseline to compare with."""
+    baselines = baseline_accuracies(configs, key)
     return all(accuracy >= a for a in baselines) if baselines else None
 
 
-def _beats(configs: dict[str, Any]) -> bool | None:
-    """Whether the winner's fine-tuned accuracy is at least every baseline's."""
+def _beats(configs: dict[str, Any], key: str = "accuracy_after") -> bool | None:
+    """Whether the winner's accuracy is at least every baseline's at the same stage."""
     winner = configs.get("vitrank winner")
     if winner is None:
         return None
-    return meets_bar(winner["accuracy_after"], configs)
+    return meets_bar(winner[key], configs, key)
+
+
+def lead_over_best_baseline(configs: dict[str, Any], key: str = "accuracy_after") -> float | None:
+    """The winner's accuracy minus the best baseline's (points of accuracy, as a fraction)."""
+    winner, baselines = configs.get("vitrank winner"), baseline_accuracies(configs, key)
+    if winner is None or not baselines:
+        return None
+    return winner[key] - max(baselines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help="fractions of the params")
+    parser.add_argument(
+        "--budgets", default=DEFAULT_BUDGETS,
+        help="fractions of the params, or flops:FRACTION for a FLOPs budget (comma separated)",
+    )  # fmt: skip
     parser.add_argument("--seeds", default="0,1,2", help="one search per seed and budget")
     parser.add_argument("--trials", type=int, default=40, help="search trials per budget")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (<= 10)")
@@ -600,9 +626,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         result["val_images"] = len(workload.val)
         for budget in budgets:
-            print(f"seed {seed}, {budget} of the parameters: {args.trials} trials ...", flush=True)
+            kind, value = budget_kind(budget)
+            print(f"seed {seed}, {value} of the {kind}: {args.trials} trials ...", flush=True)
             t0 = time.perf_counter()
-            run = search_run(workload, budget, root / f"seed{seed}-params-{budget}", args, seed)
+            run = search_run(workload, budget, root / f"seed{seed}-{kind}-{value}", args, seed)
             search_s = time.perf_counter() - t0
             configs, dense, winner_hits = evaluate_picks(run, workload, args)
             teacher = teacher_reference(run, workload, configs, winner_hits, args)

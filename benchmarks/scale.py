@@ -63,16 +63,17 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from vitrank.search import SearchSettings, run_search
 
     run = Path(args.run)
+    # --defaults: every setting at its default (rung 1 included) but for rung 2's
+    # fine-tuning; else no fine-tuning at all: neither rung 1 nor rung 2.
+    chosen = {} if args.defaults else {"trials": args.trials, "promote": 0, "engine": args.engine}
     settings = SearchSettings(
         workload=None,
         model=args.one,
         data=str(args.data),
-        trials=args.trials,
         finetune_top=0,
-        promote=0,  # no fine-tuning at all: neither rung 1 nor rung 2
-        engine=args.engine,
         device=args.device,
         out=str(run),
+        **chosen,
     )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -93,8 +94,13 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
             for p in sorted((run / "cache").iterdir())
             if p.is_file()
         },
-        "trials": args.trials,
+        "trials": settings.trials,
+        "promote": settings.promote,
+        "engine": settings.engine,
     }
+    plan = run / "cache" / "rung1_plan.json"
+    if plan.is_file():
+        result["rung1_plan"] = json.loads(plan.read_text())
     if args.device.startswith("cuda"):
         result["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
@@ -109,6 +115,10 @@ def main() -> None:
     parser.add_argument(
         "--engine", default="optuna", help="optuna, or ray (each trial asks for the default "
         "share of the GPU on a GPU device)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--defaults", action="store_true", help="every search setting at its default (rung 1 "
+        "included; --trials and --engine are ignored) but --finetune-top 0",
     )  # fmt: skip
     parser.add_argument("--results", type=Path, default=None, help="folder of the result file")
     parser.add_argument("--name", default=None, help="result file name (default: scale[_cuda])")
@@ -129,6 +139,7 @@ def main() -> None:
         command = [
             sys.executable, __file__, "--one", model, "--data", str(data), "--run", str(run),
             "--device", args.device, "--trials", str(args.trials), "--engine", args.engine,
+            *(["--defaults"] if args.defaults else []),
         ]  # fmt: skip
         print(f"== {model} on {args.device}", flush=True)
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -146,11 +157,12 @@ def main() -> None:
             "machine": {**machine_info(), "load_average": os.getloadavg()},
             "device": args.device,
             "settings": {
-                "trials": args.trials,
+                "defaults": args.defaults,
+                "trials": "default" if args.defaults else args.trials,
                 "images": args.images,
-                "engine": args.engine,
+                "engine": "default" if args.defaults else args.engine,
                 "finetune_top": 0,
-                "promote": 0,
+                "promote": "default" if args.defaults else 0,
                 "data": f"generated ImageFolder, {args.images} JPEGs at 256 px, {CLASSES} classes",
                 "weights": "random (timm, pretrained=False)",
             },

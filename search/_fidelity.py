@@ -147,6 +147,7 @@ class SelectionData:
     labels: Tensor
     indices: list[int]  # the selection images' indices in the training split
     teacher_logits: Tensor  # the teacher's on the selection images (fp32, CPU)
+    forward_seconds: float = 0.0  # the teacher's forward per image here (what rung 1 plans by)
 
 
 def selection_data(problem: Problem, workload: Workload) -> SelectionData:
@@ -184,8 +185,10 @@ def selection_data(problem: Problem, workload: Workload) -> SelectionData:
     picked = set(chosen)
     images, labels = gather(train, chosen)
     rest = Subset(train, [i for i in range(total) if i not in picked])
+    began = time.perf_counter()
     logits, _ = _logits(problem.teacher, images, labels, problem.device)
-    return SelectionData(rest, images, labels, chosen, logits)
+    per_image = (time.perf_counter() - began) / max(len(chosen), 1)
+    return SelectionData(rest, images, labels, chosen, logits, per_image)
 
 
 def _logits(
@@ -368,7 +371,9 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
 class Candidate:
     """One promoted trial's rung-1 distillation, resumable at its milestones."""
 
-    def __init__(self, current: Problem, workload: Workload, row: dict[str, Any]) -> None:
+    def __init__(
+        self, current: Problem, workload: Workload, row: dict[str, Any], images: int | None = None
+    ) -> None:
         from vitrank.search._build import build_candidate
 
         settings = current.settings
@@ -376,7 +381,7 @@ class Candidate:
         self.run = current.run
         self.data = _selection(current, workload)
         model = build_candidate(current, workload, row, settings.compensate)
-        count = current.sizes.rung if current.sizes else settings.rung_images
+        count = images or (current.sizes.rung if current.sizes else settings.rung_images)
         train = limited(self.data.train, count, settings.seed)
         self.device = current.device
         self.distillation = Distillation(
@@ -484,21 +489,100 @@ def run_rung1(
     """Promote the pool, distil it with successive halving, record each result on its trial."""
     settings = current.settings
     pool = promotion_pool(rows, settings.promote)
-    todo = [r for r in pool if r.get("rung1_score") is None]
-    if not pool:
+    if not pool or all(r.get("rung1_score") is not None for r in pool):
         return
+    data = _selection(current, workload)  # start-up, before the bar counts candidates
+    plan = rung1_plan(current, pool, data, log)
+    pool = [r for r in pool if int(r["number"]) in plan.numbers]
+    todo = [r for r in pool if r.get("rung1_score") is None]
     done = len(pool) - len(todo)
     if not todo:
         return
     log(
-        f"rung 1: short distillation ({settings.rung_epochs:g} epoch(s)) of {len(pool)} "
-        f"candidates ({done} done), successive halving at milestones {milestones()} of "
-        f"{RUNG_REPORTS} ..."
+        f"rung 1: short distillation ({settings.rung_epochs:g} epoch(s) of {plan.images} "
+        f"images) of {len(pool)} candidates ({done} done), successive halving at milestones "
+        f"{milestones()} of {RUNG_REPORTS} ..."
     )
     if ray:
-        _rung1_ray(current, workload, study, storage, todo)
+        _rung1_ray(current, workload, study, storage, todo, plan.images)
     else:
-        _rung1_halving(current, workload, study, storage, todo, rows)
+        _rung1_halving(current, workload, study, storage, todo, rows, plan.images)
+
+
+# On a CPU rung 1 is bounded like the baselines: this many seconds, unless --rung-seconds.
+CPU_RUNG_SECONDS = 90.0
+RUNG_MIN_IMAGES = 32  # per epoch: fewer candidates go before fewer images than this
+
+
+@dataclass(frozen=True)
+class RungPlan:
+    numbers: tuple[int, ...]  # the candidates rung 1 distils
+    images: int  # distillation images per rung-1 epoch
+    seconds: float  # the estimate (0 when not bounded)
+
+
+def _halving_work(count: int) -> tuple[float, float]:
+    """(epochs of distillation, selection evaluations) successive halving spends on `count`
+    candidates: each milestone's survivors train the next part and are evaluated after it."""
+    steps, trained, evaluations, previous, alive = milestones(), 0.0, float(count), 0, count
+    for position, unit in enumerate(steps):
+        trained += alive * (unit - previous) / RUNG_REPORTS
+        evaluations += alive
+        previous = unit
+        alive = _survivors(count, position)
+    return trained, evaluations
+
+
+def rung1_estimate(count: int, images: int, epochs: float, data: SelectionData) -> float:
+    """Seconds rung 1 takes for `count` candidates at `images` per epoch: a distillation
+    step costs about four of the teacher's forwards per image (the teacher's, the student's
+    forward and its backward), an evaluation one per selection image."""
+    trained, evaluations = _halving_work(count)
+    per = data.forward_seconds
+    return per * (4.0 * images * epochs * trained + len(data.labels) * evaluations)
+
+
+def rung1_plan(
+    current: Problem, pool: list[dict[str, Any]], data: SelectionData, log: Any = print
+) -> RungPlan:
+    """The candidates and images per epoch rung 1 can afford within `rung_seconds` (on a
+    CPU by default `CPU_RUNG_SECONDS`): fewer images first, down to `RUNG_MIN_IMAGES`, then
+    fewer candidates (the proxy's best and every baseline stay). Chosen once per run
+    (cache/rung1_plan.json), so a resumed rung 1 goes on with the same plan."""
+    import json
+
+    path = current.run.cache / "rung1_plan.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return RungPlan(tuple(saved["numbers"]), int(saved["images"]), float(saved["seconds"]))
+    settings = current.settings
+    images = current.sizes.rung if current.sizes else (settings.rung_images or 2048)
+    bound = settings.rung_seconds
+    if bound is None:
+        bound = CPU_RUNG_SECONDS if current.device.type == "cpu" else 0.0
+    chosen = list(pool)
+    epochs = settings.rung_epochs
+    estimate = rung1_estimate(len(chosen), images, epochs, data)
+    if bound > 0 and estimate > bound:
+        before = (len(chosen), images, estimate)
+        trained, evaluations = _halving_work(len(chosen))
+        spare = bound / max(data.forward_seconds, 1e-12) - len(data.labels) * evaluations
+        images = int(min(images, max(RUNG_MIN_IMAGES, spare / (4.0 * epochs * trained))))
+        droppable = [r for r in chosen[1:] if r["baseline"] is None]
+        while rung1_estimate(len(chosen), images, epochs, data) > bound and droppable:
+            chosen.remove(droppable.pop())
+        estimate = rung1_estimate(len(chosen), images, epochs, data)
+        log(
+            f"rung 1 bounded to {bound:g} s on {current.device.type}: {len(chosen)} candidates "
+            f"(of {before[0]}), {images} images per epoch (of {before[1]}), ~{estimate:.0f} s "
+            f"(unbounded ~{before[2]:.0f} s; --rung-seconds 0 lifts the bound)"
+        )
+    plan = RungPlan(tuple(int(r["number"]) for r in chosen), images, estimate if bound else 0.0)
+    atomic_write_json(
+        path,
+        {"numbers": plan.numbers, "images": plan.images, "seconds": plan.seconds, "bound": bound},
+    )
+    return plan
 
 
 def _running_best(scores: list[float]) -> list[float]:
@@ -532,6 +616,7 @@ def _rung1_halving(
     storage: Any,
     todo: list[dict[str, Any]],
     rows: list[dict[str, Any]],
+    images: int | None = None,
 ) -> None:
     """Synchronous successive halving in this process, one candidate at a time."""
     from vitrank.core.progress import progress
@@ -546,7 +631,7 @@ def _rung1_halving(
             scores: dict[int, float] = {}
             for row in alive:
                 number = int(row["number"])
-                candidate = running.pop(number, None) or Candidate(current, workload, row)
+                candidate = running.pop(number, None) or Candidate(current, workload, row, images)
                 scores[number] = candidate.run_to(unit)
                 if unit == steps[-1]:
                     _record(current.run, study, storage, number, candidate.record())
@@ -579,14 +664,19 @@ def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:
 
     current = problem(config["run_dir"])
     row = {"number": config["number"], "config": config["config"], "baseline": config["baseline"]}
-    candidate = Candidate(current, workload, row)
+    candidate = Candidate(current, workload, row, config.get("images"))
     for unit in range(1, RUNG_REPORTS + 1):
         score = candidate.run_to(unit)
         tune.report({"unit": unit, "selection_score": score, "record": candidate.record()})
 
 
 def _rung1_ray(
-    current: Problem, workload: Workload, study: optuna.Study, storage: Any, todo: list[Any]
+    current: Problem,
+    workload: Workload,
+    study: optuna.Study,
+    storage: Any,
+    todo: list[Any],
+    images: int | None = None,
 ) -> None:
     """Asynchronous successive halving: Ray Tune's ASHAScheduler over the candidates."""
     from ray import tune
@@ -606,6 +696,7 @@ def _rung1_ray(
     space = {
         "number": tune.grid_search(sorted(by_number)),
         "run_dir": str(current.run.root.resolve()),
+        "images": images,
     }
     configs = {n: (by_number[n]["config"], by_number[n]["baseline"]) for n in by_number}
     scheduler = ASHAScheduler(

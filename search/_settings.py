@@ -196,6 +196,12 @@ class SearchSettings:
     rung_epochs: float = setting(
         1.0, "rung 1: epochs of the short distillation", group=LADDER, metavar="E"
     )
+    # The longest rung 1 may be expected to take; None: 90 s on a CPU, no bound on a GPU.
+    rung_seconds: float | None = setting(
+        None, "rung 1: fit in about S seconds, with fewer images per epoch, then fewer "
+        "candidates (default: 90 on a CPU, no bound on a GPU; 0: no bound)", group=LADDER,
+        metavar="S",
+    )  # fmt: skip
     # What rungs 1 and 2 rank by, on the selection images (evaluators.signals); a rung
     # changes the proxy's order only where this signal differs beyond its noise.
     ladder_signal: str = setting(
@@ -299,6 +305,10 @@ class SearchSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name} >= 1` must hold, but got {name}={value!r}.")
+        if self.rung_seconds is not None and not self.rung_seconds >= 0:
+            raise ValueError(
+                f"`rung_seconds >= 0` must hold (0: no bound), but got {self.rung_seconds!r}."
+            )
         if self.baseline_seconds is not None and self.baseline_seconds < 0:
             raise ValueError(
                 f"`baseline_seconds >= 0` must hold (0: no limit), but got {self.baseline_seconds!r}."

@@ -410,8 +410,8 @@ def test_quality_picks_every_feasible_config_once_when_asked(
 
 
 def test_quality_widest_rung2_ranks_as_the_search_does(quality: ModuleType) -> None:
-    """Every pick fine-tuned, ranked by `by_evidence`: within the selection images' noise the
-    better proxy comes first, beyond it the more accurate."""
+    """Every pick fine-tuned, ranked by `by_evidence` on the ladder's signal: within its noise
+    the better proxy comes first, beyond it the better signal."""
 
     def pick(trial: int, proxy: float, selected: float, after: float, baseline=None) -> dict:
         return {
@@ -419,16 +419,18 @@ def test_quality_widest_rung2_ranks_as_the_search_does(quality: ModuleType) -> N
             "baseline": baseline,
             "proxy": proxy,
             "selection_accuracy_after": selected,
+            "selection_score_after": -1 + selected,  # the ladder's signal (a minus KL)
+            "selection_se_after": 0.005,
             "accuracy_after": after,
         }
 
     configs = {
         "vitrank winner": pick(7, 0.001, 0.900, 0.889),
-        "baseline asvd": pick(3, 0.002, 0.905, 0.890, "asvd"),  # within the noise of 2,000
+        "baseline asvd": pick(3, 0.002, 0.905, 0.890, "asvd"),  # within two standard errors
     }
     widest = quality.full_rung2(configs, images=2000)
     assert widest["trial"] == 7 and widest["meets_bar"] is False  # the better proxy first
-    configs["baseline asvd"]["selection_accuracy_after"] = 0.95  # far beyond the noise
+    configs["baseline asvd"]["selection_score_after"] = -0.05  # far beyond the noise
     assert quality.full_rung2(configs, images=2000)["trial"] == 3
     assert (
         quality.full_rung2({"vitrank winner": configs["vitrank winner"]}, 2000)["meets_bar"] is None

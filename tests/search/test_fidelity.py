@@ -340,3 +340,18 @@ def test_sigkill_during_rung1_then_resume_loses_and_repeats_nothing(tmp_path: Pa
     for key in whole:
         assert after[key]["curve"] == pytest.approx(whole[key]["curve"], abs=0)
         assert after[key]["steps"] == whole[key]["steps"]
+
+
+def test_rung1_keeps_to_its_time_bound_and_says_how_to_lift_it(tmp_path: Path):
+    lines: list[str] = []
+    settings = _ladder_settings(
+        tmp_path / "run", promote=4, finetune_top=0, rung_epochs=20.0, rung_images=2048,
+        rung_seconds=4.0,
+    )  # fmt: skip
+    run = run_search(settings, tiny_workload(), log=lambda *a: lines.append(" ".join(map(str, a))))
+    said = next(line for line in lines if line.startswith("rung 1 bounded to 4 s"))
+    assert "--rung-seconds 0 lifts the bound" in said
+    plan = json.loads((run / "cache" / "rung1_plan.json").read_text())
+    assert plan["images"] < 2048 and plan["seconds"] <= 4.0
+    timings = json.loads((run / "timings.json").read_text())
+    assert timings["sessions"][-1]["seconds"]["rung1"] <= 4.0 * 2, timings
