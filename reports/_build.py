@@ -335,9 +335,12 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
             rows.append(row(name, record))
     note = (
         "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it; a "
-        "baseline is fine-tuned as the winner was with --finetune-baselines). McNemar's exact "
-        "p compares a baseline with the winner image by image, as built (and fine-tuned); "
-        "(+) where the baseline is right more often, (−) where the winner is. "
+        "baseline's `as built` is its config compressed from the run's factors, before any "
+        "error compensation; with --finetune-baselines it is built and fine-tuned as the "
+        "winner was). McNemar's exact p compares a baseline with the winner image by image: "
+        "`built`, both configs as compressed; `finetuned`, the baseline fine-tuned against the "
+        "winner handed out; (+) where the baseline is right more often, (−) where the winner "
+        "is. "
         "Measured latency is each model's own timing at the run's batch on its device, the "
         "teacher's included; predicted latency comes from the run's latency table."
     )

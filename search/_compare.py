@@ -1,10 +1,12 @@
 """What the search bought, in the user's own run: every feasible baseline against the winner.
 
-Each feasible baseline's config is built as the winners are (compressed, compensated when
-the run compensates) and measured on the validation split; McNemar's exact test compares it
-image by image with the winner as built. With `finetune_baselines`, each one is also
-fine-tuned exactly as the winner was (rung 2: the same images, seed, epochs and epoch rule)
-and compared with the winner as handed out. The figures go into `pareto.json` under
+Each feasible baseline's config is built from the run's factors as every trial is (before
+any error compensation: the configs themselves compared, as the proxy compares them) and
+measured on the validation split; McNemar's exact test compares it image by image with the
+winner's config built the same way. With `finetune_baselines`, each one is also built as
+the winners are (compensated when the run compensates) and fine-tuned exactly as the
+winner was (rung 2: the same images, seed, epochs and epoch rule), and compared with the
+winner as handed out. The figures go into `pareto.json` under
 ``baselines`` (the report and summary.md read them there).
 """
 
@@ -80,7 +82,7 @@ def compare_baselines(
     log(f"baselines: {len(baselines)} measured on the validation split {what} against the winner")
     with progress("baselines against the winner", len(baselines) + 1) as advance:
         winner_built = correct_predictions(
-            build_candidate(problem, workload, by_number[int(winner["number"])], compensate),
+            build_candidate(problem, workload, by_number[int(winner["number"])], False),
             workload.val, device=device, progress=False,
         )  # fmt: skip
         handed_out = correct_predictions(
@@ -93,7 +95,7 @@ def compare_baselines(
                 out.append(done[name])
                 advance()
                 continue
-            model = build_candidate(problem, workload, row, compensate)
+            model = build_candidate(problem, workload, row, False)
             built = correct_predictions(model, workload.val, device=device, progress=False)
             entry: dict[str, Any] = {
                 "baseline": name,
@@ -107,6 +109,8 @@ def compare_baselines(
                 "key": key,
             }
             if tuned:
+                if compensate:
+                    model = build_candidate(problem, workload, row, compensate)
                 finetune_candidate(problem, workload, model, epochs, progress=False)
                 after = correct_predictions(model, workload.val, device=device, progress=False)
                 entry["accuracy_finetuned"] = float(after.double().mean())
