@@ -76,6 +76,8 @@ class HeadsOp(Operator):
 
     def reference_specs(self, ctx: TermContext, reference: float) -> list[tuple[str, Any]]:
         assert ctx.shape is not None
+        if ctx.shape.qk_norm:  # not offered in this block (`unsupported`): nothing to weigh
+            return []
         full = ctx.shape.head_dim  # the other product at full rank: only one term discards
 
         def rank(layer: str) -> int:

@@ -15,11 +15,13 @@ TINY_ARCH = "vit_small_patch16_224"
 TINY_ARGS: dict[str, Any] = {**TINY_VIT_ARGS, "depth": 2}
 
 
-def tiny_workload(seed: int = 0, images: int = 160) -> Any:
-    """A `Workload` whose labels are the teacher's own predictions (accuracy 1.0)."""
+def tiny_workload(seed: int = 0, images: int = 160, **model_args: Any) -> Any:
+    """A `Workload` whose labels are the teacher's own predictions (accuracy 1.0);
+    `model_args` change the tiny ViT (e.g. ``qk_norm=True``)."""
     from vitrank.workloads import Workload
 
-    teacher = make_tiny_vit(TINY_ARCH, seed=seed, **TINY_ARGS)
+    args = {**TINY_ARGS, **model_args}
+    teacher = make_tiny_vit(TINY_ARCH, seed=seed, **args)
     generator = torch.Generator().manual_seed(seed)
     size = TINY_ARGS["img_size"]
     x = torch.randn(images, 3, size, size, generator=generator)
@@ -31,7 +33,7 @@ def tiny_workload(seed: int = 0, images: int = 160) -> Any:
         name="tiny",
         model=teacher,
         model_name=TINY_ARCH,
-        model_args=dict(TINY_ARGS),
+        model_args=dict(args),
         train=train,
         calib=Subset(train, list(range(32))),
         val=val,

@@ -157,3 +157,26 @@ def test_expensive_baselines_are_left_out_over_the_time_bound_saying_how_to_run_
     assert forward_evaluations("uniform-whitened", space) == 0
     assert forward_evaluations("asvd", space) > 0 and forward_evaluations("flar", space) > 0
     assert any(m.startswith("images: ") and "calibration" in m for m in messages)
+
+
+def test_a_qk_norm_vit_is_searched_with_the_default_operators(tmp_path: Path) -> None:
+    """Blocks that normalise q and k drop head-level ranks only: the space, the sensitivity
+    and the search run with every other default operator."""
+    import json
+
+    import pandas as pd
+    from vitrank.search import run_search
+    from vitrank.spaces import CompressionConfig
+
+    from tests.search.conftest import tiny_settings, tiny_workload
+
+    settings = tiny_settings(tmp_path / "run", trials=8, ops=None)
+    run = run_search(settings, tiny_workload(qk_norm=True))
+    sensitivity = json.loads((run / "cache" / "sensitivity.json").read_text())
+    assert not [k for k in sensitivity if k.endswith((".attn.qk", ".attn.vo"))]
+    assert any(k.endswith(".attn.qkv") for k in sensitivity)
+    assert any(k.endswith(".attn.heads") for k in sensitivity)
+    table = pd.read_parquet(run / "trials.parquet")
+    ops = {b.attn.op for c in table["config"].dropna() for b in CompressionConfig.from_json(c).blocks}
+    assert "heads" not in ops and ops & {"lowrank", "prune"}
+    assert table["feasible"].any()
