@@ -492,7 +492,7 @@ def run_rung1(
     if not pool or all(r.get("rung1_score") is not None for r in pool):
         return
     data = _selection(current, workload)  # start-up, before the bar counts candidates
-    plan = rung1_plan(current, pool, data, log)
+    plan = rung1_plan(current, workload, pool, data, log)
     pool = [r for r in pool if int(r["number"]) in plan.numbers]
     todo = [r for r in pool if r.get("rung1_score") is None]
     done = len(pool) - len(todo)
@@ -533,22 +533,59 @@ def _halving_work(count: int) -> tuple[float, float]:
     return trained, evaluations
 
 
-def rung1_estimate(count: int, images: int, epochs: float, data: SelectionData) -> float:
-    """Seconds rung 1 takes for `count` candidates at `images` per epoch: a distillation
-    step costs about four of the teacher's forwards per image (the teacher's, the student's
-    forward and its backward), an evaluation one per selection image."""
-    trained, evaluations = _halving_work(count)
-    per = data.forward_seconds
-    return per * (4.0 * images * epochs * trained + len(data.labels) * evaluations)
+@dataclass(frozen=True)
+class RungCosts:
+    """What rung 1's parts take here, measured on its first candidate: building one (with
+    compensation when the run compensates), a distillation step per image and an
+    evaluation per selection image."""
+
+    build: float
+    step: float
+    evaluation: float
+
+    def estimate(self, count: int, images: int, epochs: float, selection: int) -> float:
+        """Seconds rung 1 takes for `count` candidates at `images` per epoch."""
+        trained, evaluations = _halving_work(count)
+        return (
+            count * self.build
+            + self.step * images * epochs * trained
+            + self.evaluation * selection * evaluations
+        )
+
+
+def measure_rung_costs(
+    current: Problem, workload: Workload, row: dict[str, Any], data: SelectionData
+) -> RungCosts:
+    """`RungCosts` timed on one candidate: its build, then two batches of distillation."""
+    from vitrank.search._build import build_candidate
+
+    settings = current.settings
+    began = time.perf_counter()
+    model = build_candidate(current, workload, row, settings.compensate)
+    build = time.perf_counter() - began
+    train = limited(data.train, 2 * BATCH_SIZE, settings.seed)
+    distillation = Distillation(
+        model, current.teacher, train, 1.0, units=1, seed=settings.seed,
+        lr=settings.finetune_lr, alpha=settings.finetune_alpha, device=current.device,
+    )  # fmt: skip
+    began = time.perf_counter()
+    distillation.run_to(1)
+    step = (time.perf_counter() - began) / max(len(train), 1)  # type: ignore[arg-type]
+    return RungCosts(build, step, data.forward_seconds)
 
 
 def rung1_plan(
-    current: Problem, pool: list[dict[str, Any]], data: SelectionData, log: Any = print
+    current: Problem,
+    workload: Workload,
+    pool: list[dict[str, Any]],
+    data: SelectionData,
+    log: Any = print,
 ) -> RungPlan:
     """The candidates and images per epoch rung 1 can afford within `rung_seconds` (on a
-    CPU by default `CPU_RUNG_SECONDS`): fewer images first, down to `RUNG_MIN_IMAGES`, then
-    fewer candidates (the proxy's best and every baseline stay). Chosen once per run
-    (cache/rung1_plan.json), so a resumed rung 1 goes on with the same plan."""
+    CPU by default `CPU_RUNG_SECONDS`), by `RungCosts` measured on the first candidate:
+    fewer images first, down to `RUNG_MIN_IMAGES`, then fewer candidates (the proxy's best
+    and every baseline stay). Chosen once per run (cache/rung1_plan.json), so a resumed
+    rung 1 goes on with the same plan."""
     import json
 
     path = current.run.cache / "rung1_plan.json"
@@ -561,23 +598,32 @@ def rung1_plan(
     if bound is None:
         bound = CPU_RUNG_SECONDS if current.device.type == "cpu" else 0.0
     chosen = list(pool)
-    epochs = settings.rung_epochs
-    estimate = rung1_estimate(len(chosen), images, epochs, data)
-    if bound > 0 and estimate > bound:
-        before = (len(chosen), images, estimate)
-        trained, evaluations = _halving_work(len(chosen))
-        spare = bound / max(data.forward_seconds, 1e-12) - len(data.labels) * evaluations
-        images = int(min(images, max(RUNG_MIN_IMAGES, spare / (4.0 * epochs * trained))))
-        droppable = [r for r in chosen[1:] if r["baseline"] is None]
-        while rung1_estimate(len(chosen), images, epochs, data) > bound and droppable:
-            chosen.remove(droppable.pop())
-        estimate = rung1_estimate(len(chosen), images, epochs, data)
-        log(
-            f"rung 1 bounded to {bound:g} s on {current.device.type}: {len(chosen)} candidates "
-            f"(of {before[0]}), {images} images per epoch (of {before[1]}), ~{estimate:.0f} s "
-            f"(unbounded ~{before[2]:.0f} s; --rung-seconds 0 lifts the bound)"
-        )
-    plan = RungPlan(tuple(int(r["number"]) for r in chosen), images, estimate if bound else 0.0)
+    estimate = 0.0
+    if bound > 0:
+        costs = measure_rung_costs(current, workload, pool[0], data)
+        epochs, selection = settings.rung_epochs, len(data.labels)
+
+        def seconds(count: int, per_epoch: int) -> float:
+            return costs.estimate(count, per_epoch, epochs, selection)
+
+        estimate = seconds(len(chosen), images)
+        if estimate > bound:
+            before = (len(chosen), images, estimate)
+            trained, evaluations = _halving_work(len(chosen))
+            spare = bound - len(chosen) * costs.build - costs.evaluation * selection * evaluations
+            fits = spare / max(costs.step * epochs * trained, 1e-12)
+            images = int(min(images, max(RUNG_MIN_IMAGES, fits)))
+            droppable = [r for r in chosen[1:] if r["baseline"] is None]
+            while seconds(len(chosen), images) > bound and droppable:
+                chosen.remove(droppable.pop())
+            estimate = seconds(len(chosen), images)
+            log(
+                f"rung 1 bounded to {bound:g} s on {current.device.type}: {len(chosen)} "
+                f"candidates (of {before[0]}), {images} images per epoch (of {before[1]}), "
+                f"~{estimate:.0f} s (unbounded ~{before[2]:.0f} s; --rung-seconds 0 lifts the "
+                "bound)"
+            )
+    plan = RungPlan(tuple(int(r["number"]) for r in chosen), images, estimate)
     atomic_write_json(
         path,
         {"numbers": plan.numbers, "images": plan.images, "seconds": plan.seconds, "bound": bound},
