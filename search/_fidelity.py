@@ -491,8 +491,10 @@ def run_rung1(
     pool = promotion_pool(rows, settings.promote)
     if not pool or all(r.get("rung1_score") is not None for r in pool):
         return
+    began = time.perf_counter()
     data = _selection(current, workload)  # start-up, before the bar counts candidates
-    plan = rung1_plan(current, workload, pool, data, log)
+    startup = time.perf_counter() - began  # what each Ray worker spends on it again
+    plan = rung1_plan(current, workload, pool, data, log, ray=ray, startup=startup)
     pool = [r for r in pool if int(r["number"]) in plan.numbers]
     todo = [r for r in pool if r.get("rung1_score") is None]
     done = len(pool) - len(todo)
@@ -521,9 +523,13 @@ class RungPlan:
     seconds: float  # the estimate (0 when not bounded)
 
 
-def _halving_work(count: int) -> tuple[float, float]:
+def _halving_work(count: int, asynchronous: bool = False) -> tuple[float, float]:
     """(epochs of distillation, selection evaluations) successive halving spends on `count`
-    candidates: each milestone's survivors train the next part and are evaluated after it."""
+    candidates: each milestone's survivors train the next part and are evaluated after it.
+    Asynchronous halving (Ray's ASHA) may let every candidate run to the end (the first ones
+    have nothing to be compared with): its worst case is counted."""
+    if asynchronous:
+        return float(count), float(count * (1 + len(milestones())))
     steps, trained, evaluations, previous, alive = milestones(), 0.0, float(count), 0, count
     for position, unit in enumerate(steps):
         trained += alive * (unit - previous) / RUNG_REPORTS
@@ -542,19 +548,28 @@ class RungCosts:
     build: float
     step: float
     evaluation: float
+    startup: float = 0.0  # once per rung: Ray's workers load the run and the selection split
+    asynchronous: bool = False  # Ray's ASHA, counted at its worst case
 
     def estimate(self, count: int, images: int, epochs: float, selection: int) -> float:
         """Seconds rung 1 takes for `count` candidates at `images` per epoch."""
-        trained, evaluations = _halving_work(count)
+        trained, evaluations = _halving_work(count, self.asynchronous)
         return (
-            count * self.build
+            self.startup
+            + count * self.build
             + self.step * images * epochs * trained
             + self.evaluation * selection * evaluations
         )
 
 
 def measure_rung_costs(
-    current: Problem, workload: Workload, row: dict[str, Any], data: SelectionData
+    current: Problem,
+    workload: Workload,
+    row: dict[str, Any],
+    data: SelectionData,
+    *,
+    ray: bool = False,
+    startup: float = 0.0,
 ) -> RungCosts:
     """`RungCosts` timed on one candidate: its build, then two batches of distillation."""
     from vitrank.search._build import build_candidate
@@ -571,7 +586,7 @@ def measure_rung_costs(
     began = time.perf_counter()
     distillation.run_to(1)
     step = (time.perf_counter() - began) / max(len(train), 1)  # type: ignore[arg-type]
-    return RungCosts(build, step, data.forward_seconds)
+    return RungCosts(build, step, data.forward_seconds, startup if ray else 0.0, ray)
 
 
 def rung1_plan(
@@ -580,6 +595,9 @@ def rung1_plan(
     pool: list[dict[str, Any]],
     data: SelectionData,
     log: Any = print,
+    *,
+    ray: bool = False,
+    startup: float = 0.0,
 ) -> RungPlan:
     """The candidates and images per epoch rung 1 can afford within `rung_seconds` (on a
     CPU by default `CPU_RUNG_SECONDS`), by `RungCosts` measured on the first candidate:
@@ -600,7 +618,7 @@ def rung1_plan(
     chosen = list(pool)
     estimate = 0.0
     if bound > 0:
-        costs = measure_rung_costs(current, workload, pool[0], data)
+        costs = measure_rung_costs(current, workload, pool[0], data, ray=ray, startup=startup)
         epochs, selection = settings.rung_epochs, len(data.labels)
 
         def seconds(count: int, per_epoch: int) -> float:
@@ -609,8 +627,13 @@ def rung1_plan(
         estimate = seconds(len(chosen), images)
         if estimate > bound:
             before = (len(chosen), images, estimate)
-            trained, evaluations = _halving_work(len(chosen))
-            spare = bound - len(chosen) * costs.build - costs.evaluation * selection * evaluations
+            trained, evaluations = _halving_work(len(chosen), costs.asynchronous)
+            spare = (
+                bound
+                - costs.startup
+                - len(chosen) * costs.build
+                - costs.evaluation * selection * evaluations
+            )
             fits = spare / max(costs.step * epochs * trained, 1e-12)
             images = int(min(images, max(RUNG_MIN_IMAGES, fits)))
             droppable = [r for r in chosen[1:] if r["baseline"] is None]
