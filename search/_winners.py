@@ -49,10 +49,11 @@ def finetune_candidate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Rung 2: distil `model` in place for `epochs` on the distillation images and keep
-    the epoch, the model as built included, that the ladder's signal on the selection
-    images rates best (of equal ones the latest: finetune's keep="latest-best"), so the
-    model handed out is never worse by it than as built; then measure every signal there
-    (`selection_score` is the ladder's, what ranks the winners) and the validation split.
+    the last epoch, unless the model as built is better by the ladder's signal on the
+    selection images beyond two standard errors (`Measured.beats`): then it is handed out
+    as built, never worse by the run's own held-out measure than it was. Every signal is
+    then measured there (`selection_score` is the ladder's, what ranks the winners), and
+    the validation split.
 
     The same for every config a comparison fine-tunes (benchmarks/quality.py uses it):
     the seed, learning rate and images are the run's. `train_images` distils on a seeded
@@ -65,6 +66,8 @@ def finetune_candidate(
     signal = settings.ladder_signal
     data = _selection(problem, workload)
     train = limited(data.train, train_images or settings.finetune_images, settings.seed)
+    built = selection_signals(model, data, problem.device)[signal]
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     result = finetune(
         model,
         problem.teacher,
@@ -76,10 +79,14 @@ def finetune_candidate(
         seed=settings.seed,
         device=str(problem.device),
         progress=progress,
-        keep="latest-best",
+        keep="last",
         score=lambda student: selection_signals(student, data, problem.device)[signal].value,
     )
     after = selection_signals(model, data, problem.device)
+    kept = int(result.best_epoch)
+    if built.beats(after[signal]):  # the fine-tuning hurt beyond the signal's noise
+        model.load_state_dict(state)
+        after, kept = selection_signals(model, data, problem.device), 0
     return {
         "selection_signal": signal,
         "selection_score": after[signal].value,
@@ -87,7 +94,7 @@ def finetune_candidate(
         "selection_signals": {name: m.value for name, m in after.items()},
         "selection_accuracy": after["accuracy"].value,
         "finetuned_accuracy": validation_accuracy(model, workload, str(problem.device)),
-        "best_epoch": int(result.best_epoch),
+        "best_epoch": kept,
         "finetune_history": result.history,
     }
 
