@@ -177,6 +177,8 @@ def test_a_qk_norm_vit_is_searched_with_the_default_operators(tmp_path: Path) ->
     assert any(k.endswith(".attn.qkv") for k in sensitivity)
     assert any(k.endswith(".attn.heads") for k in sensitivity)
     table = pd.read_parquet(run / "trials.parquet")
-    ops = {b.attn.op for c in table["config"].dropna() for b in CompressionConfig.from_json(c).blocks}
+    ops = {
+        b.attn.op for c in table["config"].dropna() for b in CompressionConfig.from_json(c).blocks
+    }
     assert "heads" not in ops and ops & {"lowrank", "prune"}
     assert table["feasible"].any()
