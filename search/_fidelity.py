@@ -227,11 +227,6 @@ def plain(signals: dict[str, Measured]) -> dict[str, list[float]]:
     return {name: [m.value, m.se] for name, m in signals.items()}
 
 
-def measured(values: dict[str, Any], images: int) -> dict[str, Measured]:
-    """`plain`'s output read back."""
-    return {name: Measured(float(v[0]), float(v[1]), images) for name, v in values.items()}
-
-
 # -- one distillation, in milestones ---------------------------------------------------
 
 
