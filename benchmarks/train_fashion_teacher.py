@@ -1,10 +1,12 @@
 """Train the fashion-vit teacher and write it to workloads/assets/fashion_vit.
 
     python benchmarks/train_fashion_teacher.py [--epochs 15] [--out DIR] [--device auto]
+        [--model-args JSON] [--name RESULT]
 
 A timm ViT at 28x28 pixels with 4x4 patches (49 patch tokens + cls; see
 `vitrank.workloads.FASHION_MODEL_ARGS`) trained from scratch on Fashion-MNIST's 60,000
-training images (Debian's `dataset-fashion-mnist`). The 10,000 official test images are only
+training images (Debian's `dataset-fashion-mnist`). `--model-args` changes the shape (e.g. the
+second teacher the benchmarks check the search on, never tuned on: see benchmarks/RESULTS.md). The 10,000 official test images are only
 scored, never used to pick a checkpoint. Seeded; on the CPU single-threaded and deterministic.
 Writes `benchmarks/results/train_fashion_teacher.json` with the time, machine and accuracy.
 """
@@ -12,6 +14,7 @@ Writes `benchmarks/results/train_fashion_teacher.json` with the time, machine an
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -61,7 +64,15 @@ def main() -> None:
         default=None,
         help="continue from the weights of a teacher folder this script wrote (a second stage)",
     )
+    parser.add_argument(
+        "--model-args",
+        type=json.loads,
+        default={},
+        help="JSON over the shipped teacher's timm arguments, e.g. '{\"depth\": 3}'",
+    )
+    parser.add_argument("--name", default="train_fashion_teacher", help="result file name")
     args = parser.parse_args()
+    model_args = {**FASHION_MODEL_ARGS, **args.model_args}
 
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -81,16 +92,16 @@ def main() -> None:
     y_train, y_test = torch.from_numpy(y_train_np), torch.from_numpy(y_test_np)
     print(f"fashion-mnist: {len(x_train)} train, {len(x_test)} test; mean {mean}, std {std}")
 
-    model = timm.create_model(
-        FASHION_MODEL_NAME, drop_path_rate=args.drop_path, **FASHION_MODEL_ARGS
-    ).to(device)
+    model = timm.create_model(FASHION_MODEL_NAME, drop_path_rate=args.drop_path, **model_args).to(
+        device
+    )
     if args.init is not None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(args.init / "model.safetensors")))
         print(f"continuing from {args.init}")
     params = sum(p.numel() for p in model.parameters())
-    print(f"{FASHION_MODEL_NAME} {FASHION_MODEL_ARGS}: {params:,} parameters on {device}")
+    print(f"{FASHION_MODEL_NAME} {model_args}: {params:,} parameters on {device}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total = args.epochs * steps_per_epoch
@@ -144,14 +155,14 @@ def main() -> None:
     save_for_hf(
         model,
         str(args.out),
-        model_args=dict(FASHION_MODEL_ARGS),
+        model_args=dict(model_args),
         model_config={"pretrained_cfg": {"tag": "vitrank_fashion"}},
         safe_serialization=True,
         data_config={"mean": (mean,), "std": (std,), "crop_pct": 1.0},
     )
     seconds = time.perf_counter() - start
     write_result(
-        "train_fashion_teacher",
+        args.name,
         {
             "machine": machine_info(args.threads),
             "device": str(device),

@@ -21,6 +21,10 @@ from vitrank.core.structure import Fingerprint
 
 SCHEMA_VERSION = 1
 SVD_KINDS = ("whitened", "plain")
+# Shrinkage α of the whitening covariance toward its scaled identity: (1 - α)·C +
+# α·mean(diag C)·I. Chosen by benchmarks/calibration.py (README, "Calibration"): whitening
+# by C itself fits the calibration activations too closely to be best end to end.
+DEFAULT_SHRINKAGE = 0.8
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class CompressionConfig:
     blocks: tuple[BlockSpec, ...]  # one plan per transformer block
     svd: str = "whitened"  # factor kind: activation-aware ("whitened") or "plain" SVD
     compensate: bool = False  # run layer-wise error compensation after factorizing
+    # Whitened factors: shrinkage of the calibration covariance (see DEFAULT_SHRINKAGE).
+    shrinkage: float = DEFAULT_SHRINKAGE
     schema_version: int = SCHEMA_VERSION
     # Where the config came from: {"run": ..., "trial": ..., "metrics": {...}}.
     provenance: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -49,6 +55,12 @@ class CompressionConfig:
             raise ValueError(f"`svd` must be one of {SVD_KINDS}, but got svd={self.svd!r}.")
         if not isinstance(self.compensate, bool):
             raise ValueError(f"`compensate` must be a bool, but got {self.compensate!r}.")
+        shrinkage = self.shrinkage
+        if isinstance(shrinkage, bool) or not isinstance(shrinkage, int | float):
+            raise ValueError(f"`shrinkage` must be a number, but got {shrinkage!r}.")
+        if not 0.0 <= shrinkage < 1.0:
+            raise ValueError(f"`0 <= shrinkage < 1` must hold, but got {shrinkage=}.")
+        object.__setattr__(self, "shrinkage", float(shrinkage))
         if not isinstance(self.model_args, dict) or not isinstance(self.provenance, dict):
             raise ValueError("`model_args` and `provenance` must be dicts.")
         # Stored as JSON would give them back, so a saved config loads equal to itself.
@@ -111,6 +123,7 @@ class CompressionConfig:
             "model_args": _plain(self.model_args),
             "svd": self.svd,
             "compensate": self.compensate,
+            "shrinkage": self.shrinkage,
             "blocks": [b.to_dict() for b in self.blocks],
             "fingerprint": self.fingerprint.to_dict(),
             "provenance": _plain(self.provenance),
@@ -148,6 +161,7 @@ class CompressionConfig:
             blocks=blocks,
             svd=data.get("svd", "whitened"),
             compensate=data.get("compensate", False),
+            shrinkage=data.get("shrinkage", DEFAULT_SHRINKAGE),
             schema_version=version,
             provenance=dict(data.get("provenance") or {}),
         )

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from vitrank.core.files import load_tensors, save_tensors
 from vitrank.core.heads import HeadFactors, factorize_qk, factorize_vo, key_maps_of
-from vitrank.core.lowrank import LinearFactors, factorize_linear
+from vitrank.core.lowrank import LinearFactors, factorize_linear, shrinkage_ridge
 from vitrank.core.progress import progress as progress_bar
 from vitrank.core.stats import LINEAR_KEYS, CalibrationStats
 
@@ -101,6 +101,8 @@ class FactorCache:
 
     `stats=None` or `whitening=False` gives plain SVD factors (baselines); with stats and
     `whitening=False` the errors are still measured on the calibration data.
+    `shrinkage` α whitens by (1 - α)·C + α·mean(diag C)·I rather than by C (see
+    `lowrank.shrinkage_ridge`); errors stay those on the calibration data.
     Returned tensors have `dtype` (default: the model's parameter dtype).
     """
 
@@ -111,9 +113,12 @@ class FactorCache:
         whitening: bool = True,
         dtype: torch.dtype | None = None,
         *,
+        shrinkage: float = 0.0,
         progress: bool = False,
     ) -> None:
         blocks = _blocks(model)
+        self.ridge = shrinkage_ridge(shrinkage)
+        self.shrinkage = float(shrinkage)
         if stats is not None:
             stats.check_finite()
         self.whitening = bool(whitening and stats is not None)
@@ -153,14 +158,16 @@ class FactorCache:
             "mlp.fc1": mlp.fc1,
             "mlp.fc2": mlp.fc2,
         }
-        whiten = self.whitening
+        whiten, ridge = self.whitening, self.ridge
         jobs: list[Job] = []
         for name in LINEAR_KEYS:
             key, layer = f"blocks.{i}.{name}", layers[name]
 
             def linear(key: str = key, layer: nn.Linear = layer) -> LinearFactors:
                 C = stats.covariance(key) if stats is not None else None
-                return factorize_linear(layer.weight, layer.bias, C, whiten=whiten, name=key)
+                return factorize_linear(
+                    layer.weight, layer.bias, C, whiten=whiten, name=key, ridge=ridge
+                )
 
             out, inner = layer.weight.shape
             jobs.append((key, linear, out * inner * (inner if whiten else min(out, inner))))
@@ -176,7 +183,9 @@ class FactorCache:
                     if stats is not None
                     else None
                 )
-                return factorize_qk(W[:D], bq, W[D : 2 * D], bk, H, C_bar, whiten=whiten, name=key)
+                return factorize_qk(
+                    W[:D], bq, W[D : 2 * D], bk, H, C_bar, whiten=whiten, name=key, ridge=ridge
+                )
 
             jobs.append((key, qk, 2.0 * D * W.shape[1] ** 2))
         else:
@@ -186,7 +195,7 @@ class FactorCache:
             C_heads = stats.head_covariance(i) if stats is not None else None
             return factorize_vo(
                 W[2 * D :], bv, attn.proj.weight, attn.proj.bias, H, C_heads,
-                whiten=whiten, name=f"blocks.{i}.attn.vo",
+                whiten=whiten, name=f"blocks.{i}.attn.vo", ridge=ridge,
             )  # fmt: skip
 
         jobs.append((f"blocks.{i}.attn.vo", vo, 2.0 * D * W.shape[1] ** 2))
@@ -328,6 +337,7 @@ class FactorCache:
             "format": _FORMAT,
             "digest": self.digest,
             "whitening": self.whitening,
+            "shrinkage": self.shrinkage,
             "calibrated": self.calibrated,
             "num_blocks": self.num_blocks,
             "qk_norm_blocks": sorted(self.qk_norm_blocks),
@@ -348,6 +358,8 @@ class FactorCache:
             )
         cache = cls.__new__(cls)
         cache.whitening, cache.calibrated = header["whitening"], header["calibrated"]
+        cache.shrinkage = float(header.get("shrinkage", 0.0))  # files from before shrinkage
+        cache.ridge = shrinkage_ridge(cache.shrinkage)
         cache.dtype = dtype or next(model.parameters()).dtype
         cache._cast_cache = {}
         cache.digest, cache.num_blocks = digest, header["num_blocks"]

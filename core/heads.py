@@ -88,7 +88,7 @@ def _augment(W: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _thin_root(
-    F: Tensor, C: Tensor | None = None, name: str = "heads"
+    F: Tensor, C: Tensor | None = None, name: str = "heads", ridge: float = 0.0
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """A QR of the (whitened) thin factor Sᵀ F_h, S Sᵀ = C + shift·I, S = I when C is None.
 
@@ -106,7 +106,8 @@ def _thin_root(
     K0 = Ft @ F if C is None else Ft @ (C @ F)  # F_hᵀ C F_h
     K = K0
     if C is not None:
-        K = K0 + initial_damping(C, name, item="head")[..., None, None] * (Ft @ F)
+        shift = initial_damping(C, name, item="head", ridge=ridge)
+        K = K0 + shift[..., None, None] * (Ft @ F)
     values, E = torch.linalg.eigh(K)
     low, high = values[:, 0], values[:, -1]
     for head in (low < -1e-9 * high).nonzero().flatten().tolist()[:1]:
@@ -153,6 +154,7 @@ def factorize_qk(
     *,
     whiten: bool = True,
     name: str = "attn.qk",
+    ridge: float = 0.0,
 ) -> HeadFactors:
     """Per-head factors P, Q of M_h = [W_qʰ, b_qʰ]ᵀ[W_kʰ, b_kʰ]; C_bar = E[x̄ x̄ᵀ] or None.
 
@@ -170,8 +172,8 @@ def factorize_qk(
     if C_bar is not None:
         C_bar = _checked_covariance(C_bar, dim + 1, name)
     whitened = C_bar if whiten else None
-    r_q, basis_q, gram_q = _thin_root(q_bar, whitened, name)
-    r_k, basis_k, gram_k = _thin_root(k_bar, whitened, name)
+    r_q, basis_q, gram_q = _thin_root(q_bar, whitened, name, ridge)
+    r_k, basis_k, gram_k = _thin_root(k_bar, whitened, name, ridge)
     u, sigma, v = _core_svd(r_q, r_k)
     U, V = basis_q @ u, basis_k @ v
     keys = _key_maps(v, sigma, r_k)  # in the coordinates of the QR of S̄ᵀ k̄_h
@@ -232,6 +234,7 @@ def factorize_vo(
     *,
     whiten: bool = True,
     name: str = "attn.vo",
+    ridge: float = 0.0,
 ) -> tuple[HeadFactors, Tensor | None]:
     """Per-head factors of N_h = W_vʰᵀ W_oʰᵀ and the folded bias b_o + W_o b_v.
 
@@ -249,7 +252,7 @@ def factorize_vo(
         C_heads = _checked_covariance(C_heads, dim, name)
         if C_heads.shape[0] != num_heads:
             raise ValueError(f"{name}: need {num_heads} head covariances, got {C_heads.shape[0]}.")
-    r_v, basis_v, gram_v = _thin_root(v_t, C_heads if whiten else None, name)
+    r_v, basis_v, gram_v = _thin_root(v_t, C_heads if whiten else None, name, ridge)
     r_o, basis_o, _ = _thin_root(o_h)
     u, sigma, v = _core_svd(r_v, r_o)
     U, V = basis_v @ u, basis_o @ v

@@ -52,29 +52,46 @@ def diagonal_scale(C: Tensor, name: str = "layer", item: str = "head") -> Tensor
     return scale
 
 
-def initial_damping(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
-    """The shift `whitening` tries first, 1e-6·mean(diag C), per matrix of C (..., n, n).
+def shrinkage_ridge(shrinkage: float) -> float:
+    """The relative shift λ that shrinkage α toward the scaled identity amounts to.
+
+    (1 - α)·C + α·mean(diag C)·I = (1 - α)·(C + λ·mean(diag C)·I) with λ = α / (1 - α), and
+    a whitened SVD does not change under a positive scale of C: shrinking the covariance
+    is damping its Cholesky by λ. α = 0 whitens by C itself; α -> 1 tends to plain SVD.
+    """
+    if not 0.0 <= shrinkage < 1.0:
+        raise ValueError(f"`0 <= shrinkage < 1` must hold, but got {shrinkage=}.")
+    return shrinkage / (1.0 - shrinkage)
+
+
+def initial_damping(
+    C: Tensor, name: str = "layer", item: str = "head", ridge: float = 0.0
+) -> Tensor:
+    """The shift `whitening` tries first, max(1e-6, ridge)·mean(diag C), per matrix of C.
 
     A Cholesky of a second-moment matrix (a sum of outer products in fp64) passes at this
     λ for any n below ~10⁵: its negative eigenvalues from rounding are ~n·1e-16·‖C‖, and
     the shift is at least 1e-6·‖C‖/n. Factorizations that never invert S (wide Linears,
     the value/output products) use it without the Cholesky.
     """
-    return _DAMPING_START * diagonal_scale(C, name, item)
+    return max(_DAMPING_START, ridge) * diagonal_scale(C, name, item)
 
 
-def whitening(C: Tensor, name: str = "layer", item: str = "head") -> Tensor:
+def whitening(C: Tensor, name: str = "layer", item: str = "head", ridge: float = 0.0) -> Tensor:
     """Lower-triangular S with S Sᵀ = C + λ·mean(diag C)·I, in fp64; C may be a batch.
 
     See `damped_whitening`, which also returns the shift λ·mean(diag C).
     """
-    return damped_whitening(C, name, item)[0]
+    return damped_whitening(C, name, item, ridge)[0]
 
 
-def damped_whitening(C: Tensor, name: str = "layer", item: str = "head") -> tuple[Tensor, Tensor]:
+def damped_whitening(
+    C: Tensor, name: str = "layer", item: str = "head", ridge: float = 0.0
+) -> tuple[Tensor, Tensor]:
     """(S, shift): lower-triangular S with S Sᵀ = C + shift·I, shift = λ·mean(diag C).
 
-    λ starts at 1e-6 and is raised ×10 until the Cholesky succeeds (a rank-deficient C,
+    λ starts at max(1e-6, ridge) (`ridge`: the shrinkage the caller asks for, see
+    `shrinkage_ridge`) and is raised ×10 until the Cholesky succeeds (a rank-deficient C,
     e.g. duplicate input features or the constant column of a LayerNorm output, needs
     it), for each matrix of a batch on its own. There is no silent fallback: if λ reaches
     1 the layer's name (in a batch, with `item` and the index) is in the error.
@@ -93,14 +110,14 @@ def damped_whitening(C: Tensor, name: str = "layer", item: str = "head") -> tupl
 
     S = torch.empty_like(flat)
     shifts = torch.empty_like(scale)
-    todo, damping = torch.arange(len(flat)), _DAMPING_START
-    while damping <= _DAMPING_LIMIT:
+    todo, damping = torch.arange(len(flat)), max(_DAMPING_START, ridge)
+    while damping <= max(_DAMPING_LIMIT, ridge):
         added = damping * scale[todo]
         damped = flat[todo]  # a copy, shifted in place
         damped.diagonal(dim1=-2, dim2=-1).add_(added[:, None])
         factor, info = torch.linalg.cholesky_ex(damped)
         done = info == 0
-        if len(todo) == len(flat) and bool(done.all()):  # the usual case: λ = 1e-6 for all
+        if len(todo) == len(flat) and bool(done.all()):  # the usual case: the first λ for all
             return factor.reshape(C.shape), added.reshape(C.shape[:-2])
         S[todo[done]] = factor[done]
         shifts[todo[done]] = added[done]
@@ -176,9 +193,12 @@ def factorize_linear(
     *,
     whiten: bool = True,
     name: str = "linear",
+    ridge: float = 0.0,
 ) -> LinearFactors:
     """Full-rank factors of a Linear (W: out × in), whitened by C = E[x xᵀ] when given.
 
+    `ridge` λ whitens by C + λ·mean(diag C)·I instead (shrinkage, see `shrinkage_ridge`);
+    errors are still those under C itself.
     `C=None`: plain SVD, errors are ‖W - Ŵ_r‖_F² (weight space).
     `C` given, `whiten=False`: plain SVD, errors measured on the data (E‖x(W - Ŵ_r)ᵀ‖²) so
     the baseline is comparable with the whitened factors.
@@ -196,9 +216,10 @@ def factorize_linear(
             )
     whitened = C is not None and whiten
     if W.shape[0] < W.shape[1]:
-        down, up, sigma2, energies = _wide_factors(W, C, whitened, name)
+        down, up, sigma2, energies = _wide_factors(W, C, whitened, name, ridge)
     else:
-        S, shift = damped_whitening(C, name) if C is not None and whiten else (None, None)
+        whitening = C is not None and whiten
+        S, shift = damped_whitening(C, name, ridge=ridge) if whitening else (None, None)
         down, up, sigma2, energies = _tall_factors(W, C, S, shift)
     return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
 
@@ -260,7 +281,9 @@ def _tall_factors(
     return down, up, sigma2, energies
 
 
-def _wide_factors(W: Tensor, C: Tensor | None, whitened: bool, name: str) -> tuple[Tensor, ...]:
+def _wide_factors(
+    W: Tensor, C: Tensor | None, whitened: bool, name: str, ridge: float = 0.0
+) -> tuple[Tensor, ...]:
     """out < in: U from the (out × out) Gram of W S, (W S)(W S)ᵀ = W (C + shift·I) Wᵀ.
 
     No S is needed: Vᵀ S⁻¹ = Σ⁻¹ Uᵀ W S S⁻¹ = Σ⁻¹ Uᵀ W, so B = Σ^-½ Uᵀ W and U B = W, and
@@ -271,7 +294,7 @@ def _wide_factors(W: Tensor, C: Tensor | None, whitened: bool, name: str) -> tup
     shift = 0.0
     if whitened:
         assert C is not None
-        shift = float(initial_damping(C, name))
+        shift = float(initial_damping(C, name, ridge=ridge))
         gram = torch.add(W @ C, W, alpha=shift) @ W.T
     else:
         gram = W @ W.T

@@ -39,7 +39,7 @@ def factor_cache(
             "`svd='whitened'` factorizes on calibration activations, so `stats` must be given "
             "(evaluators.calibrate(model, images)); use svd='plain' for weight-only SVD."
         )
-    return FactorCache(model, stats, whitening=config.svd == "whitened")
+    return FactorCache(model, stats, whitening=config.svd == "whitened", shrinkage=config.shrinkage)
 
 
 def compress(
@@ -73,6 +73,11 @@ def compress(
         raise ValueError(
             f"`factors` must be of the kind the config asks for (svd={config.svd!r}), but "
             f"they are {kind} SVD factors."
+        )
+    elif factors is not None and factors.whitening and factors.shrinkage != config.shrinkage:
+        raise ValueError(
+            f"`factors` must be whitened with the config's shrinkage {config.shrinkage}, but "
+            f"they were made with shrinkage {factors.shrinkage}."
         )
     if config.compensate and images is None:
         raise ValueError(

@@ -254,6 +254,7 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
         "model",
         "accuracy",
         "as built",
+        "uncompensated",
         "params",
         "FLOPs",
         "latency ms (measured)",
@@ -279,6 +280,7 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
             name,
             _number(record.get("accuracy"), "percent"),
             _number(record.get("initial_accuracy"), "percent"),
+            _number(record.get("uncompensated_accuracy"), "percent"),
             _number(params) + share,
             _number(record.get("flops")),
             _number(measured, "ms"),
@@ -304,6 +306,7 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
         if ("latency_ms" in run.trials.columns)
         else {}
     )
+    handed_out = run.pareto.get("winner_accuracy") or {}
     for record in winners.to_dict("records"):
         predicted = record.get("predicted_latency_ms")
         if predicted is None or not math.isfinite(float(predicted)):
@@ -313,6 +316,11 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
             accuracy=record.get("finetuned_accuracy"),
             measured_ms=record.get("latency_ms"),
             predicted_ms=predicted,
+            uncompensated_accuracy=(
+                handed_out.get("built")
+                if handed_out.get("number") == record.get("number")
+                else None
+            ),
         )
         baseline = record.get("baseline")
         origin = f", baseline {baseline}" if isinstance(baseline, str) and baseline else ""
@@ -329,16 +337,21 @@ def winners_rows(run: RunData, winners: pd.DataFrame) -> Table:
                 record,
                 predicted_ms=record.get("latency_ms"),
                 accuracy=measured.get("accuracy_finetuned"),
-                initial_accuracy=measured.get("accuracy_built"),
+                initial_accuracy=measured.get(
+                    "accuracy_compensated", measured.get("accuracy_built")
+                ),
+                uncompensated_accuracy=measured.get("accuracy_built"),
                 versus=_versus_cell(measured),
             )
             rows.append(row(name, record))
     note = (
-        "Accuracy: top-1 on the validation split after fine-tuning (`as built`: before it; a "
-        "baseline's `as built` is its config compressed from the run's factors, before any "
-        "error compensation; with --finetune-baselines it is built and fine-tuned as the "
-        "winner was). McNemar's exact p compares a baseline with the winner image by image: "
-        "`built`, both configs as compressed; `finetuned`, the baseline fine-tuned against the "
+        "Accuracy: top-1 on the validation split after fine-tuning; `as built`: before it, "
+        "with the run's error compensation (baselines are compensated as the winner is); "
+        "`uncompensated`: the config alone, compressed from the run's factors (the search's "
+        "own lead over a baseline, without the compensation's). With --finetune-baselines "
+        "each baseline is also fine-tuned as the winner was. McNemar's exact p compares a "
+        "baseline with the winner image by image: `built`, both uncompensated; "
+        "`compensated`, both compensated; `finetuned`, the baseline fine-tuned against the "
         "winner handed out; (+) where the baseline is right more often, (−) where the winner "
         "is. "
         "Measured latency is each model's own timing at the run's batch on its device, the "
@@ -363,9 +376,10 @@ def _baseline_points(run: RunData) -> list[dict[str, Any]]:
 
 
 def _versus_cell(measured: dict[str, Any]) -> str:
-    """McNemar's p of a baseline against the winner: as built, then after fine-tuning."""
+    """McNemar's p of a baseline against the winner: uncompensated, compensated, then after
+    fine-tuning."""
     parts = []
-    for stage in ("built", "finetuned"):
+    for stage in ("built", "compensated", "finetuned"):
         test = measured.get(f"vs_winner_{stage}")
         if test:
             sign = "+" if test["baseline_only_right"] > test["winner_only_right"] else "−"

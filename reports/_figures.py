@@ -262,13 +262,14 @@ def accuracy_front_figure(
     baselines: list[dict] | None = None,
 ) -> go.Figure:
     """Accuracy against cost: rung-1 candidates (selection accuracy), each winner as built
-    and fine-tuned (validation accuracy, joined by a line), each baseline as built (and
-    fine-tuned), the teacher and the budget."""
+    and fine-tuned (validation accuracy, joined by a line), each baseline uncompensated,
+    compensated (and fine-tuned), the teacher and the budget."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
     for stage, key, symbol in (
-        ("as built", "accuracy_built", "x"),
+        ("uncompensated", "accuracy_built", "x"),
+        ("compensated", "accuracy_compensated", "cross"),
         ("fine-tuned", "accuracy_finetuned", "diamond"),
     ):
         points = [b for b in baselines or [] if b.get(key) is not None and b.get(cost) is not None]

@@ -3,11 +3,13 @@
 Each feasible baseline's config is built from the run's factors as every trial is (before
 any error compensation: the configs themselves compared, as the proxy compares them) and
 measured on the validation split; McNemar's exact test compares it image by image with the
-winner's config built the same way. With `finetune_baselines`, each one is also built as
-the winners are (compensated when the run compensates) and fine-tuned exactly as the
-winner was (rung 2: the same images, seed, epochs and epoch rule), and compared with the
-winner as handed out. The figures go into `pareto.json` under
-``baselines`` (the report and summary.md read them there).
+winner's config built the same way. When the run compensates, each one is also built with
+the winner's error compensation and compared with the winner compensated alike, so the
+search's own lead (the config) and the compensation's show apart. With
+`finetune_baselines`, each compensated baseline is then fine-tuned exactly as the winner was
+(rung 2: the same images, seed, epochs and epoch rule) and compared with the winner as
+handed out. The figures go into `pareto.json` under ``baselines`` (the report and
+summary.md read them there).
 """
 
 from __future__ import annotations
@@ -75,16 +77,28 @@ def compare_baselines(
         return []
     device, compensate = problem.device, problem.settings.compensate
     tuned = finetune and epochs > 0
-    key = {"winner": winner["number"], "finetuned": tuned, "epochs": epochs if tuned else 0}
+    key = {
+        "winner": winner["number"],
+        "compensated": compensate,
+        "finetuned": tuned,
+        "epochs": epochs if tuned else 0,
+    }
     done = {e["baseline"]: e for e in pareto.get("baselines") or [] if e.get("key") == key}
     by_number = {int(r["number"]): r for r in rows}
-    what = f"as built{' and fine-tuned' if tuned else ''}"
+    what = "as built" + (", compensated" if compensate else "") + (", fine-tuned" if tuned else "")
     log(f"baselines: {len(baselines)} measured on the validation split {what} against the winner")
     with progress("baselines against the winner", len(baselines) + 1) as advance:
+        winner_row = by_number[int(winner["number"])]
         winner_built = correct_predictions(
-            build_candidate(problem, workload, by_number[int(winner["number"])], False),
+            build_candidate(problem, workload, winner_row, False),
             workload.val, device=device, progress=False,
         )  # fmt: skip
+        winner_compensated = None
+        if compensate:
+            winner_compensated = correct_predictions(
+                build_candidate(problem, workload, winner_row, True),
+                workload.val, device=device, progress=False,
+            )  # fmt: skip
         handed_out = correct_predictions(
             load(winner["_dir"]).to(device), workload.val, device=device, progress=False
         )
@@ -108,9 +122,14 @@ def compare_baselines(
                 "vs_winner_built": _versus(winner_built, built),
                 "key": key,
             }
+            if winner_compensated is not None:
+                model = build_candidate(problem, workload, row, True)
+                compensated = correct_predictions(
+                    model, workload.val, device=device, progress=False
+                )
+                entry["accuracy_compensated"] = float(compensated.double().mean())
+                entry["vs_winner_compensated"] = _versus(winner_compensated, compensated)
             if tuned:
-                if compensate:
-                    model = build_candidate(problem, workload, row, compensate)
                 finetune_candidate(problem, workload, model, epochs, progress=False)
                 after = correct_predictions(model, workload.val, device=device, progress=False)
                 entry["accuracy_finetuned"] = float(after.double().mean())
@@ -125,6 +144,8 @@ def compare_baselines(
         "built": float(winner_built.double().mean()),
         "handed_out": float(handed_out.double().mean()),
     }
+    if winner_compensated is not None:
+        pareto["winner_accuracy"]["compensated"] = float(winner_compensated.double().mean())
     pareto["baselines"] = out
     atomic_write_json(problem.run.pareto, pareto)
     return out

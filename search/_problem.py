@@ -368,6 +368,7 @@ def make_space(settings: SearchSettings, teacher: nn.Module, meta: dict[str, Any
         model_name=meta["model_name"],
         model_args=meta["model_args"],
         svd=settings.svd,
+        shrinkage=settings.shrinkage,
     )
 
 
@@ -463,7 +464,13 @@ def prepare(
         if not factor_path(run, svd).exists():
             log(f"factorizing every layer once ({svd} SVD) on {device} ...")
             whitened = svd == "whitened"
-            cache = FactorCache(teacher, stats if whitened else None, whitened, progress=True)
+            cache = FactorCache(
+                teacher,
+                stats if whitened else None,
+                whitened,
+                shrinkage=settings.shrinkage,
+                progress=True,
+            )
             cache.save(factor_path(run, svd))
             del cache
     lap("factorization")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from vitrank.core.config import DEFAULT_SHRINKAGE
 from vitrank.core.device import DTYPES
 from vitrank.evaluators import RECIPE
 from vitrank.evaluators.proxies import PROXIES
@@ -156,6 +157,14 @@ class SearchSettings:
     )
     # factors of the searched configs: "whitened" or "plain"
     svd: str = setting("whitened", "%(choices)s", group=SPACE, choices=lambda: SVD_KINDS)
+    # whitened factors: (1 - A)·C + A·mean(diag C)·I instead of the calibration covariance C
+    shrinkage: float = setting(
+        DEFAULT_SHRINKAGE,
+        "shrinkage A of the whitening covariance toward its scaled identity, 0 <= A < 1 "
+        "(0: whiten by the calibration activations alone)",
+        group=SPACE,
+        metavar="A",
+    )
     # How the search runs.
     trials: int = setting(40, "trials the engine runs", group=ENGINE, metavar="N")
     sampler: str = setting(
@@ -290,6 +299,8 @@ class SearchSettings:
                 raise ValueError(f"`{name}` must be one of {registry.names()}, but got {value!r}.")
         if self.svd not in SVD_KINDS:
             raise ValueError(f"`svd` must be one of {SVD_KINDS}, but got {self.svd=}.")
+        if not 0.0 <= self.shrinkage < 1.0:
+            raise ValueError(f"`0 <= shrinkage < 1` must hold, but got {self.shrinkage=}.")
         from vitrank.core.device import check_device_name, resolve_dtype
 
         resolve_dtype(self.dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from vitrank.core.config import CompressionConfig
+from vitrank.core.config import DEFAULT_SHRINKAGE, CompressionConfig
 from vitrank.core.operators import PARTS, families, operator, operator_names
 from vitrank.core.operators import saving_ranks as saving_ranks
 from vitrank.core.spec import MERGE_FAMILY, AttentionSpec, BlockSpec, MlpSpec
@@ -99,6 +99,7 @@ class SearchSpace:
     granularity: int = 8
     svd: str = "whitened"
     compensate: bool = False
+    shrinkage: float = DEFAULT_SHRINKAGE
 
     def config(
         self, blocks: tuple[BlockSpec, ...] | list[BlockSpec], **kwargs: Any
@@ -106,6 +107,7 @@ class SearchSpace:
         """A config of this space's model from per-block specs."""
         kwargs.setdefault("svd", self.svd)
         kwargs.setdefault("compensate", self.compensate)
+        kwargs.setdefault("shrinkage", self.shrinkage)
         return CompressionConfig(
             self.model, dict(self.model_args), self.fingerprint, tuple(blocks), **kwargs
         )
@@ -267,6 +269,7 @@ def build_space(
     model_args: dict[str, Any] | None = None,
     svd: str = "whitened",
     compensate: bool = False,
+    shrinkage: float = DEFAULT_SHRINKAGE,
 ) -> SearchSpace:
     """The search space of a timm ViT (or of its fingerprint).
 
@@ -308,4 +311,5 @@ def build_space(
         granularity=granularity,
         svd=svd,
         compensate=compensate,
+        shrinkage=shrinkage,
     )

@@ -183,7 +183,10 @@ def test_every_distillation_of_the_ladder_uses_the_runs_learning_rate_and_alpha(
 
 
 def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
-    run = run_search(_ladder_settings(tmp_path / "run", finetune_baselines=True), tiny_workload())
+    run = run_search(
+        _ladder_settings(tmp_path / "run", finetune_baselines=True, compensate=True),
+        tiny_workload(),
+    )
     table = pd.read_parquet(run / "trials.parquet")
     promoted = table[table["rung1_score"].notna()]
     feasible_baselines = table[table["feasible"] & table["baseline"].notna()]
@@ -235,15 +238,17 @@ def test_a_search_records_every_rung_and_ranks_its_winners(tmp_path: Path):
         seconds["proxy_selection"] + seconds["rung1"] + seconds["rung2"], abs=0.01
     )
     assert not list((run / "cache" / "rungs").glob("*.pt"))  # done candidates leave nothing
-    # Every feasible baseline measured against the winner, as built and fine-tuned alike.
+    # Every feasible baseline measured against the winner: uncompensated, compensated and
+    # fine-tuned alike.
     pareto = json.loads((run / "pareto.json").read_text())
     compared = {e["baseline"]: e for e in pareto["baselines"]}
     assert set(compared) == set(feasible_baselines["baseline"]) and compared
     for entry in compared.values():
-        for stage in ("built", "finetuned"):
+        for stage in ("built", "compensated", "finetuned"):
             assert 0.0 <= entry[f"accuracy_{stage}"] <= 1.0
             assert 0.0 < entry[f"vs_winner_{stage}"]["mcnemar_p"] <= 1.0
     assert pareto["winner_accuracy"]["handed_out"] == pytest.approx(ranks[1]["finetuned_accuracy"])
+    assert 0.0 <= pareto["winner_accuracy"]["compensated"] <= 1.0
     _check_report(run, compared)
     # Resumed once everything is done, no rung runs again.
     models = {p: p.stat().st_mtime_ns for p in (run / "winners").glob("*/model.safetensors")}
@@ -271,14 +276,16 @@ def _check_report(run: Path, compared: dict | None = None) -> None:
     assert "Accuracy vs params" in page
     summary = paths.summary.read_text()
     winner_line = next(line for line in summary.splitlines() if line.startswith("| W1 "))
-    speedup = winner_line.split("|")[7].strip()  # speed-up (measured)
+    speedup = winner_line.split("|")[8].strip()  # speed-up (measured)
     assert speedup.endswith("×"), winner_line
     for name, entry in (compared or {}).items():  # each baseline's accuracies and p, both files
         line = next(line for line in summary.splitlines() if f"baseline {name} (" in line)
         cells = [c.strip() for c in line.split("|")]
         assert cells[2] == f"{entry['accuracy_finetuned']:.2%}", line
-        assert cells[3] == f"{entry['accuracy_built']:.2%}", line
+        assert cells[3] == f"{entry['accuracy_compensated']:.2%}", line
+        assert cells[4] == f"{entry['accuracy_built']:.2%}", line
         assert cells[-2].startswith("built "), line
+        assert "compensated " in cells[-2], line
         assert f"baseline {name} (" in page
 
 

@@ -8,17 +8,22 @@ import random
 from pathlib import Path
 
 import pytest
-from _spaces_cases import make_tiny_vit, random_specs, variant_space
+import torch
+from _spaces_cases import make_tiny_vit, random_specs, variant_model, variant_space
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
 from vitrank.core.structure import inspect_vit
 from vitrank.spaces import CompressionConfig
+
+from tests.conftest import TINY_VIT_ARGS
 
 
 def sample_config(variant: str = "vit", seed: int = 0) -> CompressionConfig:
     space = variant_space(variant)
     config = space.config(random_specs(space, random.Random(seed)))
     provenance = {"run": "r1", "trial": 7, "metrics": {"kl": 0.25, "top1": [0.5, 0.75]}}
-    return dataclasses.replace(config, provenance=provenance, svd="plain", compensate=True)
+    return dataclasses.replace(
+        config, provenance=provenance, svd="plain", compensate=True, shrinkage=0.25
+    )
 
 
 def test_round_trips_are_identities(variant: str, tmp_path: Path) -> None:
@@ -116,6 +121,32 @@ def test_bad_settings_are_refused() -> None:
         config.replace(svd="randomized")
     with pytest.raises(ValueError, match="schema_version"):
         config.replace(schema_version=99)
+    for bad in (1.0, -0.1, "0.5", True):
+        with pytest.raises(ValueError, match="shrinkage"):
+            config.replace(shrinkage=bad)
+
+
+def test_shrinkage_travels_with_the_config_and_must_match_the_factors() -> None:
+    """A config records the whitening's shrinkage (a file without it takes the default),
+    and `compress` refuses factors whitened with another."""
+    from vitrank.core.config import DEFAULT_SHRINKAGE
+    from vitrank.core.factorize import FactorCache
+    from vitrank.core.model import compress
+    from vitrank.evaluators.calibration import calibrate
+
+    config = sample_config().replace(svd="whitened", compensate=False)
+    data = config.to_dict()
+    assert data["shrinkage"] == 0.25
+    del data["shrinkage"]
+    assert CompressionConfig.from_dict(data).shrinkage == DEFAULT_SHRINKAGE
+    model = variant_model("vit")
+    size = TINY_VIT_ARGS["img_size"]
+    stats = calibrate(model, torch.randn(8, 3, size, size).split(4), progress=False)
+    config = sample_config().replace(svd="whitened", compensate=False, shrinkage=0.25)
+    same = FactorCache(model, stats, shrinkage=0.25)
+    assert compress(model, config, stats, same).vitrank_config.shrinkage == 0.25
+    with pytest.raises(ValueError, match="shrinkage 0.25.*shrinkage 0.5"):
+        compress(model, config, stats, FactorCache(model, stats, shrinkage=0.5))
 
 
 def test_unknown_schema_version_and_damaged_files(tmp_path: Path) -> None:

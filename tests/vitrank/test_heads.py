@@ -92,8 +92,9 @@ def test_qk_closed_form_error_equals_measured_mean_over_token_pairs():
     x, W_qkv, b_qkv, _, _ = _setup(seed=1)
     (W_q, W_k, _), (b_q, b_k, _) = _split(W_qkv, b_qkv)
     X, C_bar = _tokens(x)
-    for whiten in (True, False):
-        factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=whiten)
+    # ridge: shrinkage of the whitening (errors stay those under C̄ itself)
+    for whiten, ridge in ((True, 0.0), (False, 0.0), (True, 4.0)):
+        factors = factorize_qk(W_q, b_q, W_k, b_k, H, C_bar, whiten=whiten, ridge=ridge)
         q = (X @ torch.cat([W_q, b_q[:, None]], 1).T).reshape(-1, H, DH).transpose(0, 1)
         k = (X @ torch.cat([W_k, b_k[:, None]], 1).T).reshape(-1, H, DH).transpose(0, 1)
         logits = q @ k.transpose(-1, -2)  # (H, n, n): every pair of calibration tokens
@@ -138,16 +139,18 @@ def test_vo_closed_form_error_equals_measured_per_head_output_error():
     C_heads = Ax.transpose(-1, -2) @ Ax / Ax.shape[1]
     N = W_v.reshape(H, DH, D).transpose(-1, -2) @ W_o.T.reshape(H, DH, D)  # (H, d, d)
     errors = {}
-    for whiten in (True, False):
-        factors, _ = factorize_vo(W_v, b_v, W_o, b_o, H, C_heads, whiten=whiten)
+    # ridge: shrinkage of the whitening (errors stay those under C_h itself)
+    for whiten, ridge in ((True, 0.0), (False, 0.0), (True, 4.0)):
+        factors, _ = factorize_vo(W_v, b_v, W_o, b_o, H, C_heads, whiten=whiten, ridge=ridge)
         for rank in range(DH + 1):
             V, O_t = factors.left[..., :rank], factors.right[..., :rank]
             diff = Ax @ (N - V @ O_t.transpose(-1, -2))
             measured = float(diff.square().sum() / Ax.shape[1])
             assert factors.error(rank) == pytest.approx(measured, rel=1e-6, abs=1e-12), rank
-            errors[whiten, rank] = measured
+            errors[whiten, ridge, rank] = measured
     for rank in range(1, DH):
-        assert errors[True, rank] <= errors[False, rank] * (1 + 1e-9)
+        assert errors[True, 0.0, rank] <= errors[True, 4.0, rank] * (1 + 1e-9)
+        assert errors[True, 0.0, rank] <= errors[False, 0.0, rank] * (1 + 1e-9)
 
 
 def test_whitened_qk_never_worse_than_plain():

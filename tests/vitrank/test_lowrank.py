@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vitrank.core.lowrank import LowRankLinear, add_residual_term, factorize_linear, whitening
+from vitrank.core.lowrank import (
+    LowRankLinear,
+    add_residual_term,
+    factorize_linear,
+    shrinkage_ridge,
+    whitening,
+)
 
 
 def _data(n: int = 400, d_in: int = 12, d_out: int = 9, seed: int = 0):
@@ -41,6 +47,37 @@ def test_closed_form_error_equals_measured_output_error():
             measured = _measured(X, W, down, up)
             assert abs(factors.error(rank) - measured) <= 1e-6 * max(measured, 1e-12), rank
     assert factors.energy == pytest.approx(float((X @ W.T).square().sum() / len(X)), rel=1e-10)
+
+
+@pytest.mark.parametrize("d_out", [9, 20])  # wide (out < in) and tall layers
+def test_shrinkage_is_a_ridge_and_errors_stay_those_under_c(d_out):
+    """Whitening by (1 - α)·C + α·mean(diag C)·I gives the factors of ridge α / (1 - α)
+    (to the 1e-6 damping every Cholesky gets); the errors are still the output errors on
+    the data (under C), and they rise with α at every rank (α = 0 is the optimum there)
+    while α -> 1 tends to plain SVD."""
+    X, W, b = _data(d_out=d_out)
+    C = X.T @ X / len(X)
+    shrunk_errors = []
+    for alpha in (0.0, 0.5, 0.9, 0.99):
+        ridge = shrinkage_ridge(alpha)
+        factors = factorize_linear(W, b, C, ridge=ridge)
+        target = (1 - alpha) * C + alpha * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype)
+        shrunk = factorize_linear(W, b, target)
+        for rank in range(1, factors.max_rank):
+            down, up = factors.down[:rank], factors.up[:, :rank]
+            torch.testing.assert_close(
+                up @ down, shrunk.up[:, :rank] @ shrunk.down[:rank], rtol=1e-4, atol=1e-5
+            )
+            measured = _measured(X, W, down, up)
+            assert factors.error(rank) == pytest.approx(measured, rel=1e-6, abs=1e-12), rank
+        shrunk_errors.append([factors.error(r) for r in range(1, factors.max_rank)])
+    for low, high in zip(shrunk_errors, shrunk_errors[1:], strict=False):
+        assert all(a <= b * (1 + 1e-9) for a, b in zip(low, high, strict=True))
+    plain = factorize_linear(W, b, C, whiten=False)
+    rank = factors.max_rank // 2
+    assert factors.error(rank) == pytest.approx(plain.error(rank), rel=0.05)
+    with pytest.raises(ValueError, match="0 <= shrinkage < 1"):
+        shrinkage_ridge(1.0)
 
 
 def test_whitened_never_worse_than_plain_on_calibration_data():

@@ -1,0 +1,56 @@
+"""Compensation is kept by evidence: the rung-2 rule, on the selection images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from vitrank.core import model as core_model
+from vitrank.core.compensate import factorized_parameters
+from vitrank.search import BASELINES
+from vitrank.search._build import build_winner
+
+from tests.search.conftest import tiny_workload
+from tests.search.test_baselines import _inputs
+
+
+def _row(problem: Any) -> dict[str, Any]:
+    config = BASELINES["uniform-whitened"](_inputs(problem, "0.5"))
+    return {"number": 3, "config": config.to_json(), "proxy": 0.0, "baseline": None}
+
+
+def _outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.mark.parametrize("harmful", [True, False])
+def test_compensation_that_hurts_on_the_selection_images_is_dropped(
+    tiny_problem: Any, monkeypatch: pytest.MonkeyPatch, harmful: bool
+) -> None:
+    """A compensation that wrecks the factors is dropped (the config alone is handed out,
+    its config saying so); one that changes nothing is kept."""
+
+    def refine(student: nn.Module, teacher: nn.Module, images: Any, steps: int) -> None:
+        if harmful:
+            with torch.no_grad():
+                for block in student.blocks:
+                    for parameter in factorized_parameters(block):
+                        parameter.mul_(-3.0)
+
+    monkeypatch.setattr(core_model, "refine", refine)
+    workload = tiny_workload()
+    row = _row(tiny_problem)
+    alone, _ = build_winner(tiny_problem, workload, row, False, "cpu")
+    built, metrics = build_winner(tiny_problem, workload, row, True, "cpu")
+    assert metrics["compensation_kept"] is (not harmful)
+    assert built.vitrank_config.compensate is (not harmful)
+    images = tiny_problem.heldout[0][:8]
+    if harmful:
+        torch.testing.assert_close(_outputs(built, images), _outputs(alone, images))
+        assert metrics["initial_accuracy"] == metrics["compressed_accuracy"]
+        assert metrics["compensated_accuracy"] < metrics["compressed_accuracy"]
+    else:
+        assert metrics["initial_accuracy"] == metrics["compensated_accuracy"]
