@@ -140,8 +140,8 @@ def evaluate_picks(
     from vitrank.evaluators import correct_predictions, mcnemar
     from vitrank.search import finetune_candidate
     from vitrank.search._build import build_candidate
-    from vitrank.search._fidelity import _selection, selection_signals
     from vitrank.search._problem import problem
+    from vitrank.search._selection import _selection, selection_signals
     from vitrank.spaces import CompressionConfig
 
     current = problem(run)

@@ -16,15 +16,12 @@ from typing import Any
 
 from vitrank.core.apply import validate_block
 from vitrank.core.files import atomic_write_text
+from vitrank.core.lowrank import DEFAULT_SHRINKAGE as DEFAULT_SHRINKAGE
 from vitrank.core.spec import BlockSpec
 from vitrank.core.structure import Fingerprint
 
 SCHEMA_VERSION = 1
 SVD_KINDS = ("whitened", "plain")
-# Shrinkage α of the whitening covariance toward its scaled identity: (1 - α)·C +
-# α·mean(diag C)·I. Chosen by benchmarks/calibration.py (README, "Calibration"): whitening
-# by C itself fits the calibration activations too closely to be best end to end.
-DEFAULT_SHRINKAGE = 0.8
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,24 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``float32``, ``bfloat16`` or ``float16`` (the forward passes' dtype)."""
+AUTO_DTYPE = "auto"  # bfloat16 on a CUDA GPU that has it, else float32
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` (the forward passes' dtype); ``auto`` is
+    bfloat16 on a CUDA `device` that supports it (its tensor cores run it at full rate and
+    its range is fp32's) and float32 elsewhere (a CPU runs bfloat16 slower than float32)."""
     if isinstance(name, torch.dtype):
         if name in DTYPES.values():
             return name
         name = str(name).removeprefix("torch.")
+    if name == AUTO_DTYPE:
+        device = torch.device("cpu" if device is None else device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            with torch.cuda.device(device):
+                if torch.cuda.is_bf16_supported():
+                    return torch.bfloat16
+        return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join([AUTO_DTYPE, *DTYPES])}.")
     return DTYPES[name]

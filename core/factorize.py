@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 from vitrank.core.files import load_tensors, save_tensors
 from vitrank.core.heads import HeadFactors, factorize_qk, factorize_vo, key_maps_of
-from vitrank.core.lowrank import LinearFactors, factorize_linear, shrinkage_ridge
+from vitrank.core.lowrank import (
+    DEFAULT_SHRINKAGE,
+    LinearFactors,
+    factorize_linear,
+    shrinkage_ridge,
+)
 from vitrank.core.progress import progress as progress_bar
 from vitrank.core.stats import LINEAR_KEYS, CalibrationStats
 
@@ -113,7 +118,7 @@ class FactorCache:
         whitening: bool = True,
         dtype: torch.dtype | None = None,
         *,
-        shrinkage: float = 0.0,
+        shrinkage: float = DEFAULT_SHRINKAGE,
         progress: bool = False,
     ) -> None:
         blocks = _blocks(model)

@@ -22,6 +22,11 @@ import torch
 from torch import Tensor, nn
 
 _DAMPING_START = 1e-6
+# Shrinkage α of the whitening covariance toward its scaled identity, (1 - α)·C +
+# α·mean(diag C)·I. Chosen by benchmarks/calibration.py (README, "Calibration and
+# factors"): whitening by C itself fits the calibration activations too closely to be best
+# end to end.
+DEFAULT_SHRINKAGE = 0.8
 _DAMPING_LIMIT = 1.0
 
 

@@ -86,7 +86,7 @@ def _build(
     if device is not None:
         metrics["compressed_accuracy"] = validation_accuracy(model, workload, device)
     if compensate and config.svd == "whitened":
-        from vitrank.search._fidelity import _selection, selection_signals
+        from vitrank.search._selection import _selection, selection_signals
 
         compensated = compress(
             teacher,

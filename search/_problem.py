@@ -617,7 +617,7 @@ def load_problem(run: RunDir) -> Problem:
         stats = CalibrationStats.load(paths["stats"])
     # Proxies, winners and latency run in the run's dtype on its device; statistics and
     # factors stay fp64 and are cast when a candidate is built.
-    dtype = resolve_dtype(settings.dtype)
+    dtype = resolve_dtype(settings.dtype, device)
     reference = None
     if dtype != torch.float32:
         import copy

@@ -344,7 +344,7 @@ def _teacher_record(current: Problem, workload: Workload) -> dict[str, Any]:
         ),
         # the device (and dtype) the whole run computed on
         "device": str(current.device),
-        "dtype": current.settings.dtype,
+        "dtype": str(next(current.teacher.parameters()).dtype).removeprefix("torch."),
     }
     if current.latency_table is not None:
         record["latency_ms"] = float(current.latency_table.dense_ms)

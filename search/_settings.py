@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from vitrank.core.config import DEFAULT_SHRINKAGE
-from vitrank.core.device import DTYPES
+from vitrank.core.device import AUTO_DTYPE, DTYPES
 from vitrank.evaluators import RECIPE
 from vitrank.evaluators.proxies import PROXIES
 from vitrank.search._engines import ENGINES
@@ -135,8 +135,9 @@ class SearchSettings:
         "when there is one, else the CPU)", group=BUDGET, metavar="D",
     )  # fmt: skip
     dtype: str = setting(
-        "float32", "%(choices)s: the forward passes of proxies, winners and latency "
-        "(statistics and factorization stay fp64)", group=BUDGET, choices=lambda: tuple(DTYPES),
+        AUTO_DTYPE, "%(choices)s: the forward passes of proxies, rungs, winners and latency "
+        "(auto: bfloat16 on a CUDA GPU that has it, float32 on the CPU; statistics and "
+        "factorization stay fp64)", group=BUDGET, choices=lambda: (AUTO_DTYPE, *DTYPES),
     )  # fmt: skip
     # What is searched and how a candidate is scored.
     objectives: str | None = setting(

@@ -60,7 +60,8 @@ def finetune_candidate(
     subset of that many distillation images instead (default: the run's `finetune_images`).
     """
     from vitrank.evaluators import finetune
-    from vitrank.search._fidelity import _selection, limited, selection_signals
+    from vitrank.search._fidelity import limited
+    from vitrank.search._selection import _selection, selection_signals
 
     settings = problem.settings
     signal = settings.ladder_signal

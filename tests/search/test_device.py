@@ -28,6 +28,12 @@ def test_device_names_resolve_and_absent_ones_are_refused() -> None:
     assert resolve_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         resolve_dtype("float8")
+    # auto: float32 on the CPU, bfloat16 on a GPU that has it
+    assert resolve_dtype("auto") is torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    if torch.cuda.is_available():
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        assert resolve_dtype("auto", torch.device("cuda:0")) is expected
 
 
 def test_a_run_records_its_device_and_the_sizes_it_chose(tmp_path: Path, workload: Any) -> None:
@@ -41,6 +47,9 @@ def test_a_run_records_its_device_and_the_sizes_it_chose(tmp_path: Path, workloa
     assert pareto["teacher"]["device"] == expected
     timings = json.loads((run / "timings.json").read_text())["sessions"][-1]
     assert timings["device"] == expected
+    # the default dtype, auto, resolved: bfloat16 on a GPU that has it, float32 on the CPU
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert pareto["teacher"]["dtype"] == ("bfloat16" if on_gpu else "float32")
     assert {"calibration", "factorization", "sensitivity", "trials"} <= set(timings["seconds"])
     assert any(m.startswith("images: 32 for calibration") for m in messages)
 
