@@ -36,7 +36,7 @@ SMALL = [
 ]  # fmt: skip
 PHASES = {
     "trials": lambda run, err: _completed(run / "study.db") >= 8,
-    "rung 1": lambda run, err: "rung 1 candidates:" in err,
+    "rung 1": lambda run, err: "rung 1 candidates:" in err or "rung 1 distillation parts:" in err,
     "rung 2": lambda run, err: "rung 2: fine-tuning" in err,
 }
 

@@ -212,7 +212,8 @@ def init_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | N
     reinstall()  # ray.init installs a SIGTERM handler of its own (exit 1, no resume line)
 
 
-def _local_gpus() -> int:
+def local_gpus() -> int:
+    """CUDA GPUs this process sees (0 without CUDA)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -232,7 +233,7 @@ def check_trial_resources(cpus: float, gpus: float, address: str | None = None) 
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         where = f"the Ray cluster at {address}" if address else "the running Ray session"
     else:
-        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(_local_gpus())}]
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(local_gpus())}]
         where = "this machine"
     if any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
         return

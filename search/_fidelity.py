@@ -615,16 +615,24 @@ def _rung1_halving(
     alive = list(todo)
     running: dict[int, Candidate] = {}  # candidates kept in memory between milestones
     total = len(prior) + len(todo)
-    with progress("rung 1 candidates", len(todo)) as advance:
+    # The bar counts parts of distillation (a part: 1/RUNG_REPORTS of the rung's epochs,
+    # with its evaluation), the work the halving plans, so its time left is the rung's:
+    # candidates end in bursts at the milestones, not at an even pace.
+    parts = _planned_parts(len(todo), total)
+    with progress("rung 1 distillation parts", parts) as advance:
+        counted = 0
         for position, unit in enumerate(steps):
             scores: dict[int, float] = {}
             for row in alive:
                 number = int(row["number"])
                 candidate = running.pop(number, None) or Candidate(current, workload, row, images)
+                before = candidate.units
                 scores[number] = candidate.run_to(unit)
+                step = min(candidate.units - before, parts - counted)
+                counted += step
+                advance(step)
                 if unit == steps[-1]:
                     _record(current.run, study, storage, number, candidate.record())
-                    advance()
                 else:
                     running[number] = candidate
             if unit == steps[-1]:
@@ -642,8 +650,20 @@ def _rung1_halving(
                 if row not in survivors:
                     candidate = running.pop(int(row["number"]))
                     _record(current.run, study, storage, candidate.number, candidate.record())
-                    advance()
             alive = survivors
+        advance(parts - counted)  # earlier sessions' candidates took places planned here
+
+
+def _planned_parts(todo: int, total: int) -> int:
+    """Parts of distillation synchronous halving spends on `todo` new candidates of `total`
+    (the rest done in an earlier session): each milestone's survivors train on to the next
+    one, at most `todo` of them."""
+    parts, previous, alive = 0, 0, todo
+    for position, unit in enumerate(milestones()):
+        parts += alive * (unit - previous)
+        previous = unit
+        alive = min(todo, _survivors(total, position))
+    return parts
 
 
 def rung1_trainable(config: dict[str, Any], workload: Workload) -> None:

@@ -162,6 +162,9 @@ class Problem:
     sizes: DataSizes | None = None  # the images each phase used (cache/sizes.json)
     # The fidelity ladder's distillation and selection images (search._fidelity), once made.
     selection: Any = None
+    # Compensated configs built so far in this process (search._build): by config, their
+    # refined parameters and whether compensation was kept.
+    compensated: dict[str, tuple[dict[str, Tensor], bool]] = field(default_factory=dict)
 
     def compensation_images(self, workload: Workload) -> Dataset:
         """The calibration images error compensation refines on: the first of the run's

@@ -24,6 +24,7 @@ from vitrank.search._engines import (
     EngineJob,
     check_trial_resources,
     damaged_study,
+    local_gpus,
     open_study,
     run_engine,
     storage,
@@ -562,14 +563,26 @@ def _explore(
     return _Explored(job=job, rows=rows, front=front)
 
 
+def rung1_on_ray(settings: SearchSettings, device: str) -> bool:
+    """Whether Ray Tune runs rung 1's candidates side by side: with the ray engine, on a
+    cluster (`ray_address`) or on more than one local GPU. On one machine with one device,
+    torch already spreads a candidate's distillation over every core, and Ray's workers would
+    only add their start-up (each one loads the run again), so rung 1 runs here."""
+    if settings.engine != "ray":
+        return False
+    if settings.ray_address is not None:
+        return True
+    return device.startswith("cuda") and local_gpus() > 1
+
+
 def _rung1(current: Problem, workload: Workload, explored: _Explored, log: Any) -> None:
-    """Rung 1 of the fidelity ladder; with the ray engine Ray Tune runs it (the workload
+    """Rung 1 of the fidelity ladder, here or on Ray Tune (`rung1_on_ray`; the workload
     travels to its workers)."""
     from vitrank.search._fidelity import run_rung1
 
     job, settings = explored.job, current.settings
     study = open_study(job)
-    ray = settings.engine == "ray"
+    ray = rung1_on_ray(settings, current.device.type)
     run_rung1(current, workload, study, storage(job.storage_url), explored.rows, ray=ray, log=log)
     explored.rows = write_trials(current.run, open_study(job), settings.objective_names[1])
 

@@ -41,6 +41,7 @@ def test_compensation_that_hurts_on_the_selection_images_is_dropped(
                         parameter.mul_(-3.0)
 
     monkeypatch.setattr(core_model, "refine", refine)
+    monkeypatch.setattr(tiny_problem, "compensated", {})  # built afresh with this `refine`
     workload = tiny_workload()
     row = _row(tiny_problem)
     alone, _ = build_winner(tiny_problem, workload, row, False, "cpu")
@@ -54,3 +55,37 @@ def test_compensation_that_hurts_on_the_selection_images_is_dropped(
         assert metrics["compensated_accuracy"] < metrics["compressed_accuracy"]
     else:
         assert metrics["initial_accuracy"] == metrics["compensated_accuracy"]
+
+
+def test_a_config_is_compensated_once_per_process(
+    tiny_problem: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rung 1, the winners and the baselines' comparison build the same configs: the second
+    build restores the refined parameters (and the rule's verdict) instead of refining."""
+    calls = []
+    original = core_model.refine
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core_model, "refine", counted)
+    monkeypatch.setattr(tiny_problem, "compensated", {})
+    workload, row = tiny_workload(), _row(tiny_problem)
+    first, metrics = build_winner(tiny_problem, workload, row, True, "cpu")
+    again, metrics_again = build_winner(tiny_problem, workload, row, True, "cpu")
+    assert len(calls) == 1
+    assert metrics_again == metrics and again is not first
+    assert again.vitrank_config.compensate == first.vitrank_config.compensate
+    for (name, a), (_, b) in zip(
+        first.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    images = tiny_problem.heldout[0][:8]
+    torch.testing.assert_close(_outputs(again, images), _outputs(first, images))
+    # fine-tuning one build in place leaves the next one as compensated
+    with torch.no_grad():
+        for p in again.parameters():
+            p.zero_()
+    third, _ = build_winner(tiny_problem, workload, row, True, "cpu")
+    torch.testing.assert_close(_outputs(third, images), _outputs(first, images))

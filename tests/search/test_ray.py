@@ -55,10 +55,32 @@ def test_ray_engine_fills_the_same_run_directory(local_ray: None, tmp_path: Path
     assert any((run / "winners").iterdir())
 
 
+def test_rung1_goes_to_ray_only_where_candidates_can_run_side_by_side(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vitrank.search import SearchSettings, _run
+
+    ray = SearchSettings(engine="ray")
+    assert not _run.rung1_on_ray(ray, "cpu")  # torch already uses every core
+    assert not _run.rung1_on_ray(SearchSettings(engine="optuna", ray_address="h:1"), "cpu")
+    assert _run.rung1_on_ray(SearchSettings(engine="ray", ray_address="h:1"), "cpu")
+    monkeypatch.setattr(_run, "local_gpus", lambda: 1)
+    assert not _run.rung1_on_ray(ray, "cuda")
+    monkeypatch.setattr(_run, "local_gpus", lambda: 2)
+    assert _run.rung1_on_ray(ray, "cuda")
+
+
 @pytest.mark.slow
 def test_ray_engine_runs_the_fidelity_ladder_with_asha(
-    local_ray: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    local_ray: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from vitrank.search import _run
+
+    # as on a cluster or a machine with several GPUs
+    monkeypatch.setattr(_run, "rung1_on_ray", lambda settings, device: True)
     settings = tiny_settings(
         tmp_path / "run", engine="ray", trials=8, promote=3, finetune_top=2, finetune_epochs=1
     )
@@ -173,7 +195,7 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
     import subprocess
     import sys
 
-    # rungs 1 and 2 run as Ray Tune experiments too
+    # rung 2 runs as a Ray Tune experiment too; rung 1 here, on the one CPU device
     command = [sys.executable, "-m", "vitrank", "search", "--trials", "6", "--promote", "2"]
     proc = subprocess.run(
         [*command, "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=900
@@ -190,7 +212,8 @@ def test_the_digits_default_prints_no_ray_banner_or_tensorboard_hint(tmp_path: P
     assert "report: " in proc.stdout
     # Both rungs' Tuners show a live count of the trials done (rung 2 runs on Ray here: the
     # workers load the workload by its name).
-    assert "rung 1 candidates: " in proc.stderr and "rung 2 winners: 1/1 (" in proc.stderr
+    assert "rung 1 distillation parts: " in proc.stderr
+    assert "rung 2 winners: 1/1 (" in proc.stderr
 
 
 DRIVER = """
