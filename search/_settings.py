@@ -32,9 +32,9 @@ COSTS = ("params", "flops", "latency_ms")
 
 
 def default_ops(by_cost: bool) -> tuple[str, ...]:
-    """Every family against FLOPs or latency; token merging removes no parameters, so under
-    a parameter budget (it could only cost accuracy) it is left out."""
-    return tuple(op for op in search_families() if by_cost or op != _MERGE)
+    """Every family searched by default against FLOPs or latency; token merging removes no
+    parameters, so under a parameter budget (it could only cost accuracy) it is left out."""
+    return tuple(op for op in search_families(default=True) if by_cost or op != _MERGE)
 
 
 def setting(

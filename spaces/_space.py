@@ -22,9 +22,10 @@ from vitrank.core.structure import BlockShape, Fingerprint, inspect_vit
 from ._cost import count_flops, count_params, dense_flops, dense_params
 
 
-def search_families() -> tuple[str, ...]:
-    """The families a search can switch on: every registered operator family, then merging."""
-    return (*families(), MERGE_FAMILY)
+def search_families(default: bool = False) -> tuple[str, ...]:
+    """The families a search can switch on: every registered operator family, then merging;
+    with `default`, those it offers without `--ops`."""
+    return (*families(default), MERGE_FAMILY)
 
 
 DEFAULT_MERGE_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
@@ -274,12 +275,13 @@ def build_space(
     """The search space of a timm ViT (or of its fingerprint).
 
     `ops` picks the operator families searched (a subset of `search_families()`, or a
-    comma-separated string; default: all); dense is always a choice. `model_name` defaults to
-    the timm name the model was created with (or the fingerprint's architecture).
+    comma-separated string; default: those searched by default, `search_families(True)`);
+    dense is always a choice. `model_name` defaults to the timm name the model was created
+    with (or the fingerprint's architecture).
     """
     known = search_families()
     if ops is None:
-        ops = known
+        ops = search_families(default=True)
     elif isinstance(ops, str):
         ops = tuple(o.strip() for o in ops.split(",") if o.strip())
     ops = tuple(ops)

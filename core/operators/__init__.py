@@ -22,6 +22,7 @@ from ._base import (
     factorized,
     saving_ranks,
 )
+from .channels import ChannelsOp
 from .dense import DenseAttentionOp, DenseMlpOp
 from .heads import HeadsOp, head_rank_step
 from .lowrank import LowRankAttentionOp, LowRankMlpOp
@@ -33,6 +34,7 @@ for _operator in (
     LowRankAttentionOp(),
     HeadsOp(),
     PruneHeadsOp(),
+    ChannelsOp(),
     DenseMlpOp(),
     LowRankMlpOp(),
     PruneMlpOp(),
@@ -65,11 +67,12 @@ def of(spec: Spec) -> Operator:
     return operator("attn" if isinstance(spec, AttentionSpec) else "mlp", spec.op)
 
 
-def families() -> tuple[str, ...]:
-    """The operator families `--ops` can switch on, besides "tokens" (merging)."""
+def families(default: bool = False) -> tuple[str, ...]:
+    """The operator families `--ops` can switch on, besides "tokens" (merging); with
+    `default`, those a search offers without `--ops`."""
     seen: dict[str, None] = {}
     for _, op in OPERATORS.items():
-        if op.family:
+        if op.family and (op.searched_by_default or not default):
             seen[op.family] = None
     return tuple(seen)
 

@@ -127,6 +127,9 @@ class Operator(abc.ABC):
     knobs: ClassVar[tuple[str, ...]] = ()
     # The family `--ops` switches on ("lowrank", "heads", "prune"); "" for dense.
     family: ClassVar[str] = ""
+    # Whether a search without `--ops` offers it (a family is searched by default when any
+    # of its operators is).
+    searched_by_default: ClassVar[bool] = True
     needs_factors: ClassVar[bool] = False
 
     # --- what can be set --------------------------------------------------------------

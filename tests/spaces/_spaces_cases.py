@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 from vitrank.core.spec import AttentionSpec, BlockSpec, MlpSpec
-from vitrank.spaces import SearchSpace, build_space
+from vitrank.spaces import SearchSpace, build_space, search_families
 
 from tests.conftest import TINY_VIT_ARGS, make_tiny_vit
 
@@ -32,8 +32,11 @@ def variant_model(key: str) -> nn.Module:
 
 @functools.cache
 def variant_space(key: str, **kwargs: Any) -> SearchSpace:
+    """The variant's space with every operator family (those off by default too), unless
+    `ops` says otherwise."""
     arch, overrides = VARIANTS[key]
     args = {**TINY_VIT_ARGS, **overrides}
+    kwargs.setdefault("ops", search_families())
     return build_space(variant_model(key), model_name=arch, model_args=args, **kwargs)
 
 

@@ -94,10 +94,11 @@ def expected_params(fp: Fingerprint, specs: list[BlockSpec]) -> int:
         elif a.op == "lowrank":
             attn = _linear(d, 3 * s.attn_inner, s.qkv_bias, a.qkv_rank)
             attn += _linear(s.attn_inner, d, s.proj_bias, a.proj_rank)
-        else:  # heads: q', k' (bias rows with a qkv bias), key map (merging), v', out + bias
-            attn = 2 * heads * a.qk_rank * (d + s.qkv_bias)
-            attn += heads * a.qk_rank * dh if spec.merge_ratio > 0 else 0
-            attn += 2 * heads * a.vo_rank * d + d
+        else:  # heads, cdcp: q', k' (biases with a qkv bias), key map (merging), v', out + bias
+            qk, v = (a.qk_rank, a.vo_rank) if a.op == "heads" else (a.qk_kept, a.v_kept)
+            attn = 2 * heads * qk * (d + s.qkv_bias)
+            attn += heads * qk * dh if spec.merge_ratio > 0 else 0
+            attn += 2 * heads * v * d + d
         kept = m.hidden_kept if m.op == "prune" else hidden
         r1, r2 = (m.fc1_rank, m.fc2_rank) if m.op == "lowrank" else (0, 0)
         mlp = _linear(d, kept, s.fc1_bias, r1) + _linear(kept, d, s.fc2_bias, r2)

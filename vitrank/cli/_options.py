@@ -92,8 +92,8 @@ def add_ops(parser: argparse.ArgumentParser) -> None:
         "--ops",
         default=None,
         help="operator families to search, comma separated, of "
-        f"{','.join(search_families())} (default: all for FLOPs/latency budgets; all but "
-        "tokens for a params budget)",
+        f"{','.join(search_families())} (default: {','.join(search_families(default=True))} "
+        "for FLOPs/latency budgets, all of them but tokens for a params budget)",
     )
     parser.add_argument(
         "--granularity",
