@@ -299,24 +299,41 @@ def flar(inputs: BaselineInputs) -> CompressionConfig:
     return at(loose)
 
 
+# ToMe merges at most half of a block's tokens (bipartite matching pairs them).
+TOME_MAX_RATIO = 0.5
+
+
 def tome(inputs: BaselineInputs) -> CompressionConfig:
-    """ToMe: one merge ratio in every block, the smallest on the grid that meets the budget."""
+    """ToMe: one merge ratio in every block, the smallest that meets the budget: on the
+    search's grid, else (as ToMe picks its r for a speed target) between the grid's top and
+    half the tokens, to 1e-3."""
     if inputs.budget.kind == "params":
         raise BaselineUnavailable("token merging removes no parameters; it has no params budget.")
     from vitrank.spaces import DEFAULT_MERGE_RATIOS
+
+    def at(ratio: float) -> CompressionConfig:
+        return inputs.space.config(
+            [BlockSpec(merge_ratio=ratio) for _ in inputs.space.blocks], compensate=False
+        )
 
     ratios = sorted(
         {r for c in inputs.space.blocks for r in c.merge_ratios} | set(DEFAULT_MERGE_RATIOS)
     )
     for ratio in ratios:
-        config = inputs.space.config(
-            [BlockSpec(merge_ratio=ratio) for _ in inputs.space.blocks], compensate=False
+        if inputs.fits(at(ratio)):
+            return at(ratio)
+    loose, tight = max(ratios), TOME_MAX_RATIO - 1e-6
+    if not inputs.fits(at(tight)):
+        raise BaselineUnavailable(
+            f"merging half of the tokens in every block still exceeds {inputs.budget}."
         )
-        if inputs.fits(config):
-            return config
-    raise BaselineUnavailable(
-        f"merging {max(ratios):g} of the tokens in every block still exceeds {inputs.budget}."
-    )
+    while tight - loose > 1e-3:  # the cost falls as the ratio grows
+        middle = (loose + tight) / 2
+        if inputs.fits(at(middle)):
+            tight = middle
+        else:
+            loose = middle
+    return at(round(tight, 4) if inputs.fits(at(round(tight, 4))) else tight)
 
 
 BASELINES: Registry[Callable[[BaselineInputs], CompressionConfig]] = Registry("baseline")

@@ -3,9 +3,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from vitrank.core.spec import BlockSpec
 from vitrank.search import BASELINES, BaselineInputs, BaselineUnavailable, run_baselines
 from vitrank.search.baselines import raw_expressible
-from vitrank.spaces import parse_budget
+from vitrank.spaces import count_flops, parse_budget
 
 
 def _inputs(problem: Any, budget: str = "0.5", kind: str = "params") -> BaselineInputs:
@@ -53,6 +54,29 @@ def test_tome_cannot_meet_a_params_budget_but_meets_a_flops_one(tiny_problem: An
     assert {b.merge_ratio for b in config.blocks} != {0.0}
     assert len({b.merge_ratio for b in config.blocks}) == 1
     assert inputs.fits(config)
+
+
+def test_tome_merges_beyond_the_search_grid_to_meet_a_tight_flops_budget(
+    tiny_problem: Any,
+) -> None:
+    """As ToMe picks its r for a speed target: past the grid's top ratio, up to half the
+    tokens, the smallest ratio that fits."""
+    space = tiny_problem.space
+    top = max(r for c in space.blocks for r in c.merge_ratios)
+    at_top = space.config([BlockSpec(merge_ratio=top) for _ in space.blocks])
+    at_half = space.config([BlockSpec(merge_ratio=0.4999) for _ in space.blocks])
+    dense = count_flops(space.dense())
+    assert count_flops(at_half) < count_flops(at_top)  # merging more saves more here
+    fraction = (count_flops(at_half) + count_flops(at_top)) / 2 / dense
+    inputs = _inputs(tiny_problem, f"{fraction}", "flops")
+    config = BASELINES["tome"](inputs)
+    ratio = config.blocks[0].merge_ratio
+    assert top < ratio < 0.5 and inputs.fits(config)
+    smaller = space.config([BlockSpec(merge_ratio=ratio - 0.01) for _ in space.blocks])
+    assert not inputs.fits(smaller)
+    too_tight = _inputs(tiny_problem, f"{count_flops(at_half) / dense * 0.5}", "flops")
+    with pytest.raises(BaselineUnavailable, match="half of the tokens"):
+        BASELINES["tome"](too_tight)
 
 
 def test_flar_accepts_ranks_under_one_threshold_that_is_bisected_to_the_budget(
