@@ -428,7 +428,12 @@ def run_rung1(
     if ray:
         _rung1_ray(current, workload, study, storage, todo, plan.images)
     else:
-        _rung1_halving(current, workload, study, storage, todo, rows, plan.images)
+        # The bound holds even where the plan's estimate was short: past it, the survivors
+        # of the last milestone reached stop there.
+        deadline = began + plan.bound if plan.bound > 0 else None
+        _rung1_halving(
+            current, workload, study, storage, todo, rows, plan.images, deadline=deadline, log=log
+        )
 
 
 # On a CPU rung 1 is bounded like the baselines: this many seconds, unless --rung-seconds.
@@ -441,6 +446,7 @@ class RungPlan:
     numbers: tuple[int, ...]  # the candidates rung 1 distils
     images: int  # distillation images per rung-1 epoch
     seconds: float  # the estimate (0 when not bounded)
+    bound: float = 0.0  # the time bound (0: none)
 
 
 def _halving_work(count: int, asynchronous: bool = False) -> tuple[float, float]:
@@ -529,7 +535,12 @@ def rung1_plan(
     path = current.run.cache / "rung1_plan.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        return RungPlan(tuple(saved["numbers"]), int(saved["images"]), float(saved["seconds"]))
+        return RungPlan(
+            tuple(saved["numbers"]),
+            int(saved["images"]),
+            float(saved["seconds"]),
+            float(saved.get("bound", 0.0)),
+        )
     settings = current.settings
     images = current.sizes.rung if current.sizes else (settings.rung_images or 2048)
     bound = settings.rung_seconds
@@ -566,7 +577,7 @@ def rung1_plan(
                 f"~{estimate:.0f} s (unbounded ~{before[2]:.0f} s; --rung-seconds 0 lifts the "
                 "bound)"
             )
-    plan = RungPlan(tuple(int(r["number"]) for r in chosen), images, estimate)
+    plan = RungPlan(tuple(int(r["number"]) for r in chosen), images, estimate, bound)
     atomic_write_json(
         path,
         {"numbers": plan.numbers, "images": plan.images, "seconds": plan.seconds, "bound": bound},
@@ -606,8 +617,13 @@ def _rung1_halving(
     todo: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     images: int | None = None,
+    *,
+    deadline: float | None = None,
+    log: Any = print,
 ) -> None:
-    """Synchronous successive halving in this process, one candidate at a time."""
+    """Synchronous successive halving in this process, one candidate at a time. Past
+    `deadline` (`time.perf_counter()`), after the first milestone, the candidates still in
+    play are recorded where they are."""
     from vitrank.core.progress import progress
 
     prior = _prior_curves(rows)
@@ -622,6 +638,15 @@ def _rung1_halving(
     with progress("rung 1 distillation parts", parts) as advance:
         counted = 0
         for position, unit in enumerate(steps):
+            if position and deadline is not None and time.perf_counter() > deadline:
+                for number in list(running):
+                    candidate = running.pop(number)
+                    _record(current.run, study, storage, number, candidate.record())
+                log(
+                    f"rung 1 reached its time bound after milestone {steps[position - 1]} of "
+                    f"{RUNG_REPORTS}: {len(alive)} candidate(s) stop there (--rung-seconds)"
+                )
+                break
             scores: dict[int, float] = {}
             for row in alive:
                 number = int(row["number"])
