@@ -562,6 +562,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where quality.json goes")
     parser.add_argument("--workload", default="digits-vit", choices=("digits-vit", "fashion-vit"))
     parser.add_argument(
+        "--model",
+        default=None,
+        help="another teacher for the workload's images (local-dir:PATH, e.g. the second "
+        "fashion shape of benchmarks/train_fashion_teacher.py); give --name with it",
+    )
+    parser.add_argument(
         "--train-images",
         type=int,
         default=None,
@@ -594,6 +600,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge is not None:
         print(f"wrote {merge(args.merge, args.out_dir)}")
         return
+    if args.model is not None and args.name is None:
+        raise SystemExit(
+            "--model: give --name too (the result file must not pass for the shipped teacher's)"
+        )
     if args.quick:
         args.seeds, args.trials, args.epochs = "0", 20, 1
     if not 1 <= args.epochs <= 10:
@@ -620,7 +630,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": {},
     }
     for seed in seeds:
-        workload = vitrank.load_workload(args.workload, seed=seed)
+        workload = vitrank.load_workload(args.workload, model=args.model, seed=seed)
         result["teacher_accuracy"] = float(
             evaluate_accuracy(workload.model, workload.val, progress=False)
         )

@@ -126,6 +126,11 @@ def immediate() -> Iterator[None]:
         rule.deferring = saved
 
 
+def received() -> int | None:
+    """The signal the active rule has received, or None (also outside `stop_rule`)."""
+    return None if _ACTIVE is None else _ACTIVE.received
+
+
 def stopped(error: KeyboardInterrupt) -> KeyboardInterrupt:
     """`error` as the `Stopped` of the signal that caused it. Ray's core worker turns any
     KeyboardInterrupt raised while it waits into a plain one; the rule still knows which

@@ -36,7 +36,7 @@ def _random_configs(space, count: int, seed: int = 0) -> list:
 def tiny_setup() -> TinySetup:
     from vitrank.core.factorize import FactorCache
     from vitrank.evaluators.calibration import calibrate
-    from vitrank.spaces import build_space
+    from vitrank.spaces import build_space, search_families
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_small_patch16_224", pretrained=False, **TINY_ARGS).eval()
@@ -50,7 +50,10 @@ def tiny_setup() -> TinySetup:
     labels[:6] = (labels[:6] + 1) % 5  # a quarter wrong: accuracy 0.75 for the teacher
     stats = calibrate(teacher, [(calib, None)], progress=False)
     factors = FactorCache(teacher, stats)
-    space = build_space(teacher, model_name="vit_small_patch16_224", model_args=TINY_ARGS)
+    # every operator family, those a search leaves out by default too
+    space = build_space(
+        teacher, model_name="vit_small_patch16_224", model_args=TINY_ARGS, ops=search_families()
+    )
     return TinySetup(teacher, stats, factors, space, images, labels)
 
 

@@ -298,3 +298,39 @@ def test_the_stop_rule_holds_a_first_signal_in_a_deferred_block_and_a_second_sto
             pytest.fail("the second signal did not stop the block")
         assert second.value.exit_code == 130
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+def test_a_signal_that_a_library_turned_into_its_own_error_still_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C inside sqlite's commit reaches vitrank as Optuna's StorageInternalError (from
+    sqlite's "interrupted"): the run still stops as interrupted, resumable, not as a
+    failure."""
+    import json
+
+    import optuna
+    from vitrank.search import Stopped, _run
+    from vitrank.search._stop import deferred
+
+    from tests.search.conftest import tiny_settings
+
+    def commit_interrupted(*args: object, **kwargs: object) -> None:
+        with deferred():  # the handler only notes the signal, as inside Optuna's tell
+            os.kill(os.getpid(), signal.SIGINT)
+            raise optuna.exceptions.StorageInternalError(
+                "An exception is raised during the commit."
+            )
+
+    monkeypatch.setattr(_run, "_search", commit_interrupted)
+    lines: list[str] = []
+    run = tmp_path / "run"
+    settings = tiny_settings(run, trials=4)
+    with pytest.raises(Stopped) as stop:
+        run_search(settings, tiny_workload(), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert stop.value.exit_code == 130
+    assert any("continue it with --resume" in line for line in lines), lines
+    assert json.loads((run / "timings.json").read_text())["sessions"][-1]["stopped"] is True
+    # an error with no signal behind it is still the error it is
+    monkeypatch.setattr(_run, "_search", lambda *a, **k: (_ for _ in ()).throw(ValueError("x")))
+    with pytest.raises(ValueError, match="x"):
+        run_search(tiny_settings(tmp_path / "other", trials=4), tiny_workload())
