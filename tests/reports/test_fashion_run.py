@@ -21,6 +21,7 @@ pytestmark = [
 ]
 
 
+@pytest.mark.slow  # the tiny searches take every path; this one is the real workload's size
 def test_a_short_fashion_search_leaves_a_winner_and_a_report(tmp_path: Path) -> None:
     from vitrank.cli import main
 
