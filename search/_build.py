@@ -10,6 +10,7 @@ saying `compensate: false`."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -127,13 +128,16 @@ def _compensated(
         return compensated, kept
     from vitrank.search._selection import _selection, selection_signals
 
+    began = time.perf_counter()
     compensated = compress(
         problem.teacher,
         config.replace(compensate=True),
         problem.stats,
         problem.factor_cache(config.svd),
         images=problem.compensation_images(workload),
+        compensation_steps=problem.settings.compensation_steps,
     )
+    problem.compensation_seconds += time.perf_counter() - began
     data = _selection(problem, workload)
     signal = problem.settings.ladder_signal
     alone = selection_signals(model, data, problem.device)[signal]

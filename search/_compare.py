@@ -75,7 +75,7 @@ def compare_baselines(
         pareto["baselines"] = []
         atomic_write_json(problem.run.pareto, pareto)
         return []
-    device, compensate = problem.device, problem.settings.compensate
+    device, compensate = problem.device, problem.settings.compensates
     tuned = finetune and epochs > 0
     key = {
         "winner": winner["number"],

@@ -306,7 +306,7 @@ class Candidate:
         self.number = int(row["number"])
         self.run = current.run
         self.data = _selection(current, workload)
-        model = build_candidate(current, workload, row, settings.compensate)
+        model = build_candidate(current, workload, row, settings.compensates)
         count = images or (current.sizes.rung if current.sizes else settings.rung_images)
         train = limited(self.data.train, count, settings.seed)
         self.device = current.device
@@ -502,7 +502,7 @@ def measure_rung_costs(
 
     settings = current.settings
     began = time.perf_counter()
-    model = build_candidate(current, workload, row, settings.compensate)
+    model = build_candidate(current, workload, row, settings.compensates)
     build = time.perf_counter() - began
     train = limited(data.train, 2 * BATCH_SIZE, settings.seed)
     distillation = Distillation(

@@ -98,7 +98,6 @@ def data_sizes(
 ) -> DataSizes:
     """Image counts that keep each phase's cost bounded for this model on this device; a
     chosen calibration size leaves half of a training split too small for it held out."""
-    from vitrank.core.compensate import COMPENSATION_STEPS
     from vitrank.spaces import dense_flops
 
     calib, heldout = settings.calib_size, settings.heldout_size
@@ -107,7 +106,8 @@ def data_sizes(
         auto_heldout = int(min(HELDOUT_SIZE, max(16, CPU_PROXY_FLOPS // per_image)))
         auto_calib = int(min(256, max(16, -(-CPU_CALIB_TOKENS // fingerprint.num_tokens))))
         # a forward and a backward (3 forwards' worth) of the whole model per step
-        compensation = int(max(4, CPU_COMPENSATION_FLOPS // (3 * COMPENSATION_STEPS * per_image)))
+        steps = max(1, settings.compensation_steps)
+        compensation = int(max(4, CPU_COMPENSATION_FLOPS // (3 * steps * per_image)))
     else:
         auto_heldout, auto_calib, compensation = HELDOUT_SIZE, 256, SENSITIVITY_IMAGES
     if num_train is not None and auto_calib >= num_train:
@@ -165,6 +165,7 @@ class Problem:
     # Compensated configs built so far in this process (search._build): by config, their
     # refined parameters and whether compensation was kept.
     compensated: dict[str, tuple[dict[str, Tensor], bool]] = field(default_factory=dict)
+    compensation_seconds: float = 0.0  # spent compensating, in this process
 
     def compensation_images(self, workload: Workload) -> Dataset:
         """The calibration images error compensation refines on: the first of the run's

@@ -497,7 +497,10 @@ def _search(
                 epochs=settings.finetune_epochs,
                 log=log,
             )
-    _write_timings(run, watch.seconds, open_study(explored.job), str(current.device))
+    _write_timings(
+        run, watch.seconds, open_study(explored.job), str(current.device),
+        within={"compensation": current.compensation_seconds},
+    )  # fmt: skip
     if explored.front and settings.promote > 0:
         from vitrank.search._fidelity import write_rungs
 
@@ -624,10 +627,16 @@ def _selection_seconds(run: RunDir) -> dict[str, float]:
 
 
 def _write_timings(
-    run: RunDir, timings: dict[str, float], study: Any, device: str, stopped: bool = False
+    run: RunDir,
+    timings: dict[str, float],
+    study: Any,
+    device: str,
+    stopped: bool = False,
+    within: dict[str, float] | None = None,
 ) -> None:
     """timings.json: seconds per phase of this session (a resumed run adds a session; a
-    stopped one is kept too, flagged `stopped`, so every session's time counts)."""
+    stopped one is kept too, flagged `stopped`, so every session's time counts); `within`:
+    work spread over several phases (error compensation), already counted in them."""
     import json
 
     durations = [
@@ -642,6 +651,7 @@ def _write_timings(
         "total_seconds": round(sum(timings.values()), 3),
         "trial_median_seconds": durations[len(durations) // 2] if durations else None,
         **({"stopped": True} if stopped else {}),
+        **({"within_phases": {k: round(v, 3) for k, v in within.items()}} if within else {}),
     }
     path = run.root / "timings.json"
     sessions = []

@@ -216,9 +216,9 @@ def save_winners(
             continue
         log(
             f"building winner {directory.name} on {device}"
-            + (" with error compensation ..." if settings.compensate else " ...")
+            + (" with error compensation ..." if settings.compensates else " ...")
         )
-        model, metrics = build_winner(problem, workload, row, settings.compensate, device)
+        model, metrics = build_winner(problem, workload, row, settings.compensates, device)
         config = getattr(model, CONFIG_ATTRIBUTE)
         metrics.update(
             params=int(count_params(config)),

@@ -89,3 +89,32 @@ def test_a_config_is_compensated_once_per_process(
             p.zero_()
     third, _ = build_winner(tiny_problem, workload, row, True, "cpu")
     torch.testing.assert_close(_outputs(third, images), _outputs(first, images))
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_compensation_steps_bound_or_skip_it_and_its_time_is_recorded(
+    tmp_path: Any, steps: int
+) -> None:
+    """`--compensation-steps N` sets the gradient steps; 0 builds every candidate and winner
+    from the closed-form factors alone. timings.json says how long compensating took,
+    spread over the phases that build."""
+    import json
+
+    from vitrank.search import run_search
+
+    from tests.search.conftest import tiny_settings
+
+    lines: list[str] = []
+    settings = tiny_settings(
+        tmp_path / "run", compensate=True, compensation_steps=steps, promote=2, finetune_top=1
+    )
+    run = run_search(settings, tiny_workload(), log=lambda *a: lines.append(" ".join(map(str, a))))
+    built = [line for line in lines if line.startswith("building winner")]
+    assert built and all(("with error compensation" in line) is (steps > 0) for line in built)
+    metrics = [json.loads(p.read_text()) for p in run.glob("winners/*/metrics.json")]
+    assert all(("compensation_kept" in m) is (steps > 0) for m in metrics)
+    session = json.loads((run / "timings.json").read_text())["sessions"][-1]
+    seconds = session["within_phases"]["compensation"]
+    assert (seconds > 0) if steps else (seconds == 0)
+    with pytest.raises(ValueError, match="compensation_steps >= 0"):
+        tiny_settings(tmp_path / "bad", compensation_steps=-1)
