@@ -171,17 +171,51 @@ def first_non_finite(tensors: dict[str, Tensor]) -> tuple[str, int] | None:
     return None
 
 
+# What vitrank compresses, in one place: the refusals say it, and the README shows it.
+SUPPORTED_MODELS = (
+    "timm VisionTransformer models with standard blocks (pre-norm attention + MLP): plain "
+    "ViT and DeiT (distilled ones too), DeiT-III (layer scale), DINOv2 and other ViTs with "
+    "register tokens, token-, average- or max-pooled ViTs, FlexiViT and the ResNet-stem "
+    "hybrids, with or without q/k normalisation, e.g. deit_small_patch16_224"
+)
+# The block kind that stops timm's other ViT-like classes, by class name.
+_BLOCK_KINDS = {
+    "Eva": "blocks apply rotary position embeddings to q and k and use SwiGLU MLPs (EVA-02, "
+    "the RoPE ViTs, DINOv3)",
+    "VisionTransformerRelPos": "blocks add a relative position bias to the attention",
+    "Beit": "blocks add a relative position bias to the attention",
+    "SwinTransformer": "blocks attend in shifted windows, with patch merging between stages",
+    "SwinTransformerV2": "blocks attend in shifted windows, with patch merging between stages",
+    "Levit": "blocks are convolutional attention, with downsampling stages",
+    "PoolingVisionTransformer": "blocks sit in stages with pooling between them",
+    "Xcit": "blocks use cross-covariance attention",
+    "Cait": "blocks use class attention and talking heads",
+    "MultiScaleVit": "blocks use multiscale pooling attention",
+}
+
+
+def _not_a_vit(label: str, model: nn.Module) -> str:
+    """Why `model` is refused: its class and the block kind that stops it, then what works."""
+    kind = type(model).__name__
+    blocks = _BLOCK_KINDS.get(kind)
+    if blocks is None:
+        found = next(
+            (type(m).__name__ for m in model.modules() if "Block" in type(m).__name__), None
+        )
+        blocks = f"blocks are {found}s" if found else "layers hold no transformer blocks"
+    return (
+        f"{label} is a {kind}, whose {blocks}; vitrank cannot compress it. vitrank "
+        f"compresses {SUPPORTED_MODELS}."
+    )
+
+
 def inspect_vit(model: nn.Module, name: str | None = None) -> Fingerprint:
     """Read a timm VisionTransformer's structure; raise `UnsupportedModelError` otherwise."""
     from timm.models.vision_transformer import VisionTransformer
 
     label = name or type(model).__name__
     if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"{label} ({type(model).__name__}) is not a timm VisionTransformer. vitrank "
-            "compresses timm ViTs: vit_*, deit_* (incl. distilled), models with register "
-            "tokens or average pooling, e.g. deit_small_patch16_224."
-        )
+        raise UnsupportedModelError(_not_a_vit(label, model))
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or len(blocks) == 0:
         raise UnsupportedModelError(f"{label} has no `blocks` sequence of transformer blocks.")

@@ -229,7 +229,7 @@ def _write(path, data):
         ("config.json", "", "config.json is not valid JSON"),
         ("config.json", "[1, 2]", "config.json must hold a JSON object"),
         ("config.json", '{"model_args": {}}', "config.json lacks `architecture`"),
-        ("config.json", '{"architecture": "resnet18"}', "config.json names, (ResNet) is not"),
+        ("config.json", '{"architecture": "resnet18"}', "config.json names, is a ResNet"),
     ],
 )
 def test_a_damaged_local_teacher_names_the_file_and_the_fix(
@@ -333,3 +333,27 @@ def test_data_that_is_a_file_is_named_as_a_file(tmp_path, local_vit):
     (tmp_path / "images.zip").write_bytes(b"PK")
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         load_workload(model=f"local-dir:{folder}", data=tmp_path / "images.zip")
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("eva02_tiny_patch14_224", "is a Eva, whose blocks apply rotary position embeddings"),
+        ("vit_small_patch16_rope_224", "is a Eva, whose blocks apply rotary"),
+        ("vit_relpos_small_patch16_224", "is a VisionTransformerRelPos, whose blocks add a rel"),
+        ("resnet18", "is a ResNet, whose blocks are BasicBlocks"),
+    ],
+)
+def test_a_refusal_names_the_class_and_the_block_kind_then_what_works(name, said) -> None:
+    """No `vit_*` promise to a vit_* name vitrank refuses; the list of what works is the
+    README's."""
+    from pathlib import Path
+
+    from vitrank.core.structure import SUPPORTED_MODELS
+
+    with pytest.raises(UnsupportedModelError) as error:
+        load_workload(model=name)
+    text = str(error.value)
+    assert said in text and SUPPORTED_MODELS in text and "vit_*" not in text
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert SUPPORTED_MODELS in readme
