@@ -11,20 +11,18 @@ from vitrank.core.attention import HeadFactorizedAttention
 from vitrank.core.lowrank import linear_from
 from vitrank.core.structure import BlockShape
 
-from ._base import NEEDS_STATS, AttentionCore, BuildContext, Linear, Operator, TermContext
-from .heads import head_rank_step
+from ._base import NEEDS_STATS, BuildContext, TermContext
+from .heads import HeadWidthsOp
 
 
-class ChannelsOp(Operator):
+class ChannelsOp(HeadWidthsOp):
     """Every head keeps `qk_kept` query/key channels and `v_kept` value channels, the same
     ones in every head."""
 
     name, part, family = "cdcp", "attn", "channels"
     knobs = ("qk_kept", "v_kept")
+    qk_knob, v_knob = knobs
     searched_by_default = False  # offered with `--ops ... channels`
-
-    def limits(self, shape: BlockShape) -> dict[str, tuple[int, int]]:
-        return {"qk_kept": (1, shape.head_dim), "v_kept": (1, shape.head_dim)}
 
     def unsupported(self, shape: BlockShape) -> str | None:
         if shape.qk_norm:
@@ -33,33 +31,6 @@ class ChannelsOp(Operator):
                 "q and k over all their channels (qk_norm=True); use attention op 'prune'."
             )
         return None
-
-    def grids(self, shape: BlockShape, granularity: int) -> dict[str, tuple[int, ...]] | None:
-        if shape.qk_norm:
-            return None
-        step = head_rank_step(shape.head_dim, granularity)
-        widths = tuple(range(step, shape.head_dim, step))
-        return {"qk_kept": widths, "v_kept": widths} if widths else None
-
-    def linears(self, shape: BlockShape, spec: Any, merges: bool = False) -> list[Linear]:
-        d, h = shape.dim, shape.num_heads
-        # The value bias and the removed value channels' mean fold into the output bias;
-        # in a block that merges tokens, key_map reads the teacher's keys back for matching.
-        key_map = [Linear("key_map", h * spec.qk_kept, shape.head_dim, False)] if merges else []
-        return [
-            Linear("q", d, h * spec.qk_kept, shape.qkv_bias),
-            Linear("k", d, h * spec.qk_kept, shape.qkv_bias),
-            *key_map,
-            Linear("v", d, h * spec.v_kept, False),
-            Linear("out", h * spec.v_kept, d, True),
-        ]
-
-    def core(self, shape: BlockShape, spec: Any) -> AttentionCore:
-        return AttentionCore(shape.num_heads, spec.qk_kept, spec.v_kept)
-
-    def latency_specs(self, grids: dict[str, tuple[int, ...]], sample: Any) -> list[Any]:
-        widths = sample(tuple(sorted(set(grids["qk_kept"]) | set(grids["v_kept"]))))
-        return [self.spec(qk_kept=w, v_kept=w) for w in widths]
 
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("qk_channels", spec.qk_kept), ("v_channels", spec.v_kept))
@@ -94,23 +65,9 @@ class ChannelsOp(Operator):
             ("v_channels", self.spec(qk_kept=full, v_kept=kept)),
         ]
 
-    def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
-        return [teacher_part.qkv, teacher_part.proj]
-
     def build(self, ctx: BuildContext, teacher: Any, copied: Any, spec: Any) -> nn.Module:
-        drops = (teacher.attn_drop.p, teacher.proj_drop.p)
-        kw: dict[str, Any] = {
-            "dtype": teacher.qkv.weight.dtype,
-            "device": teacher.qkv.weight.device,
-        }
         if ctx.structure_only:
-            module = HeadFactorizedAttention.empty(
-                teacher.qkv.in_features, teacher.num_heads, spec.qk_kept, spec.v_kept,
-                teacher.scale, head_dim=teacher.head_dim if ctx.merges else None,
-                qk_bias=teacher.qkv.bias is not None, **kw,
-            )  # fmt: skip
-            module.attn_drop, module.proj_drop.p = drops
-            return module
+            return self.skeleton(ctx, teacher, spec)
         from vitrank.core.channels import prune_channels
 
         stats, i = ctx.require_stats(), ctx.index
@@ -129,7 +86,8 @@ class ChannelsOp(Operator):
             key_map,
             teacher.num_heads,
             teacher.scale,
-            *drops,
+            teacher.attn_drop.p,
+            teacher.proj_drop.p,
         )
 
     def describe(self, spec: Any, shape: BlockShape) -> str:

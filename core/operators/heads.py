@@ -3,7 +3,7 @@ and rank-r_vo value-output products instead of the four matrices."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from vitrank.core.attention import HeadFactorizedAttention
@@ -17,15 +17,72 @@ def head_rank_step(head_dim: int, granularity: int) -> int:
     return max(1, min(granularity, head_dim // 4))
 
 
-class HeadsOp(Operator):
+class HeadWidthsOp(Operator):
+    """An attention operator that runs the per-head kernel (`HeadFactorizedAttention`) with
+    query/key width `qk_knob` and value width `v_knob` in every head: its limits, grids,
+    exact cost, latency kernels and skeleton. Needs plain q·k logits (no qk_norm)."""
+
+    qk_knob: ClassVar[str]
+    v_knob: ClassVar[str]
+
+    def widths(self, spec: Any) -> tuple[int, int]:
+        return spec.knob(self.qk_knob), spec.knob(self.v_knob)
+
+    def limits(self, shape: BlockShape) -> dict[str, tuple[int, int]]:
+        return {self.qk_knob: (1, shape.head_dim), self.v_knob: (1, shape.head_dim)}
+
+    def grids(self, shape: BlockShape, granularity: int) -> dict[str, tuple[int, ...]] | None:
+        if shape.qk_norm:
+            return None
+        step = head_rank_step(shape.head_dim, granularity)
+        per_head = tuple(range(step, shape.head_dim, step))
+        return {self.qk_knob: per_head, self.v_knob: per_head} if per_head else None
+
+    def linears(self, shape: BlockShape, spec: Any, merges: bool = False) -> list[Linear]:
+        d, h = shape.dim, shape.num_heads
+        qk, v = self.widths(spec)
+        # q' and k' are affine (biases only with a qkv bias); the value bias folds into the
+        # output bias because attention rows sum to one. In a block that merges tokens,
+        # key_map reads the teacher's keys back from k' for the matching.
+        key_map = [Linear("key_map", h * qk, shape.head_dim, False)] if merges else []
+        return [
+            Linear("q", d, h * qk, shape.qkv_bias),
+            Linear("k", d, h * qk, shape.qkv_bias),
+            *key_map,
+            Linear("v", d, h * v, False),
+            Linear("out", h * v, d, True),
+        ]
+
+    def core(self, shape: BlockShape, spec: Any) -> AttentionCore:
+        return AttentionCore(shape.num_heads, *self.widths(spec))
+
+    def latency_specs(self, grids: dict[str, tuple[int, ...]], sample: Any) -> list[Any]:
+        # Both widths alike: the attention kernel is timed at a single width.
+        widths = sample(tuple(sorted(set(grids[self.qk_knob]) | set(grids[self.v_knob]))))
+        return [self.spec(**{self.qk_knob: w, self.v_knob: w}) for w in widths]
+
+    def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
+        return [teacher_part.qkv, teacher_part.proj]
+
+    def skeleton(self, ctx: BuildContext, teacher: Any, spec: Any) -> nn.Module:
+        """The built module's shapes, uninitialised (a saved state fills it)."""
+        module = HeadFactorizedAttention.empty(
+            teacher.qkv.in_features, teacher.num_heads, *self.widths(spec), teacher.scale,
+            head_dim=teacher.head_dim if ctx.merges else None,
+            qk_bias=teacher.qkv.bias is not None,
+            dtype=teacher.qkv.weight.dtype, device=teacher.qkv.weight.device,
+        )  # fmt: skip
+        module.attn_drop, module.proj_drop.p = teacher.attn_drop.p, teacher.proj_drop.p
+        return module
+
+
+class HeadsOp(HeadWidthsOp):
     """Every head's W_qᵀW_k at rank `qk_rank` and W_vᵀW_oᵀ at rank `vo_rank` (all heads alike)."""
 
     name, part, family = "heads", "attn", "heads"
     knobs = ("qk_rank", "vo_rank")
+    qk_knob, v_knob = knobs
     needs_factors = True
-
-    def limits(self, shape: BlockShape) -> dict[str, tuple[int, int]]:
-        return {"qk_rank": (1, shape.head_dim), "vo_rank": (1, shape.head_dim)}
 
     def unsupported(self, shape: BlockShape) -> str | None:
         if shape.qk_norm:
@@ -34,36 +91,6 @@ class HeadsOp(Operator):
                 "and k (qk_norm=True); use attention op 'lowrank' or 'prune'."
             )
         return None
-
-    def grids(self, shape: BlockShape, granularity: int) -> dict[str, tuple[int, ...]] | None:
-        if shape.qk_norm:
-            return None
-        step = head_rank_step(shape.head_dim, granularity)
-        per_head = tuple(range(step, shape.head_dim, step))
-        return {"qk_rank": per_head, "vo_rank": per_head} if per_head else None
-
-    def linears(self, shape: BlockShape, spec: Any, merges: bool = False) -> list[Linear]:
-        d, h = shape.dim, shape.num_heads
-        # x̄ = [x, 1] makes q' and k' affine (exact biases; none without a qkv bias, where
-        # the bias rows are zero); the value bias folds into the output bias because
-        # attention rows sum to one. In a block that merges tokens, key_map reads the
-        # teacher's keys back from k' for the matching.
-        key_map = [Linear("key_map", h * spec.qk_rank, shape.head_dim, False)] if merges else []
-        return [
-            Linear("q", d, h * spec.qk_rank, shape.qkv_bias),
-            Linear("k", d, h * spec.qk_rank, shape.qkv_bias),
-            *key_map,
-            Linear("v", d, h * spec.vo_rank, False),
-            Linear("out", h * spec.vo_rank, d, True),
-        ]
-
-    def core(self, shape: BlockShape, spec: Any) -> AttentionCore:
-        return AttentionCore(shape.num_heads, spec.qk_rank, spec.vo_rank)
-
-    def latency_specs(self, grids: dict[str, tuple[int, ...]], sample: Any) -> list[Any]:
-        # Both products at one rank: the attention kernel is timed at a single width.
-        ranks = sample(tuple(sorted(set(grids["qk_rank"]) | set(grids["vo_rank"]))))
-        return [self.spec(qk_rank=r, vo_rank=r) for r in ranks]
 
     def proxy_terms(self, spec: Any) -> tuple[tuple[str, int], ...]:
         return (("qk", spec.qk_rank), ("vo", spec.vo_rank))
@@ -88,24 +115,15 @@ class HeadsOp(Operator):
             out.append(("qk", self.spec(qk_rank=rank("qk"), vo_rank=full)))
         return out
 
-    def replaced(self, teacher_part: Any, spec: Any) -> list[nn.Module]:
-        return [teacher_part.qkv, teacher_part.proj]
-
     def build(self, ctx: BuildContext, teacher: Any, copied: Any, spec: Any) -> nn.Module:
+        if ctx.structure_only:
+            return self.skeleton(ctx, teacher, spec)
         drops = (teacher.attn_drop.p, teacher.proj_drop.p)
         kw: dict[str, Any] = {
             "dtype": teacher.qkv.weight.dtype,
             "device": teacher.qkv.weight.device,
         }
         qk_bias = teacher.qkv.bias is not None
-        if ctx.structure_only:
-            dim = teacher.qkv.in_features
-            module = HeadFactorizedAttention.empty(
-                dim, teacher.num_heads, spec.qk_rank, spec.vo_rank, teacher.scale,
-                head_dim=teacher.head_dim if ctx.merges else None, qk_bias=qk_bias, **kw,
-            )  # fmt: skip
-            module.attn_drop, module.proj_drop.p = drops
-            return module
         assert ctx.factors is not None
         P, Q = ctx.factors.qk(ctx.index, spec.qk_rank)
         G = ctx.factors.key_maps(ctx.index, spec.qk_rank) if ctx.merges else None
