@@ -487,7 +487,8 @@ def merge(parts: list[Path], out_dir: Path) -> Path:
     result["noise_floor"] = noise_floor(runs)
     lr = float(first["settings"].get("lr", DEFAULT_LR))
     every = bool(first["settings"].get("every_config"))
-    return write_result(result_name(first["workload"], lr, budgets, every), result, out_dir)
+    name = first["settings"].get("name") or result_name(first["workload"], lr, budgets, every)
+    return write_result(name, result, out_dir)
 
 
 def result_name(workload: str, lr: float, budgets: set[str], every: bool = False) -> str:
