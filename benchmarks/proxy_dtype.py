@@ -2,7 +2,7 @@
 
 Per seed, the same search twice on the fashion workload, once per `--dtype`, with the
 random sampler (seeded, so both draw the same configs whatever the proxy says), no rungs
-and no fine-tuning; then, over the trials both scored, the Spearman correlation of their
+and no fine-tuning; then, over the configs both scored, the Spearman correlation of their
 proxy values, Kendall's τ, and how many of the float32 top 5 are in the other's top 5.
 It runs on a CPU too (slower there: bf16 has no fast CPU kernels).
 
@@ -23,8 +23,9 @@ import torch
 from _common import comma_list, machine_info, write_result
 
 
-def proxies(dtype: str, seed: int, args: argparse.Namespace, out: Path) -> dict[int, float]:
-    """trial number -> proxy value of one search in `dtype`."""
+def proxies(dtype: str, seed: int, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """config -> proxy value of one search in `dtype` (the baselines search by the proxy,
+    so theirs may differ between dtypes: only configs both runs scored are compared)."""
     import pandas as pd
 
     import vitrank
@@ -34,6 +35,7 @@ def proxies(dtype: str, seed: int, args: argparse.Namespace, out: Path) -> dict[
         out=str(out),
         budget_params=args.budget,
         sampler="random",
+        refine=0.0,  # no local refinement, which follows the proxy: the same draws
         engine="optuna",
         trials=args.trials,
         promote=0,
@@ -45,10 +47,10 @@ def proxies(dtype: str, seed: int, args: argparse.Namespace, out: Path) -> dict[
     )
     table = pd.read_parquet(Path(run) / "trials.parquet")
     table = table[table["state"] == "COMPLETE"]
-    return {int(n): float(p) for n, p in zip(table["number"], table["proxy"], strict=True)}
+    return {str(c): float(p) for c, p in zip(table["config"], table["proxy"], strict=True)}
 
 
-def compare(reference: dict[int, float], other: dict[int, float]) -> dict[str, Any]:
+def compare(reference: dict[str, float], other: dict[str, float]) -> dict[str, Any]:
     from scipy import stats
 
     common = sorted(set(reference) & set(other))
@@ -57,7 +59,7 @@ def compare(reference: dict[int, float], other: dict[int, float]) -> dict[str, A
     rho = stats.spearmanr(a, b)
     tau = stats.kendalltau(a, b)
 
-    def top(values: dict[int, float]) -> set[int]:
+    def top(values: dict[str, float]) -> set[str]:
         return set(sorted(common, key=lambda n: values[n])[:5])
 
     return {
