@@ -223,8 +223,9 @@ def factorize_linear(
     if W.shape[0] < W.shape[1]:
         down, up, sigma2, energies = _wide_factors(W, C, whitened, name, ridge)
     else:
-        whitening = C is not None and whiten
-        S, shift = damped_whitening(C, name, ridge=ridge) if whitening else (None, None)
+        S, shift = (
+            damped_whitening(C, name, ridge=ridge) if C is not None and whiten else (None, None)
+        )
         down, up, sigma2, energies = _tall_factors(W, C, S, shift)
     return LinearFactors(down, up, bias, sigma2, suffix_sums(energies))
 

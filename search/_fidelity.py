@@ -650,7 +650,11 @@ def _rung1_halving(
             scores: dict[int, float] = {}
             for row in alive:
                 number = int(row["number"])
-                candidate = running.pop(number, None) or Candidate(current, workload, row, images)
+                candidate = (
+                    running.pop(number)
+                    if number in running
+                    else Candidate(current, workload, row, images)
+                )
                 before = candidate.units
                 scores[number] = candidate.run_to(unit)
                 step = min(candidate.units - before, parts - counted)
