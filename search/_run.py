@@ -44,7 +44,7 @@ from vitrank.search._progress import SearchProgress
 from vitrank.search._rundir import RunDir, atomic_write_json, atomic_write_text
 from vitrank.search._samplers import baseline_of, make_sampler
 from vitrank.search._settings import BUDGET_FIELDS, SearchSettings
-from vitrank.search._stop import Stopped, received, stop_rule, stopped
+from vitrank.search._stop import Stopped, stop_rule, stopped
 from vitrank.search._table import (
     INTERRUPTED_ATTR,
     progress_summary,
@@ -381,35 +381,19 @@ def run_search(
     with stop_rule(), run:
         try:
             _search(run, settings, workload, log, console, watch)
-        except KeyboardInterrupt as error:
+        except (KeyboardInterrupt, Exception) as error:
             stop = stopped(error)
-            _wind_down(run, settings, watch, stop, log)
+            if not isinstance(stop, KeyboardInterrupt):
+                raise  # an error with no stop signal behind it
+            # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
+            _flag_interrupted(run)
+            _write_timings(run, watch.seconds, None, str(settings.device), stopped=True)
+            what = f"stopped by {stop}" if isinstance(stop, Stopped) else "interrupted"
+            log(f"search {what}; continue it with --resume --out {run.root}")
             if stop is error:
                 raise
             raise stop from None
-        except Exception:
-            signum = received()
-            if signum is None:
-                raise
-            # The signal arrived inside a library call that turned it into its own error
-            # (sqlite's commit, under Optuna's storage, into an OperationalError): it is
-            # still the stop it was.
-            stop = Stopped(signum)
-            _wind_down(run, settings, watch, stop, log)
-            raise stop from None
     return run.root
-
-
-def _wind_down(
-    run: RunDir, settings: SearchSettings, watch: Stopwatch, stop: BaseException, log: Any
-) -> None:
-    """What a stopped search leaves: its interrupted trials flagged, its timings, the line
-    that says how to resume."""
-    # A trial stopped between Optuna's ask and tell is still RUNNING: flag it now.
-    _flag_interrupted(run)
-    _write_timings(run, watch.seconds, None, str(settings.device), stopped=True)
-    what = f"stopped by {stop}" if isinstance(stop, Stopped) else "interrupted"
-    log(f"search {what}; continue it with --resume --out {run.root}")
 
 
 def _flag_interrupted(run: RunDir) -> None:

@@ -126,15 +126,12 @@ def immediate() -> Iterator[None]:
         rule.deferring = saved
 
 
-def received() -> int | None:
-    """The signal the active rule has received, or None (also outside `stop_rule`)."""
-    return None if _ACTIVE is None else _ACTIVE.received
-
-
-def stopped(error: KeyboardInterrupt) -> KeyboardInterrupt:
+def stopped(error: BaseException) -> BaseException:
     """`error` as the `Stopped` of the signal that caused it. Ray's core worker turns any
-    KeyboardInterrupt raised while it waits into a plain one; the rule still knows which
-    signal arrived."""
+    KeyboardInterrupt raised while it waits into a plain one, and a library may turn the
+    interruption into an error of its own (sqlite's commit, under Optuna's storage, into an
+    OperationalError); the rule still knows which signal arrived. Without one, `error` as
+    it is."""
     if isinstance(error, Stopped) or _ACTIVE is None or _ACTIVE.received is None:
         return error
     return Stopped(_ACTIVE.received)

@@ -333,7 +333,8 @@ def tome(inputs: BaselineInputs) -> CompressionConfig:
             tight = middle
         else:
             loose = middle
-    return at(round(tight, 4) if inputs.fits(at(round(tight, 4))) else tight)
+    rounded = at(round(tight, 4))  # a ratio a config file reads well, where it still fits
+    return rounded if inputs.fits(rounded) else at(tight)
 
 
 BASELINES: Registry[Callable[[BaselineInputs], CompressionConfig]] = Registry("baseline")

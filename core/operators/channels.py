@@ -42,12 +42,13 @@ class ChannelsOp(HeadWidthsOp):
         from vitrank.core.prune import removed_fractions
 
         attn, shape, i = ctx.block.attn, ctx.shape, ctx.index
+        if shape.qk_norm:  # not offered in this block (`unsupported`)
+            off = "channel pruning is off (qk_norm)."
+            return {"qk_channels": off, "v_channels": off}
         v = v_channel_scores(
             attn.proj.weight, ctx.stats.augmented_covariance(f"blocks.{i}.attn.proj"),
             shape.num_heads, shape.head_dim,
         )  # fmt: skip
-        if shape.qk_norm:
-            return {"qk_channels": "channel pruning is off (qk_norm).", "v_channels": []}
         qk = qk_channel_scores(
             attn.qkv.weight, attn.qkv.bias, ctx.stats.augmented_covariance(f"blocks.{i}.attn.qkv"),
             shape.num_heads, shape.head_dim,
